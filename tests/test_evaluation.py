@@ -168,6 +168,31 @@ def test_samples_are_distinct_seeded_and_bounded():
     assert sample_examples(pool, 500, seed=0, task="nli") == pool
 
 
+def test_examples_longer_than_the_context_are_replaced_by_ones_that_fit(tiny_gpt2):
+    """tiny-gpt2 has 256 positions and a byte tokenizer: long premises must be passed over (they used
+    to crash NLI/SST-2 scoring), the sample refilled from the rest, and a suite that fits is unchanged."""
+    model, tokenizer = tiny_gpt2
+    context = model.config.max_position_embeddings
+    pool = [NLIExample(("long premise " * 40) if i % 2 else f"short premise {i}.", "A hypothesis.", bool(i % 3))
+            for i in range(20)]
+    config = tiny_config(tasks={"nli": 6})
+    fitted = TaskSuite.build(tokenizer, config, {"nli": pool}, context_length=context)
+    assert len(fitted.examples["nli"]) == 6
+    assert all(x.premise.startswith("short") for x in fitted.examples["nli"])
+    assert fitted.excluded["nli"] >= 1
+    assert all(len(tokenizer(p)["input_ids"]) + 1 <= context for p in fitted.prompts["nli"])
+    assert TaskSuite.build(tokenizer, config, {"nli": pool}, context_length=context).examples == fitted.examples
+    # A context large enough for every prompt leaves the seeded sample exactly as before.
+    unconstrained = TaskSuite.build(tokenizer, config, {"nli": pool})
+    assert TaskSuite.build(tokenizer, config, {"nli": pool}, context_length=10**6).examples == unconstrained.examples
+    rows = evaluate_checkpoint(model, tokenizer, None, [], tiny_config(tasks={"nli": 6}, edit_metrics=()),
+                               tasks=fitted)
+    assert {r.metric for r in rows if r.task == "nli"} >= {"accuracy_all", "label_ll_accuracy"}
+    with pytest.raises(ValueError, match="task 'nli': none of its 10 examples fits"):
+        TaskSuite.build(tokenizer, config, {"nli": [x for x in pool if x.premise.startswith("long")]},
+                        context_length=context)
+
+
 def test_perplexity_windows_score_each_token_once():
     tokens = list(range(1000, 1100))
     windows = perplexity_windows(tokens, window=20, stride=10, count=100, seed=0)

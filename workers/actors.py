@@ -180,13 +180,16 @@ class CheckpointEvaluator:
                  requests: Sequence[EditRequest], eval_fields: dict) -> list[dict]:
         """Rows (``MetricRow`` as dicts) for base ``model`` + the first ``steps`` steps of the log."""
         from workers.evaluation import EvalConfig, TaskSuite, evaluate_checkpoint
+        from workers.evaluation.scoring import context_length
 
         replica = Replica(model, dtype, self.use_accelerator, self.num_threads)
         base, tokenizer, base_key = self._base(replica)
         config = EvalConfig.from_dict({**eval_fields, "progress": False}, source="evaluation")
-        digest = config.digest()
+        # Samples and perplexity windows depend on the tokenizer and context: keyed by model too.
+        digest = (base_key, config.digest())
         if digest not in self._suites:
-            self._suites[digest] = TaskSuite.load(tokenizer, config, self.data_root)
+            self._suites[digest] = TaskSuite.load(tokenizer, config, self.data_root,
+                                                  context_length=context_length(base))
         log = log_prefix(EditLog.load(log_path), steps) if steps else EditLog()
         rows = evaluate_checkpoint(base, tokenizer, log, list(requests), config, reference=self.reference,
                                    tasks=self._suites[digest], base_key=base_key, data_root=self.data_root)

@@ -48,7 +48,7 @@ from workers.evaluation.deviation import PCAView, last_token_states, pca_view, s
 from workers.evaluation.edit_metrics import edit_metric_rows, unedited_locality_argmax
 from workers.evaluation.prompts import TaskSuite
 from workers.evaluation.reference import ReferenceCache, model_key, text_key
-from workers.evaluation.scoring import next_token_logprobs
+from workers.evaluation.scoring import context_length, next_token_logprobs
 from workers.evaluation.tasks import drift_prompts, drift_rows, general_task_rows
 
 # Metrics where lower is better: retention is unedited / edited for these.
@@ -102,7 +102,8 @@ def evaluate_checkpoint(model, tokenizer, edit_log: EditLog | None, requests: Se
                         data_root: str | Path | None = None) -> list[MetricRow]:
     """Score base model + ``edit_log`` (see the module docstring); ``model`` is left as it was."""
     reference = reference if reference is not None else ReferenceCache()
-    suite = tasks if tasks is not None else TaskSuite.load(tokenizer, config, data_root)
+    suite = tasks if tasks is not None else TaskSuite.load(tokenizer, config, data_root,
+                                                           context_length=context_length(model))
     base_key = base_key or model_key(model, tokenizer)
     log = edit_log if edit_log is not None else EditLog()
     batching = dict(batch_size=config.batch_size, progress=config.progress)

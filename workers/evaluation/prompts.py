@@ -9,6 +9,7 @@ tokenizer's chat template (one user turn; the model answers in the assistant tur
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Sequence
 from workers import data
 from workers.evaluation.config import EvalConfig
 from workers.evaluation.scoring import EncodedPair
+
+logger = logging.getLogger(__name__)
 
 # The EAC authors' prompts (paper Table 4; anchors.md "Evaluation protocols").
 NLI_PROMPT = "{sentence1} entails the {sentence2}. True or False? answer:"
@@ -68,6 +71,34 @@ def sample_examples(examples: Sequence, count: int, seed: int, task: str) -> lis
     generator = random.Random(f"{seed}:{task}")
     indices = sorted(generator.sample(range(len(examples)), min(count, len(examples))))
     return [examples[i] for i in indices]
+
+
+def sample_fitting(examples: Sequence, count: int, seed: int, task: str, fits) -> tuple[list, int]:
+    """Like ``sample_examples``, but only examples for which ``fits(example)`` holds (their prompt and
+    answer fit the model's context). Returns the sample and how many drawn examples were passed over.
+
+    The usual seeded sample is drawn first, so a model whose context holds every prompt sees exactly
+    the examples ``sample_examples`` gives; examples that do not fit are replaced by further examples
+    from a seeded order of the rest of the pool, until ``count`` fit or the pool is exhausted.
+    """
+    first = sample_examples(examples, count, seed, task)
+    chosen_ids = {id(x) for x in first}
+    kept = [x for x in first if fits(x)]
+    passed_over = len(first) - len(kept)
+    if len(kept) < min(count, len(examples)):
+        rest = [i for i, x in enumerate(examples) if id(x) not in chosen_ids]
+        random.Random(f"{seed}:{task}:refill").shuffle(rest)
+        extra = []
+        for index in rest:
+            if len(kept) + len(extra) >= count:
+                break
+            if fits(examples[index]):
+                extra.append(index)
+            else:
+                passed_over += 1
+        position = {id(x): i for i, x in enumerate(examples)}
+        kept = sorted(kept + [examples[i] for i in extra], key=lambda x: position[id(x)])
+    return kept, passed_over
 
 
 def nli_prompt(example: data.NLIExample) -> str:
@@ -134,6 +165,24 @@ def perplexity_windows(token_ids: Sequence[int], *, window: int, stride: int, co
     return pairs
 
 
+def _token_count(tokenizer, fmt: PromptFormat, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=fmt.add_special_tokens, verbose=False)["input_ids"])
+
+
+def tokens_needed(tokenizer, fmt: PromptFormat, task: str, example, config: EvalConfig) -> int:
+    """Positions one example of ``task`` occupies: its prompt plus what follows it — the generated
+    tokens, or the longest scored answer (label word, MMLU letter or, for the cloze form, choice)."""
+    prompt = fmt.render(tokenizer, PROMPT_BUILDERS[task](example))
+    answers = {"nli": NLI_LABELS, "sst2": SST2_LABELS, "mmlu": MMLU_LETTERS}.get(task, ())
+    answer_tokens = max((_token_count(tokenizer, fmt, fmt.answer_prefix + a) for a in answers), default=0)
+    needed = _token_count(tokenizer, fmt, prompt) + max(config.max_new_tokens.get(task, 0), answer_tokens)
+    if task == "mmlu":
+        cloze = fmt.render(tokenizer, mmlu_cloze_prompt(example))
+        longest_choice = max(_token_count(tokenizer, fmt, fmt.answer_prefix + c) for c in example.choices)
+        needed = max(needed, _token_count(tokenizer, fmt, cloze) + longest_choice)
+    return needed
+
+
 @dataclass
 class TaskSuite:
     """Sampled examples and rendered prompts of each configured task, for one tokenizer."""
@@ -144,33 +193,60 @@ class TaskSuite:
     perplexity_windows: list[EncodedPair] = field(default_factory=list)
     pca_prompts: list[str] = field(default_factory=list)
 
+    # Examples of each task passed over because their prompt and answer exceed the model's context.
+    excluded: dict[str, int] = field(default_factory=dict)
+
     @classmethod
     def build(cls, tokenizer, config: EvalConfig, examples: dict[str, list], *, wikitext: str | None = None,
-              pca_examples: Sequence | None = None) -> "TaskSuite":
-        """From already loaded examples (sampled here) and, for perplexity, the raw text."""
+              pca_examples: Sequence | None = None, context_length: int | None = None) -> "TaskSuite":
+        """From already loaded examples (sampled here) and, for perplexity, the raw text.
+
+        With ``context_length`` (the model's, in tokens), only examples whose prompt plus the tokens
+        the task needs after it fit are sampled (see ``sample_fitting``); the count passed over is in
+        ``excluded`` and logged. A task none of whose examples fits is an error naming the task.
+        """
         fmt = PromptFormat(config.prompt_format)
         suite = cls(fmt)
-        for task, pool in examples.items():
+
+        def sample(task: str, pool: Sequence, count: int, sample_key: str) -> list:
             if task not in PROMPT_BUILDERS:
                 raise ValueError(f"no prompt for task {task!r}; known: {sorted(PROMPT_BUILDERS)}")
-            sample = sample_examples(pool, config.count(task), config.seed, task)
-            suite.examples[task] = sample
-            suite.prompts[task] = [fmt.render(tokenizer, PROMPT_BUILDERS[task](x)) for x in sample]
+            if context_length is None:
+                return sample_examples(pool, count, config.seed, sample_key)
+            fits = lambda x: tokens_needed(tokenizer, fmt, task, x, config) <= context_length  # noqa: E731
+            chosen, passed_over = sample_fitting(pool, count, config.seed, sample_key, fits)
+            if count and pool and not chosen:
+                raise ValueError(f"task {task!r}: none of its {len(pool)} examples fits the model's context of "
+                                 f"{context_length} tokens (prompt plus answer); lower the task's count to 0")
+            if passed_over:
+                suite.excluded[sample_key] = passed_over
+                logger.warning("task %s: %d example(s) passed over because they exceed the model's context of "
+                               "%d tokens; %d sampled", task, passed_over, context_length, len(chosen))
+            return chosen
+
+        for task, pool in examples.items():
+            chosen = sample(task, pool, config.count(task), task)
+            suite.examples[task] = chosen
+            suite.prompts[task] = [fmt.render(tokenizer, PROMPT_BUILDERS[task](x)) for x in chosen]
         if config.count("wikitext"):
             if wikitext is None:
                 raise ValueError("tasks.wikitext is set but no WikiText was given")
+            if context_length is not None and config.perplexity_window > context_length:
+                raise ValueError(f"perplexity_window {config.perplexity_window} exceeds the model's context of "
+                                 f"{context_length} tokens")
             ids = tokenizer(wikitext, add_special_tokens=False, verbose=False)["input_ids"]
             suite.perplexity_windows = perplexity_windows(
                 ids, window=config.perplexity_window, stride=config.perplexity_stride,
                 count=config.count("wikitext"), seed=config.seed, prefix=special_prefix(tokenizer))
         if config.pca_examples and pca_examples is not None:
-            sample = sample_examples(pca_examples, config.pca_examples, config.seed, f"pca-{config.pca_task}")
-            suite.pca_prompts = [fmt.render(tokenizer, PROMPT_BUILDERS[config.pca_task](x)) for x in sample]
+            chosen = sample(config.pca_task, pca_examples, config.pca_examples, f"pca-{config.pca_task}")
+            suite.pca_prompts = [fmt.render(tokenizer, PROMPT_BUILDERS[config.pca_task](x)) for x in chosen]
         return suite
 
     @classmethod
-    def load(cls, tokenizer, config: EvalConfig, data_root: str | Path | None = None) -> "TaskSuite":
-        """Load the configured tasks from the data directory and sample them."""
+    def load(cls, tokenizer, config: EvalConfig, data_root: str | Path | None = None, *,
+             context_length: int | None = None) -> "TaskSuite":
+        """Load the configured tasks from the data directory and sample them (``build``)."""
         loaders = {"nli": lambda: data.load_rte(data_root, split=config.nli_split),
                    "sst2": lambda: data.load_sst2(data_root), "nq": lambda: data.load_nq(data_root),
                    "samsum": lambda: data.load_samsum(data_root), "mmlu": lambda: data.load_mmlu(data_root)}
@@ -179,4 +255,5 @@ class TaskSuite:
         pca_pool = None
         if config.pca_examples:
             pca_pool = pools.get(config.pca_task) or loaders[config.pca_task]()
-        return cls.build(tokenizer, config, pools, wikitext=wikitext, pca_examples=pca_pool)
+        return cls.build(tokenizer, config, pools, wikitext=wikitext, pca_examples=pca_pool,
+                         context_length=context_length)
