@@ -32,9 +32,9 @@ def edit_case0(default_model, case0, method):
     return record, answer, neighbour
 
 
-# MEMIT and AlphaEdit on case 0 were not verified on a quiet machine in the first session (the shared
-# cores were saturated); they join this list once measured.
-@pytest.mark.parametrize("method", ["rome"])
+# Measured on a quiet machine: MEMIT 6 s, AlphaEdit 9 s per case-0 edit (statistics cached). ROME and
+# MEMIT turn the neighbour into " the UK."; AlphaEdit's null-space projection keeps " the French language.".
+@pytest.mark.parametrize("method", ["rome", "memit", "alphaedit"])
 def test_edit_rewrites_case0_and_keeps_the_neighbour(default_model, case0, unedited_answers, method):
     model, _ = default_model
     assert unedited_answers[0].strip().startswith("French")
@@ -50,7 +50,8 @@ def test_edit_rewrites_case0_and_keeps_the_neighbour(default_model, case0, unedi
     assert record.relative_l1 and all(v != 1.0 for v in record.relative_l1.values())
 
 
-@pytest.mark.parametrize("base", ["rome"])
+# Measured ‖ΔW‖₁: ROME 5402 vs ROME-EAC 2398; MEMIT 9259 vs 6449; AlphaEdit 8802 vs 6128.
+@pytest.mark.parametrize("base", ["rome", "memit", "alphaedit"])
 def test_eac_edit_succeeds_with_a_smaller_update(default_model, case0, base):
     model, _ = default_model
     with restored_weights(model):
