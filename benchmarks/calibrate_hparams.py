@@ -43,6 +43,17 @@ def mean_rows(rows: list[dict]) -> dict:
     return {k: sum(r[k] for r in rows) / len(rows) for k in keys}
 
 
+def parse_overrides(text: str) -> dict:
+    """``"eac.l2_weight=1e-5,eac.retrain_steps=25"`` -> dotted overrides with numeric values."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if not value:
+            raise SystemExit(f"--eac-set: expected KEY=VALUE, got {item!r}")
+        out[key.strip()] = float(value) if any(c in value for c in ".e") else int(value)
+    return out
+
+
 def calibrate_eac(model, tokenizer, requests, neighbours, gamma: float, args) -> list[dict]:
     """Single-edit scores and ‖ΔW‖₁ of ROME-EAC and MEMIT-EAC at one percentile γ."""
     spec = arch_spec(model)
@@ -51,9 +62,10 @@ def calibrate_eac(model, tokenizer, requests, neighbours, gamma: float, args) ->
     low, high = (int(x) for x in args.memit_layer_sets.split(",")[0].split("-"))
     layers = tuple(range(low, high + 1))
     lam = float(args.memit_lambdas.split(",")[0])
-    for method, overrides in (("rome-eac", {"layer": rome_layer}),
-                              ("memit-eac", {"layers": layers, "mom2_update_weight": lam})):
-        hp = with_overrides(load_hparams(method, model), {**overrides, "eac.gamma_percentile": gamma})
+    variants = {"rome-eac": {"layer": rome_layer}, "memit-eac": {"layers": layers, "mom2_update_weight": lam}}
+    for method, overrides in ((m, variants[m]) for m in args.eac_methods.split(",")):
+        hp = with_overrides(load_hparams(method, model),
+                            {**overrides, **parse_overrides(args.eac_set), "eac.gamma_percentile": gamma})
         hp_layers = [rome_layer] if method == "rome-eac" else list(layers)
         ctx = EditContext(model, tokenizer)
         ctx.prepare_second_moments(hp_layers, hp)
@@ -62,15 +74,17 @@ def calibrate_eac(model, tokenizer, requests, neighbours, gamma: float, args) ->
         for request, neighbour in zip(requests, neighbours):
             if method == "rome-eac":
                 delta, info = apply_rome(model, tokenizer, [request], hp, ctx, method)
-                deltas, anchors = delta.layers, info.anchors
+                deltas, anchors, loss = delta.layers, info.anchors, info.loss
             else:
-                targets, _, extras = optimise_targets(model, tokenizer, [request], hp, ctx)
+                targets, opt_results, extras = optimise_targets(model, tokenizer, [request], hp, ctx)
                 deltas = spread_targets(model, tokenizer, [request], targets, hp, ctx, memit_right_factor(hp))
-                anchors = extras[0]["anchors"]
+                anchors, loss = extras[0]["anchors"], opt_results[0].loss
             rows.append({**score(model, tokenizer, request, neighbour),
-                         "dw_l1": sum(float(d.dense().abs().sum()) for d in deltas), "anchors": float(anchors)})
+                         "dw_l1": sum(float(d.dense().abs().sum()) for d in deltas), "anchors": float(anchors),
+                         "loss": float(loss)})
             snapshot.restore(model)
-        out.append({"method": method, "layers": hp_layers, "gamma_percentile": gamma, **mean_rows(rows),
+        out.append({"method": method, "layers": hp_layers, "gamma_percentile": gamma,
+                    **parse_overrides(args.eac_set), **mean_rows(rows),
                     "seconds_per_edit": (time.perf_counter() - start) / len(requests)})
         print(out[-1], flush=True)
     return out
@@ -87,10 +101,14 @@ def main() -> None:
     parser.add_argument("--eac-gammas", default="",
                         help="EAC percentiles to try on ROME (first --rome-layers) and MEMIT (first layer set, "
                              "first lambda), e.g. 80,90,95")
+    parser.add_argument("--eac-set", default="",
+                        help="dotted EAC overrides for every EAC run, e.g. eac.l2_weight=1e-5,eac.retrain_steps=25")
+    parser.add_argument("--eac-methods", default="rome-eac,memit-eac", help="EAC variants --eac-gammas runs")
     parser.add_argument("--skip-base", action="store_true", help="only the EAC variants")
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
     requests = load_counterfact("val")[: args.n]
     neighbours = greedy_continuations(model, tokenizer, [r.locality_prompts[0] for r in requests], max_new_tokens=6)

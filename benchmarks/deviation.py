@@ -18,6 +18,7 @@ import torch
 
 from workers.data import load_counterfact
 from workers.editing import Editor, load_hparams
+from workers.generation import begins_with, greedy_continuations
 from workers.models import load_model
 
 
@@ -27,9 +28,10 @@ def main() -> None:
     parser.add_argument("--methods", default="rome,rome-eac,memit,memit-eac")
     parser.add_argument("-n", type=int, default=50)
     parser.add_argument("--checkpoints", default="10,25,50")
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     checkpoints = sorted(int(c) for c in args.checkpoints.split(",") if int(c) <= args.n)
     model, tokenizer = load_model(args.model)
     requests = load_counterfact("val")[: args.n]
@@ -42,11 +44,17 @@ def main() -> None:
             if index in checkpoints:
                 worst = max(record.relative_l1.values())
                 skipped = sum(r.skipped for r in editor.records)
+                # A smaller norm only means something if the facts are still written: the share of
+                # the edits so far whose prompt's greedy continuation begins with the new target.
+                answers = greedy_continuations(model, tokenizer, [r.prompt for r in requests[:index]],
+                                               max_new_tokens=6)
+                efficacy = sum(begins_with(a, r.target_new) for a, r in zip(answers, requests)) / index
                 rows.append({"method": method, "n_edits": index, "relative_l1": worst,
-                             "relative_l1_per_matrix": record.relative_l1, "skipped": skipped})
+                             "relative_l1_per_matrix": record.relative_l1, "skipped": skipped,
+                             "efficacy_so_far": efficacy})
                 print(f"{method:12s} after {index:3d} edits: relative L1 {worst:.4f} "
-                      f"({(worst - 1) * 100:+.2f}%), skipped {skipped}, {time.perf_counter() - start:.0f} s",
-                      flush=True)
+                      f"({(worst - 1) * 100:+.2f}%), efficacy of edits so far {efficacy:.2f}, skipped {skipped}, "
+                      f"{time.perf_counter() - start:.0f} s", flush=True)
         editor.revert()
     print(f"\n{'method':12s} " + " ".join(f"{c:>10d}" for c in checkpoints))
     for method in args.methods.split(","):
@@ -54,7 +62,8 @@ def main() -> None:
         print(f"{method:12s} " + " ".join(f"{(values[c] - 1) * 100:+9.2f}%" for c in checkpoints))
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump([{k: r[k] for k in ("method", "n_edits", "relative_l1")} for r in rows], handle, indent=1)
+            json.dump([{k: r[k] for k in ("method", "n_edits", "relative_l1", "efficacy_so_far", "skipped")}
+                       for r in rows], handle, indent=1)
 
 
 if __name__ == "__main__":

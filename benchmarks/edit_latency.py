@@ -76,7 +76,7 @@ def measure(model, tokenizer, method: str, requests, n: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--methods", default="rome,rome-eac,memit,memit-eac,alphaedit,alphaedit-eac")
+    parser.add_argument("--methods", default="rome,rome-eac,memit,memit-eac,alphaedit,alphaedit-eac,ft-l,ft-m")
     parser.add_argument("-n", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json")
