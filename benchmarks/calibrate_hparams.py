@@ -44,13 +44,18 @@ def mean_rows(rows: list[dict]) -> dict:
 
 
 def parse_overrides(text: str) -> dict:
-    """``"eac.l2_weight=1e-5,eac.retrain_steps=25"`` -> dotted overrides with numeric values."""
+    """``"eac.l2_weight=1e-5,eac.score_vector=delta"`` -> dotted overrides (int, float, else string)."""
     out = {}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
         if not value:
             raise SystemExit(f"--eac-set: expected KEY=VALUE, got {item!r}")
-        out[key.strip()] = float(value) if any(c in value for c in ".e") else int(value)
+        for convert in (int, float, str):
+            try:
+                out[key.strip()] = convert(value)
+                break
+            except ValueError:
+                continue
     return out
 
 
