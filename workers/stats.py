@@ -45,11 +45,12 @@ import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
 from workers import settings
+from workers.batching import right_padded_batches
 from workers.data import TEXT_FILES, load_text, text_paragraphs
 from workers.hooks import StopForward, Trace
 from workers.models import arch_spec, mlp_out_weight, num_layers, update_digest
@@ -151,21 +152,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     parts = [type(tokenizer).__name__, definition, json.dumps(tokenizer.special_tokens_map, sort_keys=True),
              json.dumps(list(probe))]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
-
-
-def right_padded_batches(sequences: Sequence[Sequence[int]], batch_size: int, pad_id: int
-                         ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(input_ids, attention_mask) batches, longest sequences first (little padding, and the peak
-    memory shows up in the first batch)."""
-    ordered = sorted(sequences, key=len, reverse=True)
-    for start in range(0, len(ordered), batch_size):
-        rows = ordered[start:start + batch_size]
-        ids = torch.full((len(rows), len(rows[0])), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), len(rows[0])), dtype=torch.long)
-        for row, seq in enumerate(rows):
-            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[row, : len(seq)] = 1
-        yield ids, mask
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,8 +316,7 @@ def accumulate_second_moments(model, sequences: Sequence[Sequence[int]], layers:
     counted = 0
     description = f"second moments, layer{'s' if len(layers) > 1 else ''} {','.join(map(str, layers))}"
     with tqdm(total=total, unit="tok", unit_scale=True, desc=description, disable=not progress) as bar:
-        for ids, mask in right_padded_batches(sequences, batch_size, pad_id):
-            ids, mask = ids.to(device), mask.to(device)
+        for _, ids, mask in right_padded_batches(sequences, batch_size, pad_id, device):
             with Trace(model, names.values(), inputs=True, outputs=False, stop_after=names[max(layers)]) as trace:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
             real = mask.bool()

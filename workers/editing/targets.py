@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from workers import settings
+from workers.batching import pad_right
 from workers.data import EditRequest
 from workers.hooks import Trace
 from workers.models import arch_spec, weights_fingerprint
@@ -77,14 +78,8 @@ class PromptBatch:
 
 
 def right_padded(tokenizer, sequences: Sequence[list[int]], lookup: Sequence[int], device) -> PromptBatch:
-    width = max(len(s) for s in sequences)
-    pad = tokenizer.pad_token_id
-    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
-    return PromptBatch(ids.to(device), mask.to(device), torch.tensor(list(lookup), device=device))
+    ids, mask = pad_right(sequences, tokenizer.pad_token_id, device)
+    return PromptBatch(ids, mask, torch.tensor(list(lookup), device=device))
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,11 +20,11 @@ positions that are scored go through the LM head, in chunks, so memory stays bou
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
+from workers.batching import right_padded_batches
 from workers.generation import model_device
 
 # Rows of hidden states sent through the LM head at once (bounds the logits' memory).
@@ -101,24 +101,6 @@ def check_fits(model, lengths: Sequence[int], what: str = "sequence") -> None:
     for index, length in enumerate(lengths):
         if length > limit:
             raise ValueError(f"{what} {index} has {length} tokens; the model's context is {limit}")
-
-
-def right_padded_batches(sequences: Sequence[Sequence[int]], batch_size: int, pad_id: int, device,
-                         *, progress: bool = False, desc: str = "scoring"
-                         ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
-    """Yield ``(indices, input_ids, attention_mask)`` over ``sequences`` sorted longest first."""
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-    starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc=desc, leave=False, disable=None if progress else True):
-        indices = order[start:start + batch_size]
-        width = len(sequences[indices[0]])
-        input_ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
-        for row, index in enumerate(indices):
-            ids = sequences[index]
-            input_ids[row, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-            attention_mask[row, :len(ids)] = 1
-        yield indices, input_ids.to(device), attention_mask.to(device)
 
 
 def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
