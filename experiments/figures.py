@@ -159,7 +159,7 @@ def _line_panels(frame: pd.DataFrame, x: str, y: str, panels: list[tuple[str, pd
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel, fontsize=8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, handlelength=4)  # long enough to show dashed vs solid
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.suptitle(title, fontsize=11)
@@ -364,7 +364,7 @@ def retention_section(frames: Frames, out: Path) -> Section:
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(wide))], labels, fontsize=8, rotation=30, ha="right")
     ax.set_ylabel("edited / unedited")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, handlelength=4)  # long enough to show dashed vs solid
     fig.tight_layout()
     path = out / "retention.png"
     fig.savefig(path, dpi=110)
