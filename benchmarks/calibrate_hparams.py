@@ -68,9 +68,10 @@ def calibrate_eac(model, tokenizer, requests, neighbours, gamma: float, args) ->
     layers = tuple(range(low, high + 1))
     lam = float(args.memit_lambdas.split(",")[0])
     variants = {"rome-eac": {"layer": rome_layer}, "memit-eac": {"layers": layers, "mom2_update_weight": lam}}
+    eac_overrides = parse_overrides(args.eac_set)
     for method, overrides in ((m, variants[m]) for m in args.eac_methods.split(",")):
         hp = with_overrides(load_hparams(method, model),
-                            {**overrides, **parse_overrides(args.eac_set), "eac.gamma_percentile": gamma})
+                            {**overrides, **eac_overrides, "eac.gamma_percentile": gamma})
         hp_layers = [rome_layer] if method == "rome-eac" else list(layers)
         ctx = EditContext(model, tokenizer)
         ctx.prepare_second_moments(hp_layers, hp)
@@ -89,7 +90,7 @@ def calibrate_eac(model, tokenizer, requests, neighbours, gamma: float, args) ->
                          "loss": float(loss)})
             snapshot.restore(model)
         out.append({"method": method, "layers": hp_layers, "gamma_percentile": gamma,
-                    **parse_overrides(args.eac_set), **mean_rows(rows),
+                    **eac_overrides, **mean_rows(rows),
                     "seconds_per_edit": (time.perf_counter() - start) / len(requests)})
         print(out[-1], flush=True)
     return out

@@ -161,7 +161,8 @@ class TrajectorySpec:
         hyper-parameters as resolved now, so that new shipped defaults make new work, not a skip."""
         return {"experiment": self.experiment, "model": self.model, "variant": self.variant.name,
                 "method": self.variant.method, "hparams": self.variant.hparams, "group": self.variant.group,
-                "resolved_hparams": self.resolved_hparams, "dataset": self.dataset, "seed": self.seed, "n_edits": self.n_edits,
+                "resolved_hparams": self.resolved_hparams, "dataset": self.dataset, "seed": self.seed,
+                "n_edits": self.n_edits,
                 "batch_size": self.batch_size, "checkpoints": list(self.checkpoints),
                 "selection": self.selection, "dtype": self.dtype, "evaluation": dataclasses.asdict(self.evaluation)}
 

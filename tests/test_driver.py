@@ -30,8 +30,8 @@ SPEC = {
     "resources": {"trajectory": {"num_cpus": 1}, "evaluation": {"num_cpus": 1, "actors": 1}},
     "max_restarts": 0,
 }
-TIMINGS = ["seconds_total", "seconds"]
-CONFIGS = Path(__file__).resolve().parent.parent / "experiments" / "configs"  # wall-clock: the only columns allowed to differ between runs
+TIMINGS = ["seconds_total", "seconds"]  # wall-clock: the only columns allowed to differ between runs
+CONFIGS = Path(__file__).resolve().parent.parent / "experiments" / "configs"
 
 
 def write_spec(directory, **changes):

@@ -65,12 +65,15 @@ class PromptFormat:
         return " " if self.style == "raw" else ""
 
 
+def _sample_indices(size: int, count: int, seed: int, task: str) -> list[int]:
+    """``min(count, size)`` distinct indices drawn with a generator seeded by ``(seed, task)``, sorted."""
+    return sorted(random.Random(f"{seed}:{task}").sample(range(size), min(count, size)))
+
+
 def sample_examples(examples: Sequence, count: int, seed: int, task: str) -> list:
     """``count`` distinct examples (all of them if there are fewer), drawn with a generator seeded by
     ``(seed, task)``, in data-set order."""
-    generator = random.Random(f"{seed}:{task}")
-    indices = sorted(generator.sample(range(len(examples)), min(count, len(examples))))
-    return [examples[i] for i in indices]
+    return [examples[i] for i in _sample_indices(len(examples), count, seed, task)]
 
 
 def sample_fitting(examples: Sequence, count: int, seed: int, task: str, fits) -> tuple[list, int]:
@@ -81,24 +84,21 @@ def sample_fitting(examples: Sequence, count: int, seed: int, task: str, fits) -
     the examples ``sample_examples`` gives; examples that do not fit are replaced by further examples
     from a seeded order of the rest of the pool, until ``count`` fit or the pool is exhausted.
     """
-    first = sample_examples(examples, count, seed, task)
-    chosen_ids = {id(x) for x in first}
-    kept = [x for x in first if fits(x)]
+    first = _sample_indices(len(examples), count, seed, task)
+    kept = [i for i in first if fits(examples[i])]
     passed_over = len(first) - len(kept)
-    if len(kept) < min(count, len(examples)):
-        rest = [i for i, x in enumerate(examples) if id(x) not in chosen_ids]
+    if len(kept) < len(first):
+        drawn = set(first)
+        rest = [i for i in range(len(examples)) if i not in drawn]
         random.Random(f"{seed}:{task}:refill").shuffle(rest)
-        extra = []
         for index in rest:
-            if len(kept) + len(extra) >= count:
+            if len(kept) >= count:
                 break
             if fits(examples[index]):
-                extra.append(index)
+                kept.append(index)
             else:
                 passed_over += 1
-        position = {id(x): i for i, x in enumerate(examples)}
-        kept = sorted(kept + [examples[i] for i in extra], key=lambda x: position[id(x)])
-    return kept, passed_over
+    return [examples[i] for i in sorted(kept)], passed_over
 
 
 def nli_prompt(example: data.NLIExample) -> str:
@@ -169,18 +169,25 @@ def _token_count(tokenizer, fmt: PromptFormat, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=fmt.add_special_tokens, verbose=False)["input_ids"])
 
 
-def tokens_needed(tokenizer, fmt: PromptFormat, task: str, example, config: EvalConfig) -> int:
-    """Positions one example of ``task`` occupies: its prompt plus what follows it — the generated
-    tokens, or the longest scored answer (label word, MMLU letter or, for the cloze form, choice)."""
-    prompt = fmt.render(tokenizer, PROMPT_BUILDERS[task](example))
-    answers = {"nli": NLI_LABELS, "sst2": SST2_LABELS, "mmlu": MMLU_LETTERS}.get(task, ())
-    answer_tokens = max((_token_count(tokenizer, fmt, fmt.answer_prefix + a) for a in answers), default=0)
-    needed = _token_count(tokenizer, fmt, prompt) + max(config.max_new_tokens.get(task, 0), answer_tokens)
-    if task == "mmlu":
-        cloze = fmt.render(tokenizer, mmlu_cloze_prompt(example))
-        longest_choice = max(_token_count(tokenizer, fmt, fmt.answer_prefix + c) for c in example.choices)
-        needed = max(needed, _token_count(tokenizer, fmt, cloze) + longest_choice)
-    return needed
+def context_fit(tokenizer, fmt: PromptFormat, task: str, config: EvalConfig, context_length: int):
+    """A predicate: does one example of ``task`` — its prompt plus what follows it (the generated
+    tokens, or the longest scored answer: label word, MMLU letter or, for the cloze form, choice) —
+    fit in ``context_length`` positions? The task's fixed answer budget is counted once, here."""
+    labels = {"nli": NLI_LABELS, "sst2": SST2_LABELS, "mmlu": MMLU_LETTERS}.get(task, ())
+    label_tokens = max((_token_count(tokenizer, fmt, fmt.answer_prefix + a) for a in labels), default=0)
+    answer_budget = max(config.max_new_tokens.get(task, 0), label_tokens)
+
+    def fits(example) -> bool:
+        prompt = fmt.render(tokenizer, PROMPT_BUILDERS[task](example))
+        if _token_count(tokenizer, fmt, prompt) + answer_budget > context_length:
+            return False
+        if task == "mmlu":
+            cloze = fmt.render(tokenizer, mmlu_cloze_prompt(example))
+            longest_choice = max(_token_count(tokenizer, fmt, fmt.answer_prefix + c) for c in example.choices)
+            return _token_count(tokenizer, fmt, cloze) + longest_choice <= context_length
+        return True
+
+    return fits
 
 
 @dataclass
@@ -213,7 +220,7 @@ class TaskSuite:
                 raise ValueError(f"no prompt for task {task!r}; known: {sorted(PROMPT_BUILDERS)}")
             if context_length is None:
                 return sample_examples(pool, count, config.seed, sample_key)
-            fits = lambda x: tokens_needed(tokenizer, fmt, task, x, config) <= context_length  # noqa: E731
+            fits = context_fit(tokenizer, fmt, task, config, context_length)
             chosen, passed_over = sample_fitting(pool, count, config.seed, sample_key, fits)
             if count and pool and not chosen:
                 raise ValueError(f"task {task!r}: none of its {len(pool)} examples fits the model's context of "
