@@ -1,5 +1,5 @@
 """cluster.yaml is what `ray up` accepts: Ray's own config preparation and schema validation pass, and
-the nodes install the versions this test suite runs with."""
+the nodes and the Makefile install the one lock file this suite runs with."""
 
 import copy
 import re
@@ -53,17 +53,74 @@ def test_the_validation_rejects_a_broken_config(cluster, break_it):
         validated(broken)
 
 
-def test_nodes_install_the_project_with_the_versions_tested_here(cluster):
-    commands = "\n".join(cluster["setup_commands"] + cluster["worker_setup_commands"])
-    pins = dict(re.findall(r"([A-Za-z0-9_\-]+)(?:\[[^\]]*\])?==([0-9][^\s\"']*)", commands))
-    for package in ("torch", "ray", "transformers", "accelerate", "pyarrow", "pandas"):
-        assert pins.get(package) == version(package).split("+")[0], package
-    assert "deepspeed" in pins  # on the GPU workers only: the sharded-inference path
-    assert not any("deepspeed" in command for command in cluster["setup_commands"] + cluster["head_setup_commands"])
+LOCK = ROOT / "requirements.lock"
+TORCH_CONSTRAINT = ROOT / "lock" / "torch-constraint.txt"
+
+
+def locked_pins() -> dict[str, str]:
+    """Package -> version, from the lock's ``name==version \\`` lines (every one hash-checked)."""
+    pins = dict(re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+) \\$", LOCK.read_text(), flags=re.M))
+    hashed = re.findall(r"^[A-Za-z0-9_.\-]+==\S+ \\\n\s+--hash=sha256:[0-9a-f]{64}", LOCK.read_text(), flags=re.M)
+    assert len(hashed) == len(pins), "every locked package carries its hashes"
+    return {name.lower(): version for name, version in pins.items()}
+
+
+def test_the_lock_pins_the_whole_stack_and_its_torch_release():
+    pins = locked_pins()
+    for package in ("ray", "transformers", "accelerate", "pyarrow", "pandas", "safetensors", "setuptools",
+                    "pytest", "moto"):
+        assert package in pins, package
+    assert "torch" not in pins  # installed on its own (CPU here, CUDA on the nodes), see the Makefile
+    assert re.fullmatch(r"torch==[0-9.]+", next(line for line in TORCH_CONSTRAINT.read_text().splitlines()
+                                                 if line.startswith("torch")))
+    # Everything pyproject.toml asks for is in the lock (a dependency added without re-locking fails).
+    import tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + project["optional-dependencies"]["dev"]
+    for requirement in wanted:
+        name = re.match(r"[A-Za-z0-9_.\-]+", requirement).group(0).lower()
+        assert name == "torch" or name in pins, f"{name} is in pyproject.toml but not in requirements.lock"
+
+
+def test_the_environment_under_test_is_the_lock():
+    """The suite runs on what the lock pins (``make test`` installs it exactly); a drift fails here."""
+    for package, pinned in locked_pins().items():
+        if package in {"setuptools", "pip"}:
+            continue
+        assert version(package) == pinned, f"{package}: installed {version(package)}, locked {pinned}"
+    torch_pin = re.search(r"torch==(\S+)", TORCH_CONSTRAINT.read_text()).group(1)
+    assert version("torch").split("+")[0] == torch_pin
+
+
+def install_commands(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "install" in line and "apt-get" not in line]
+
+
+def test_the_makefile_and_every_node_install_from_the_lock(cluster):
+    makefile = (ROOT / "Makefile").read_text()
+    # The Makefile: torch from the constraint file, then the lock hash-checked without resolution.
+    assert "TORCH_PIN ?= $(shell grep -E '^torch==' lock/torch-constraint.txt)" in makefile
+    assert re.search(r"^UV\s*:=.*uv pip install", makefile, flags=re.M)
+    lock_line = next(line for line in makefile.splitlines() if "-r requirements.lock" in line)
+    assert lock_line.strip().startswith("$(UV)") and "--require-hashes" in lock_line and "--no-deps" in lock_line
+    assert re.search(r"--no-deps --no-build-isolation -e \.", makefile)
+    # Every node: the same lock, the same torch release, the project without resolving anything else.
+    commands = cluster["setup_commands"]
+    node_lock = [c for c in commands if "requirements.lock" in c]
+    assert len(node_lock) == 1 and "--require-hashes" in node_lock[0] and "--no-deps" in node_lock[0]
+    assert any("torch-constraint.txt torch" in c for c in commands)
+    # Nothing else is installed by name with a floating version, on any node.
+    everything = commands + cluster["head_setup_commands"] + cluster["worker_setup_commands"]
+    for command in install_commands("\n".join(everything)):
+        if "pip install" in command and "requirements.lock" not in command and " -e " not in command:
+            named = re.findall(r"(?<=\s)([A-Za-z][A-Za-z0-9_.\-]*(?:\[[^\]]*\])?)(?=\s|$)", command.split("install", 1)[1])
+            loose = [n for n in named if n not in {"torch"} and not n.startswith("-") and "==" not in n]
+            assert not loose, f"{command!r} installs {loose} without a pin"
+    assert any("deepspeed" in c for c in cluster["worker_setup_commands"])  # GPU workers only
+    assert not any("deepspeed" in c for c in cluster["setup_commands"] + cluster["head_setup_commands"])
     # The checkout goes to every node and is installed from there.
-    mounts = cluster["file_mounts"]
-    project = next(remote for remote, local in mounts.items() if local == ".")
-    assert f"pip install -q -e {project.replace('/home/ubuntu', '~')}" in commands
+    project = next(remote for remote, local in cluster["file_mounts"].items() if local == ".")
+    assert any(f"-e {project.replace('/home/ubuntu', '~')}" in c for c in commands)
     # The store is one path on every node: exported by the head, mounted by the workers.
     store = "/home/ubuntu/eac-store"
     assert any(store in c and "/etc/exports" in c for c in cluster["head_setup_commands"])
