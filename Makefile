@@ -48,3 +48,6 @@ lock:
 	$(LOCK_TOOLS)/bin/pip-compile -q --generate-hashes --strip-extras --extra dev \
 	    --build-deps-for editable --unsafe-package torch --no-emit-index-url --no-emit-find-links \
 	    -c lock/torch-constraint.txt -o requirements.lock $(LOCK_ARGS) pyproject.toml
+	$(LOCK_TOOLS)/bin/pip-compile -q --generate-hashes --strip-extras --unsafe-package torch \
+	    --no-emit-index-url --no-emit-find-links -c requirements.lock -c lock/torch-constraint.txt \
+	    -o lock/deepspeed.lock $(LOCK_ARGS) lock/deepspeed.in

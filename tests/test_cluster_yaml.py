@@ -125,3 +125,14 @@ def test_the_makefile_and_every_node_install_from_the_lock(cluster):
     store = "/home/ubuntu/eac-store"
     assert any(store in c and "/etc/exports" in c for c in cluster["head_setup_commands"])
     assert any(f"$RAY_HEAD_IP:{store} {store}" in c for c in cluster["worker_setup_commands"])
+
+
+def test_the_deepspeed_lock_agrees_with_the_main_lock(cluster):
+    """GPU workers add lock/deepspeed.lock on top of requirements.lock: it must not move a shared pin."""
+    main = locked_pins()
+    extra = dict(re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+) \\$", (ROOT / "lock" / "deepspeed.lock").read_text(), flags=re.M))
+    assert "deepspeed" in extra
+    moved = {name: (pinned, main[name.lower()]) for name, pinned in extra.items()
+             if name.lower() in main and main[name.lower()] != pinned}
+    assert not moved, f"lock/deepspeed.lock moves pins of requirements.lock: {moved}"
+    assert any("lock/deepspeed.lock" in c and "--require-hashes" in c for c in cluster["worker_setup_commands"])
