@@ -136,7 +136,7 @@ def cmd_tune(args) -> int:
 
     from orchestrator.driver import Driver
     from orchestrator.spec import SpecError
-    from orchestrator.store import Store
+    from orchestrator.store import Store, StoreError
     from orchestrator.tuning import format_trials, load_tune_spec, run_tune
     from workers.data import DataError
 
@@ -145,8 +145,9 @@ def cmd_tune(args) -> int:
         if args.num_samples is not None:
             spec = dataclasses.replace(spec, search=dataclasses.replace(spec.search, num_samples=args.num_samples))
         store = Store(args.store or spec.experiment.store)
+        store.root  # Ray Tune's trial files and the best-config YAMLs need a POSIX path: fail before any trial
         Driver(spec.experiment, store, progress=False).plan()  # data and hparams checked before any trial
-    except (SpecError, DataError, FileNotFoundError) as exc:
+    except (SpecError, DataError, FileNotFoundError, StoreError) as exc:
         print(f"eac tune: {exc}", file=sys.stderr)
         return 2
     print(f"{spec.experiment.experiment}: {len(spec.searches())} search(es) × {spec.search.num_samples} trials "

@@ -101,7 +101,7 @@ class Store:
     def root(self) -> Path:
         """The store's local directory; a store on object storage has none."""
         if not self.is_local:
-            raise StoreError(f"{self.uri}: this needs a store on a local (or mounted) path, not {self.uri}")
+            raise StoreError(f"{self.uri}: this needs a store on a local (or mounted) path, not on object storage")
         return Path(self.base)
 
     # ---- paths ----
