@@ -14,9 +14,10 @@ Every file is named by what it holds, so writing the same rows again (a re-run, 
 trajectory) replaces a file with the same content instead of adding a duplicate. Every write is
 atomic (``workers.storage.write_bytes``: a hidden temporary file renamed into place on a POSIX path,
 the final name at once on an object store, whose PUT is atomic), so a reader (and ``pyarrow.dataset``,
-which skips names starting with '.') sees either the old file or the new one, never half of one. Each table has a fixed schema, so ``pyarrow.dataset.dataset(root / "edits")`` and
-``pandas.read_parquet(root / "edits")`` read every experiment's files as one table; every file carries
-its ``experiment`` column.
+which skips names starting with '.') sees either the old file or the new one, never half of one.
+Each table has a fixed schema, so ``pyarrow.dataset.dataset(root / "edits")`` and
+``pandas.read_parquet(root / "edits")`` (or ``Store(uri).dataset("edits")``) read every experiment's
+files as one table; every file carries its ``experiment`` column.
 
 A file that cannot be read raises ``StoreError`` naming it; the store never deletes or rewrites a file
 it cannot read, so no stored row is lost behind the user's back.
