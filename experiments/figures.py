@@ -405,18 +405,32 @@ def experiment_sections(store: Store, experiment: str, out: Path) -> list[Sectio
 
 
 def build_report(store_root: str | Path, out_dir: str | Path | None = None,
-                 experiments: list[str] | None = None) -> Path:
-    """Draw every figure the store has data for; write ``<out_dir>/report.md``; return its path."""
+                 experiments: list[str] | None = None) -> Path | str:
+    """Draw every figure the store has data for; write ``<out_dir>/report.md``; return its path (its
+    URI when it went to object storage).
+
+    The store may be a URI (``s3://...``): its rows are read through ``pyarrow.fs``; without
+    ``out_dir`` the report is drawn in a local temporary directory and copied to ``STORE/report``."""
     store = Store(store_root)
-    if not store.root.is_dir():
-        raise FileNotFoundError(f"{store.root}: no such store")
+    if not store.exists():
+        raise FileNotFoundError(f"{store.uri}: no such store")
     names = experiments or store.experiments()
     missing = sorted(set(names) - set(store.experiments()))
     if missing:
-        raise ValueError(f"{store.root}: no experiment(s) {missing}; the store holds {store.experiments()}")
+        raise ValueError(f"{store.uri}: no experiment(s) {missing}; the store holds {store.experiments()}")
+    if out_dir is None and not store.is_local:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="eac-report-") as local:
+            _write_report(store, Path(local), names)
+            return store.upload(local, "report") + "/report.md"
     out = Path(out_dir) if out_dir is not None else store.root / "report"
+    return _write_report(store, out, names)
+
+
+def _write_report(store: Store, out: Path, names: list[str]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Report: {store.root}", ""]
+    lines = [f"# Report: {store.uri}", ""]
     if not names:
         lines.append("_The store holds no trajectories yet._")
     for experiment in names:
@@ -430,4 +444,3 @@ def build_report(store_root: str | Path, out_dir: str | Path | None = None,
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
-

@@ -91,20 +91,29 @@ def cmd_answers(args) -> int:
 def cmd_run(args) -> int:
     """Run an experiment spec on Ray: trajectories, evaluations, the store, a summary and the report."""
     from orchestrator.driver import Driver, format_summary
+    from orchestrator.progress import Progress, resolve_mode
     from orchestrator.spec import SpecError, load_spec
-    from orchestrator.store import Store
+    from orchestrator.store import Store, StoreError
     from workers.data import DataError
 
     try:
         spec = load_spec(args.spec)
         store = Store(args.store or spec.store)
-        driver = Driver(spec, store, address=args.address, progress=not args.no_progress)
+        progress = Progress(resolve_mode("none" if args.no_progress else args.progress),
+                            every_edits=args.progress_every, every_seconds=args.progress_seconds)
+        driver = Driver(spec, store, address=args.address, progress=progress)
         plan = driver.plan()  # every check that needs no actor, before any starts
-    except (SpecError, DataError, FileNotFoundError) as exc:
+    except (SpecError, DataError, FileNotFoundError, StoreError, ValueError) as exc:
         print(f"eac run: {exc}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        from orchestrator.dry_run import format_dry_run
+
+        print(f"{spec.experiment} ({args.spec}):\n{format_dry_run(store, plan, spec.resources)}")
+        return 0
     todo = sum(not t.finished for t in plan)
-    print(f"{spec.experiment}: {len(plan)} trajectories ({len(plan) - todo} already complete) -> {store.root}")
+    print(f"{spec.experiment}: {len(plan)} trajectories ({len(plan) - todo} already complete) -> {store.uri}",
+          flush=True)
     start = time.perf_counter()
     try:
         result = driver.run()
@@ -117,7 +126,7 @@ def cmd_run(args) -> int:
     if not args.no_report:
         from experiments.figures import build_report
 
-        print(f"report: {build_report(store.root, experiments=[spec.experiment])}")
+        print(f"report: {build_report(store.location, experiments=[spec.experiment])}")
     return result.exit_code
 
 
@@ -127,7 +136,7 @@ def cmd_tune(args) -> int:
 
     from orchestrator.driver import Driver
     from orchestrator.spec import SpecError
-    from orchestrator.store import Store
+    from orchestrator.store import Store, StoreError
     from orchestrator.tuning import format_trials, load_tune_spec, run_tune
     from workers.data import DataError
 
@@ -136,12 +145,13 @@ def cmd_tune(args) -> int:
         if args.num_samples is not None:
             spec = dataclasses.replace(spec, search=dataclasses.replace(spec.search, num_samples=args.num_samples))
         store = Store(args.store or spec.experiment.store)
+        store.root  # Ray Tune's trial files and the best-config YAMLs need a POSIX path: fail before any trial
         Driver(spec.experiment, store, progress=False).plan()  # data and hparams checked before any trial
-    except (SpecError, DataError, FileNotFoundError) as exc:
+    except (SpecError, DataError, FileNotFoundError, StoreError) as exc:
         print(f"eac tune: {exc}", file=sys.stderr)
         return 2
     print(f"{spec.experiment.experiment}: {len(spec.searches())} search(es) × {spec.search.num_samples} trials "
-          f"-> {store.root}")
+          f"-> {store.uri}")
     start = time.perf_counter()
     try:
         outcome = run_tune(spec, store, address=args.address, out_dir=args.out, verbose=0 if args.quiet else 1)
@@ -165,11 +175,17 @@ def cmd_report(args) -> int:
 
     try:
         path = build_report(args.store, args.out, args.experiment or None)
-    except (FileNotFoundError, ValueError, StoreError) as exc:
+    except (OSError, ValueError, StoreError) as exc:  # OSError: also an unreachable object store
         print(f"eac report: {exc}", file=sys.stderr)
         return 1
     print(f"report: {path}")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of at least 1")
+    return int(text)
 
 
 def parse_layers(text: str) -> list[int]:
@@ -292,10 +308,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run an experiment spec (YAML) on Ray into the Parquet store")
     run.add_argument("spec", help="experiment spec, e.g. experiments/configs/demo.yaml")
-    run.add_argument("--store", help="result store directory (default: the spec's `store`, else ./results)")
+    run.add_argument("--store", help="result store: a directory or a URI such as s3://bucket/prefix "
+                                     "(default: the spec's `store`, else ./results)")
     run.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a local one")
+    run.add_argument("--dry-run", action="store_true",
+                     help="check the spec, list the trajectories, what the store holds and the cost; start nothing")
     run.add_argument("--no-report", action="store_true", help="do not draw the report at the end")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--progress", choices=["auto", "bars", "lines", "none"], default="auto",
+                     help="auto (default): bars on a terminal, plain lines when stdout is a file or pipe")
+    run.add_argument("--progress-every", type=_positive_int, default=10, metavar="EDITS",
+                     help="plain lines: one per trajectory every EDITS edit steps (default 10) ...")
+    run.add_argument("--progress-seconds", type=float, default=30.0, metavar="SECONDS",
+                     help="... or every SECONDS seconds, whichever comes first (default 30)")
+    run.add_argument("--no-progress", action="store_true", help="no progress report (= --progress none)")
     _common(run)
     run.set_defaults(func=cmd_run)
 
@@ -310,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.set_defaults(func=cmd_tune)
 
     report = sub.add_parser("report", help="the paper's figures and a Markdown summary from a result store")
-    report.add_argument("store", help="the store directory (what `eac run` wrote)")
+    report.add_argument("store", help="the store (what `eac run` wrote): a directory or a URI (s3://...)")
     report.add_argument("--out", help="output directory (default: STORE/report)")
     report.add_argument("--experiment", action="append", help="only this experiment (repeatable)")
     report.set_defaults(func=cmd_report)

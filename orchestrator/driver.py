@@ -33,8 +33,7 @@ from typing import Callable
 
 import pandas as pd
 import ray
-from tqdm.auto import tqdm
-
+from orchestrator.progress import Progress, resolve_mode
 from orchestrator.spec import ExperimentSpec, Resources, SpecError, TrajectorySpec
 from orchestrator.store import Store, edit_row
 from workers import settings
@@ -43,8 +42,11 @@ from workers.actors import (CheckpointEvent, EditEvent, EvalActor, Replica, Traj
 from workers.data import EditRequest, load_edit_dataset
 from workers.editing.hparams import split_method
 
-# Settings that actors on other machines of a cluster must see as the driver does.
-FORWARDED_ENVIRONMENT = ("EAC_OFFLINE", "HF_HUB_OFFLINE", "EAC_CACHE_DIR", "EAC_DATA_DIR")
+# Settings that actors on other machines of a cluster must see as the driver does; an object store's
+# endpoint and region too (its credentials stay out of the job's runtime_env, which the dashboard
+# shows: nodes take theirs from their own environment or instance role).
+FORWARDED_ENVIRONMENT = ("EAC_OFFLINE", "HF_HUB_OFFLINE", "EAC_CACHE_DIR", "EAC_DATA_DIR", "AWS_ENDPOINT_URL",
+                         "AWS_REGION", "AWS_DEFAULT_REGION")
 COMPLETED = "completed"
 INTERRUPTED = "interrupted"
 CLUSTER_CHECK_SECONDS = 60.0  # with no event for this long, check that the cluster still has a live node
@@ -92,7 +94,6 @@ class Trajectory:
     steps_done: int = 0
     editing_done: bool = False
     setting_up: bool = False  # its actor has not produced its first event yet
-    bar: object = None
 
     @property
     def trajectory_id(self) -> str:
@@ -121,10 +122,14 @@ class RunResult:
 
 
 class Driver:
-    def __init__(self, spec: ExperimentSpec, store: Store, *, address: str | None = None, progress: bool = True,
-                 data_root: str | Path | None = None, cache_dir: str | Path | None = None,
+    def __init__(self, spec: ExperimentSpec, store: Store, *, address: str | None = None,
+                 progress: bool | str | Progress = True, data_root: str | Path | None = None,
+                 cache_dir: str | Path | None = None,
                  observer: Callable[[str, Trajectory, object], None] | None = None):
-        self.spec, self.store, self.address, self.progress = spec, store, address, progress
+        """``progress``: a ``Progress``, or its mode (True = ``auto``: bars on a terminal, plain lines
+        otherwise; False = none)."""
+        self.spec, self.store, self.address = spec, store, address
+        self.progress = progress if isinstance(progress, Progress) else Progress(resolve_mode(progress))
         self.data_root = str(settings.data_dir(data_root))
         self.cache_dir = str(settings.cache_dir(cache_dir))
         self.observer = observer or (lambda kind, trajectory, event: None)
@@ -237,9 +242,9 @@ class Driver:
         # A cluster we joined may add GPU nodes on demand; a local one has what it has.
         self.resources = self.spec.resources if self.address else on_this_cluster(self.spec.resources, gpus)
         if self.resources != self.spec.resources:
-            print("no GPU on this machine: the spec's GPU actors run on CPU")
+            self.progress.message("no GPU on this machine: the spec's GPU actors run on CPU")
         pool = EvalPool(self.spec, self.resources, self.cache_dir, self.data_root)
-        self._open_bars(todo)
+        self.progress.open([(t.trajectory_id, t.spec.label, t.task.n_steps, t.start_step) for t in todo])
         for trajectory in todo:
             self._status(trajectory, "pending")
             for checkpoint in self.scorable_now(trajectory):
@@ -284,15 +289,7 @@ class Driver:
                 running = {g: t for g, t in running.items() if t.generator is g}
         finally:
             pool.close()
-            for bar in [t.bar for t in todo if t.bar is not None]:
-                bar.close()
-
-    def _open_bars(self, todo: list[Trajectory]) -> None:
-        width = max(len(t.spec.label) for t in todo)
-        for position, trajectory in enumerate(todo):
-            trajectory.bar = tqdm(total=trajectory.task.n_steps, initial=trajectory.start_step,
-                                  desc=trajectory.spec.label.ljust(width), unit="edit", position=position,
-                                  leave=True, dynamic_ncols=True, mininterval=1.0, disable=not self.progress)
+            self.progress.close()
 
     @staticmethod
     def _next_startable(queue: list[Trajectory], running, warmed: set) -> Trajectory | None:
@@ -333,9 +330,9 @@ class Driver:
             if trajectory.restarts < self.spec.max_restarts and "creation task" not in str(exc):
                 trajectory.restarts += 1
                 self._read_progress(trajectory)  # resume as a re-run would: from the store
-                trajectory.bar.n = trajectory.start_step
-                trajectory.bar.write(f"{trajectory.spec.label}: actor died; restart {trajectory.restarts} of "
-                                     f"{self.spec.max_restarts} from step {trajectory.start_step}")
+                self.progress.restarted(trajectory.trajectory_id, trajectory.start_step,
+                                        f"actor died; restart {trajectory.restarts} of {self.spec.max_restarts} "
+                                        f"from step {trajectory.start_step}")
                 for checkpoint in self.scorable_now(trajectory):
                     if not pool.has(trajectory, checkpoint):
                         pool.submit(trajectory, checkpoint)
@@ -349,14 +346,7 @@ class Driver:
         if isinstance(event, EditEvent):
             trajectory.buffer.append(edit_row(event.record))
             trajectory.steps_done = event.step + 1
-            if event.step == trajectory.start_step:
-                # The first step also paid for the actor's set-up (model, statistics): the ETA is timed
-                # from the edits after it.
-                trajectory.bar.reset(total=trajectory.task.n_steps)
-                trajectory.bar.initial = trajectory.bar.n = trajectory.steps_done
-                trajectory.bar.refresh()
-            else:
-                trajectory.bar.update(1)
+            self.progress.edited(trajectory.trajectory_id, trajectory.steps_done)
         elif isinstance(event, CheckpointEvent):
             spec = trajectory.spec
             if trajectory.buffer:
@@ -379,12 +369,14 @@ class Driver:
             return
         self.store.put_evaluations(spec.experiment, spec.trajectory_id, checkpoint, rows)
         trajectory.evaluated.add(checkpoint)
+        self.progress.scored(trajectory.trajectory_id, checkpoint, rows)
         self.observer("evaluation", trajectory, checkpoint)
         self._maybe_complete(trajectory)
 
     def _maybe_complete(self, trajectory: Trajectory) -> None:
         if trajectory.editing_done and trajectory.scored_all() and not trajectory.finished:
             self._status(trajectory, COMPLETED)
+            self.progress.finished(trajectory.trajectory_id, COMPLETED)
 
     def _release(self, trajectory: Trajectory) -> None:
         if trajectory.actor is not None:
@@ -393,8 +385,7 @@ class Driver:
 
     def _fail(self, trajectory: Trajectory, reason: str) -> None:
         self._status(trajectory, f"failed: {reason}")
-        if trajectory.bar is not None:
-            trajectory.bar.write(f"{trajectory.spec.label}: {trajectory.status}")
+        self.progress.message(f"{trajectory.spec.label}: {trajectory.status}")
 
     def _status(self, trajectory: Trajectory, status: str) -> None:
         trajectory.status = status

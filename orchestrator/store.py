@@ -7,13 +7,17 @@ Layout under the store root::
     evaluations/<experiment>/<trajectory_id>-at-<n_edits>.parquet           one row per task × metric
     logs/<experiment>/<trajectory_id>.safetensors                           the edit log (checkpoint)
 
+The root is a local directory or any URI ``pyarrow.fs`` opens (``s3://bucket/prefix``, ``gs://``,
+``hdfs://``; see ``workers.storage``): every read, write and listing goes through its filesystem.
+
 Every file is named by what it holds, so writing the same rows again (a re-run, a resumed
-trajectory) replaces a file with the same content instead of adding a duplicate. Files are written to
-a hidden temporary name in the same directory and renamed into place, so a reader (and
-``pyarrow.dataset``, which skips names starting with '.') sees either the old file or the new one,
-never half of one. Each table has a fixed schema, so ``pyarrow.dataset.dataset(root / "edits")`` and
-``pandas.read_parquet(root / "edits")`` read every experiment's files as one table; every file carries
-its ``experiment`` column.
+trajectory) replaces a file with the same content instead of adding a duplicate. Every write is
+atomic (``workers.storage.write_bytes``: a hidden temporary file renamed into place on a POSIX path,
+the final name at once on an object store, whose PUT is atomic), so a reader (and ``pyarrow.dataset``,
+which skips names starting with '.') sees either the old file or the new one, never half of one.
+Each table has a fixed schema, so ``pyarrow.dataset.dataset(root / "edits")`` and
+``pandas.read_parquet(root / "edits")`` (or ``Store(uri).dataset("edits")``) read every experiment's
+files as one table; every file carries its ``experiment`` column.
 
 A file that cannot be read raises ``StoreError`` naming it; the store never deletes or rewrites a file
 it cannot read, so no stored row is lost behind the user's back.
@@ -23,15 +27,18 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
-import uuid
 from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from workers import storage
 
 SECONDS = pa.map_(pa.string(), pa.float64())
 
@@ -76,31 +83,65 @@ class StoreError(RuntimeError):
 
 
 class Store:
+    """The store at ``root``: a local directory or a URI (``s3://bucket/prefix?endpoint_override=...``)."""
+
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        # Local roots are made absolute: actors on other processes get locations under it.
+        self.location = str(root) if storage.is_uri(root) else os.path.abspath(root)
+        self.uri = storage.display(self.location)  # what messages show (no query options)
+        try:
+            self.filesystem, self.base = storage.resolve(self.location)
+        except ValueError as exc:
+            raise StoreError(f"store {exc}") from exc
+        self.is_local = isinstance(self.filesystem, pafs.LocalFileSystem)
 
     def __repr__(self) -> str:
-        return f"Store({str(self.root)!r})"
+        return f"Store({self.uri!r})"
+
+    @property
+    def root(self) -> Path:
+        """The store's local directory; a store on object storage has none."""
+        if not self.is_local:
+            raise StoreError(f"{self.uri}: this needs a store on a local (or mounted) path, not on object storage")
+        return Path(self.base)
 
     # ---- paths ----
 
-    def table_dir(self, table: str) -> Path:
+    def table_dir(self, table: str) -> str:
         if table not in SCHEMAS:
             raise ValueError(f"unknown table {table!r}; tables: {list(TABLES)}")
-        return self.root / table
+        return posixpath.join(self.base, table)
 
-    def _experiment_dir(self, table: str, experiment: str) -> Path:
+    def _experiment_dir(self, table: str, experiment: str) -> str:
         _check_name(experiment, "experiment")
-        return self.table_dir(table) / experiment
+        return posixpath.join(self.table_dir(table), experiment)
 
-    def log_path(self, experiment: str, trajectory_id: str) -> Path:
+    def where(self, path: str) -> str:
+        """A path of the store's filesystem as people know it (the URI's scheme in front)."""
+        return path if self.is_local else f"{self.uri.split('://', 1)[0]}://{path}"
+
+    def exists(self) -> bool:
+        return storage.is_dir(self.filesystem, self.base) or any(
+            storage.exists(self.filesystem, self.table_dir(table)) for table in TABLES)
+
+    def log_path(self, experiment: str, trajectory_id: str) -> str:
+        """The edit log's location (a path or URI that ``EditLog.save``/``load`` take, in any process)."""
         _check_name(experiment, "experiment")
         _check_name(trajectory_id, "trajectory_id")
-        return self.root / "logs" / experiment / f"{trajectory_id}.safetensors"
+        return storage.join(self.location, "logs", experiment, f"{trajectory_id}.safetensors")
+
+    def upload(self, local_dir: str | os.PathLike, name: str) -> str:
+        """Copy a local directory's files (e.g. a report) to ``<root>/<name>/``; return where they went."""
+        _check_name(name, "directory name")
+        local_dir = Path(local_dir)
+        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            target = posixpath.join(self.base, name, path.relative_to(local_dir).as_posix())
+            storage.write_bytes(self.filesystem, target, path.read_bytes())
+        return self.where(posixpath.join(self.base, name))
 
     # ---- writing ----
 
-    def write(self, table: str, experiment: str, name: str, rows: Sequence[dict]) -> Path:
+    def write(self, table: str, experiment: str, name: str, rows: Sequence[dict]) -> str:
         """Write ``rows`` as the file ``<table>/<experiment>/<name>.parquet``, atomically, replacing any
         file of that name. Rows must fit the table's schema; ``experiment`` is filled in."""
         _check_name(name, "file name")
@@ -115,16 +156,16 @@ class Store:
             data = pa.Table.from_pylist(rows, schema=schema)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise StoreError(f"{table}: rows do not fit the schema: {exc}") from exc
-        directory = self._experiment_dir(table, experiment)
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"{name}.parquet"
-        atomic_write(path, lambda tmp: pq.write_table(data, tmp))
+        path = posixpath.join(self._experiment_dir(table, experiment), f"{name}.parquet")
+        sink = pa.BufferOutputStream()
+        pq.write_table(data, sink)
+        storage.write_bytes(self.filesystem, path, sink.getvalue().to_pybytes())
         return path
 
-    def put_trajectory(self, row: dict) -> Path:
+    def put_trajectory(self, row: dict) -> str:
         return self.write("trajectories", row["experiment"], row["trajectory_id"], [row])
 
-    def put_edits(self, experiment: str, trajectory_id: str, rows: Sequence[dict]) -> Path:
+    def put_edits(self, experiment: str, trajectory_id: str, rows: Sequence[dict]) -> str:
         """One file per contiguous run of edit steps, named by its first and last ``edit_index``."""
         if not rows:
             raise ValueError("no edit rows to write")
@@ -134,7 +175,7 @@ class Store:
         rows = [{**row, "trajectory_id": trajectory_id} for row in rows]
         return self.write("edits", experiment, f"{trajectory_id}-{indices[0]:06d}-{indices[-1]:06d}", rows)
 
-    def put_evaluations(self, experiment: str, trajectory_id: str, n_edits: int, rows: Sequence[dict]) -> Path:
+    def put_evaluations(self, experiment: str, trajectory_id: str, n_edits: int, rows: Sequence[dict]) -> str:
         """All rows of one checkpoint in one file."""
         rows = [{**row, "trajectory_id": trajectory_id, "n_edits": n_edits} for row in rows]
         keys = [(r["task"], r["metric"]) for r in rows]
@@ -144,19 +185,24 @@ class Store:
 
     # ---- reading ----
 
-    def files(self, table: str, experiment: str | None = None, trajectory_id: str | None = None) -> list[Path]:
-        base = self.table_dir(table)
-        if not base.is_dir():
-            return []
-        pattern = f"{trajectory_id}*.parquet" if trajectory_id else "*.parquet"
-        directories = [self._experiment_dir(table, experiment)] if experiment else sorted(base.iterdir())
+    def files(self, table: str, experiment: str | None = None, trajectory_id: str | None = None) -> list[str]:
+        """The table's Parquet files (paths in the store's filesystem), sorted; hidden ones skipped."""
+        base = self._experiment_dir(table, experiment) if experiment else self.table_dir(table)
+        listing = self.filesystem.get_file_info(pafs.FileSelector(base, recursive=not experiment,
+                                                                  allow_not_found=True))
         found = []
-        for directory in directories:
-            if directory.is_dir() and not directory.name.startswith((".", "_")):
-                found += [p for p in sorted(directory.glob(pattern)) if not p.name.startswith((".", "_"))]
-        if trajectory_id:  # the glob also matches ids that merely start with this one
-            found = [p for p in found if p.stem == trajectory_id or p.stem.startswith(trajectory_id + "-")]
-        return found
+        for info in listing:
+            parts = posixpath.relpath(info.path, self.table_dir(table)).split("/")
+            if info.type != pafs.FileType.File or len(parts) != 2 or not parts[1].endswith(".parquet"):
+                continue
+            if any(part.startswith((".", "_")) for part in parts):
+                continue
+            stem = parts[1][: -len(".parquet")]
+            # A prefix match alone would also take ids that merely start with this one.
+            if trajectory_id and not (stem == trajectory_id or stem.startswith(trajectory_id + "-")):
+                continue
+            found.append(info.path)
+        return sorted(found)
 
     def read(self, table: str, experiment: str | None = None, trajectory_id: str | None = None) -> pa.Table:
         """The table's rows (optionally of one experiment / trajectory), every file checked."""
@@ -164,10 +210,10 @@ class Store:
         parts = []
         for path in self.files(table, experiment, trajectory_id):
             try:
-                part = pq.read_table(path, schema=schema)
+                part = pq.read_table(path, schema=schema, filesystem=self.filesystem)
             except (OSError, pa.ArrowException) as exc:
-                raise StoreError(f"{path}: unreadable Parquet file in table {table!r} ({exc}). It was left "
-                                 "in place; move it aside to redo the work it held, or restore it") from exc
+                raise StoreError(f"{self.where(path)}: unreadable Parquet file in table {table!r} ({exc}). It was "
+                                 "left in place; move it aside to redo the work it held, or restore it") from exc
             if trajectory_id is not None:
                 part = part.filter(ds.field("trajectory_id") == trajectory_id)
             parts.append(part)
@@ -180,11 +226,12 @@ class Store:
 
     def dataset(self, table: str) -> ds.Dataset:
         """The whole table as a pyarrow dataset (no per-file checks: see ``read``)."""
-        return ds.dataset(self.table_dir(table), format="parquet", schema=SCHEMAS[table])
+        return ds.dataset(self.table_dir(table), format="parquet", schema=SCHEMAS[table],
+                          filesystem=self.filesystem)
 
     def experiments(self) -> list[str]:
-        base = self.table_dir("trajectories")
-        return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+        """Experiments with a trajectory row (their names, from the trajectories table's files)."""
+        return sorted({posixpath.basename(posixpath.dirname(path)) for path in self.files("trajectories")})
 
     # ---- progress of one trajectory ----
 
@@ -202,19 +249,6 @@ class Store:
 
     def evaluated_checkpoints(self, experiment: str, trajectory_id: str) -> set[int]:
         return set(self.read("evaluations", experiment, trajectory_id).column("n_edits").to_pylist())
-
-
-def atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` into a hidden temporary file beside ``path``, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def edit_row(record: Any) -> dict:

@@ -50,7 +50,8 @@ import yaml
 
 from orchestrator.spec import (ExperimentSpec, MethodVariant, SpecError, read_spec_yaml, resolve_hparams,
                                spec_from_dict)
-from orchestrator.store import Store, atomic_write
+from orchestrator.store import Store
+from workers import storage
 
 TUNE_GROUP = "tune"  # the ``group`` of trial trajectories in the store (kept out of the paper figures)
 TIME_AXIS = "edits"  # what ASHA counts: requests edited when the checkpoint was scored
@@ -560,8 +561,7 @@ def write_best_hparams(path: Path, hparams: dict, about: dict) -> Path:
               ""] + [f"{key}: {json.dumps(value)}" for key, value in about.items()]
     text = "".join(f"# {line}\n" if line else "#\n" for line in header)
     text += yaml.safe_dump(_lists(hparams), sort_keys=False, default_flow_style=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    storage.write_bytes(*storage.resolve(path), text.encode("utf-8"))
     return path
 
 

@@ -2,6 +2,9 @@
 bad specs that fail before any actor starts. One local Ray instance (2 CPUs) serves the module."""
 
 import json
+import re
+import shutil
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -13,6 +16,7 @@ from pandas.testing import assert_frame_equal
 from orchestrator import cli
 from orchestrator import driver as driver_module
 from orchestrator.driver import Driver, on_this_cluster
+from orchestrator.dry_run import plan_table
 from orchestrator.spec import load_spec
 from orchestrator.store import Store
 from workers.actors import saved_log_steps
@@ -177,3 +181,72 @@ def test_gpu_actors_where_the_cluster_has_gpus_cpu_actors_otherwise(data_root):
     on_cpu = on_this_cluster(paper, cluster_gpus=0)
     assert on_cpu.trajectory.num_gpus == 0 and on_cpu.evaluation.num_gpus == 0
     assert (on_cpu.trajectory.num_cpus, on_cpu.eval_actors) == (paper.trajectory.num_cpus, paper.eval_actors)
+
+
+def test_with_stdout_in_a_file_a_run_logs_plain_lines(local_ray, data_root, tmp_path, monkeypatch):
+    # As under `ray job submit` or `eac run ... > log`: neither stream is a terminal.
+    spec = write_spec(tmp_path, methods=["rome"])
+    with open(tmp_path / "out.log", "w") as out, open(tmp_path / "err.log", "w") as err:
+        monkeypatch.setattr(sys, "stdout", out)
+        monkeypatch.setattr(sys, "stderr", err)
+        code = cli.main(["run", str(spec), "--store", str(tmp_path / "store"), "--no-report",
+                         "--progress-every", "2", "--progress-seconds", "3600"])
+        monkeypatch.undo()
+    assert code == 0
+    logged = (tmp_path / "out.log").read_text() + (tmp_path / "err.log").read_text()
+    assert "\r" not in logged and "\x1b" not in logged  # no bar fragments, no cursor movements
+    label = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d tiny-gpt2/rome/counterfact/seed3: "
+    edits = re.findall(label + r"(\d)/4 edits, (.*)$", logged, re.MULTILINE)
+    # The first step (it carries the set-up), every second step after it, and the last.
+    assert [int(done) for done, _ in edits] == [1, 3, 4]
+    assert edits[0][1].startswith("s/edit not yet measured")
+    for _, rate in edits[1:]:
+        assert re.fullmatch(r"[0-9.e+-]+ s/edit, ETA \d+:\d\d:\d\d", rate), rate
+    scored = re.findall(label + r"scored at (\d) edits \((\d+) scores\): (.*)$", logged, re.MULTILINE)
+    assert sorted(int(c) for c, _, _ in scored) == [0, 2, 4]
+    assert all("wikitext perplexity" in shown for _, _, shown in scored)
+    assert "reliability" in dict((c, s) for c, _, s in scored)["4"]
+    assert re.search(label + "completed$", logged, re.MULTILINE)
+
+
+def test_dry_run_lists_the_plan_what_the_store_holds_and_the_cost_and_starts_nothing(
+        uninterrupted, tmp_path, monkeypatch, capsys):
+    directory, _ = uninterrupted
+    store_root = tmp_path / "store"
+    shutil.copytree(directory / "store", store_root)
+    rome = Store(store_root).frame("trajectories").set_index("method").loc["rome", "trajectory_id"]
+    # As if rome's run had stopped after its checkpoint at 2 edits: its later rows are gone.
+    (store_root / "edits" / "mini-demo" / f"{rome}-000002-000003.parquet").unlink()
+    (store_root / "evaluations" / "mini-demo" / f"{rome}-at-000004.parquet").unlink()
+    before = {p: p.stat().st_mtime_ns for p in store_root.rglob("*")}
+    for name in ("init", "remote"):
+        monkeypatch.setattr(driver_module.ray, name, lambda *a, **k: pytest.fail("Ray was used"), raising=False)
+    monkeypatch.setattr(driver_module.TrajectoryActor, "options", lambda **kw: pytest.fail("an actor started"))
+    monkeypatch.setattr(driver_module.EvalActor, "options", lambda **kw: pytest.fail("an actor started"))
+
+    assert cli.main(["run", str(directory / "spec.yaml"), "--store", str(store_root), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "2 trajectories, 1 complete" in out and "1 to run" in out and "nothing was started or written" in out
+    store = Store(store_root)
+    plan = Driver(load_spec(directory / "spec.yaml"), store, progress=False).plan()
+    table = plan_table(store, plan).set_index("method")
+    assert table.loc["rome-eac", "store"] == "complete" and table.loc["rome-eac", "seconds"] == 0
+    assert table.loc["rome", "store"] == "resumes at 2/4"
+    assert (table.loc["rome", "actor"], table.loc["rome", "checkpoints"]) == ("1 CPU, 0 GPU", "0,2,4")
+    # Seconds per step measured in the store for the same model and method: the two steps left.
+    edits = store.frame("edits").merge(store.frame("trajectories")[["trajectory_id", "model", "batch_size"]],
+                                       on="trajectory_id")
+    measured = edits[edits["method"] == "rome"]["seconds_total"]
+    assert table.loc["rome", "measured steps"] == len(measured) == 2
+    assert table.loc["rome", "seconds"] == pytest.approx(2 * measured.mean())
+
+    # Twice the edits: new trajectories, costed from the same measurements; an unknown model is not.
+    spec = write_spec(tmp_path, n_edits=8, checkpoints=[0, 4, 8], models=["tiny-gpt2", "tiny-llama"])
+    assert cli.main(["run", str(spec), "--store", str(store_root), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "4 trajectories, 0 complete" in out and "(2 of 4 trajectories estimated" in out
+    table = plan_table(store, Driver(load_spec(spec), store, progress=False).plan())
+    costed = table.set_index(["model", "method"])["seconds"]
+    assert costed[("tiny-gpt2", "rome")] == pytest.approx(8 * measured.mean())
+    assert costed[["tiny-llama"]].isna().all() and set(table["store"]) == {"to run"}
+    assert {p: p.stat().st_mtime_ns for p in store_root.rglob("*")} == before  # nothing written

@@ -1,6 +1,7 @@
 """The Parquet store: readable by pyarrow and pandas, idempotent, atomic, loud about corrupt files."""
 
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -97,7 +98,7 @@ def test_progress_counts_only_the_contiguous_prefix(store):
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_partial_one(store, monkeypatch):
-    path = store.put_evaluations("exp", "t1", 2, evaluation_rows(0.5))
+    path = Path(store.put_evaluations("exp", "t1", 2, evaluation_rows(0.5)))
 
     def crash(tmp, target):
         raise OSError("disk full")

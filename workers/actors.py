@@ -28,6 +28,7 @@ import torch
 
 from workers.data import EditRequest
 from workers.editing import EditLog, Editor, load_hparams
+from workers.editing.delta import saved_log_metadata
 from workers.models import load_model
 
 
@@ -107,18 +108,10 @@ def log_prefix(log: EditLog, steps: int) -> EditLog:
     return log[: sum(1 for step in delta_steps if step < steps)]
 
 
-def saved_log_steps(path: str | Path) -> int:
-    """How many edit steps the saved log at ``path`` holds (0 when there is none), read from its header."""
-    import json
-
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.exists():
-        return 0
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = json.loads((handle.metadata() or {}).get("metadata", "{}"))
-    return int(metadata.get("steps_done", 0))
+def saved_log_steps(location: str | Path) -> int:
+    """How many edit steps the log saved at ``location`` (a path or store URI) holds; 0 when none."""
+    metadata = saved_log_metadata(location)
+    return int(metadata.get("steps_done", 0)) if metadata else 0
 
 
 class TrajectoryRunner:

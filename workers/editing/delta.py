@@ -135,13 +135,15 @@ class EditLog:
         for delta in self.deltas:
             delta.apply(model)
 
-    # ---- persistence: one safetensors file, tensors named by edit index, metadata as JSON ----
+    # ---- persistence: one safetensors file, tensors named by edit index, metadata as JSON; at a local
+    # path or a store URI (workers.storage) ----
 
-    def save(self, path: str | Path) -> Path:
-        """Write atomically (temporary file, then rename)."""
-        from safetensors.torch import save_file
+    def save(self, location: str | Path) -> str:
+        """Write atomically to a local path or a store URI (``workers.storage.write_bytes``)."""
+        from safetensors.torch import save
 
-        path = Path(path)
+        from workers import storage
+
         tensors: dict[str, torch.Tensor] = {}
         index = []
         for i, delta in enumerate(self.deltas):
@@ -154,31 +156,55 @@ class EditLog:
                 entries.append(layer.module)
             index.append({"modules": entries, "case_ids": delta.case_ids, "method": delta.method})
         header = {"format": "eac-edit-log/1", "edits": json.dumps(index), "metadata": json.dumps(self.metadata)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=header)
-        tmp.replace(path)
-        return path
+        storage.write_bytes(*storage.resolve(location), save(tensors, metadata=header))
+        return str(location)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "EditLog":
-        from safetensors import safe_open
+    def load(cls, location: str | Path, device: str | torch.device = "cpu") -> "EditLog":
+        from safetensors.torch import load
 
-        path = Path(path)
-        with safe_open(str(path), framework="pt", device=str(device)) as handle:
-            header = handle.metadata() or {}
-            if header.get("format") != "eac-edit-log/1":
-                raise ValueError(f"{path}: not an eac edit log (format {header.get('format')!r})")
-            names = set(handle.keys())
-            deltas = []
-            for i, entry in enumerate(json.loads(header["edits"])):
-                layers = []
-                for j, module in enumerate(entry["modules"]):
-                    optional = {part: handle.get_tensor(f"{i}.{j}.{part}") if f"{i}.{j}.{part}" in names else None
-                                for part in ("right", "keys")}
-                    layers.append(LayerDelta(module, handle.get_tensor(f"{i}.{j}.left"), **optional))
-                deltas.append(WeightDelta(layers, entry["case_ids"], entry["method"]))
+        from workers import storage
+
+        data = storage.read_bytes(*storage.resolve(location))
+        header = safetensors_metadata(data, location)
+        if header.get("format") != "eac-edit-log/1":
+            raise ValueError(f"{location}: not an eac edit log (format {header.get('format')!r})")
+        tensors = load(data)
+        deltas = []
+        for i, entry in enumerate(json.loads(header["edits"])):
+            layers = []
+            for j, module in enumerate(entry["modules"]):
+                optional = {part: tensors.get(f"{i}.{j}.{part}") for part in ("right", "keys")}
+                layers.append(LayerDelta(module, tensors[f"{i}.{j}.left"], **optional))
+            deltas.append(WeightDelta(layers, entry["case_ids"], entry["method"]).to(device))
         return cls(deltas, json.loads(header.get("metadata", "{}")))
+
+
+def saved_log_metadata(location: str | Path) -> dict | None:
+    """The ``metadata`` of the edit log saved at ``location`` (None when there is none), from its
+    header alone: two small reads, however many deltas the log holds."""
+    from workers import storage
+
+    filesystem, path = storage.resolve(location)
+    if not storage.exists(filesystem, path):
+        return None
+    size = int.from_bytes(storage.read_bytes(filesystem, path, 8), "little")
+    header = safetensors_metadata(storage.read_bytes(filesystem, path, 8 + size), location)
+    return json.loads(header.get("metadata", "{}"))
+
+
+def safetensors_metadata(data: bytes, location: str | Path) -> dict:
+    """The ``__metadata__`` of a safetensors file from its first bytes: an 8-byte little-endian header
+    length, then the JSON header (the format's specification)."""
+    if len(data) < 8:
+        raise ValueError(f"{location}: not a safetensors file ({len(data)} bytes)")
+    size = int.from_bytes(data[:8], "little")
+    if len(data) < 8 + size:
+        raise ValueError(f"{location}: safetensors header of {size} bytes, but only {len(data) - 8} read")
+    try:
+        return json.loads(data[8:8 + size]).get("__metadata__") or {}
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        raise ValueError(f"{location}: unreadable safetensors header ({exc})") from exc
 
 
 class applied:
