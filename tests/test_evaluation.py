@@ -175,6 +175,23 @@ def test_samples_are_distinct_seeded_and_bounded():
     assert sample_examples(pool, 500, seed=0, task="nli") == pool
 
 
+def test_sample_order_first_takes_the_data_set_in_order(tiny_gpt2):
+    """Issue 17, item 12: ``sample_order: first`` takes the first ``count`` examples (the independent
+    SAMSum reference's sample); a count of the data set's size is all of it (the paper's 818)."""
+    pool = [SummaryExample(f"A: line {i}", f"summary {i}") for i in range(30)]
+    assert sample_examples(pool, 5, seed=3, task="samsum", order="first") == pool[:5]
+    assert sample_examples(pool, 5, seed=3, task="samsum") != pool[:5]
+    _, tokenizer = tiny_gpt2
+    first = TaskSuite.build(tokenizer, tiny_config(tasks={"samsum": 7}, sample_order="first"), {"samsum": pool})
+    assert first.examples["samsum"] == pool[:7]
+    assert TaskSuite.build(tokenizer, tiny_config(tasks={"samsum": 30}), {"samsum": pool}).examples["samsum"] == pool
+    with pytest.raises(ValueError, match="sample_order"):
+        tiny_config(sample_order="random")
+    for name in ("samsum-first200.yaml", "samsum-paper.yaml"):
+        config = EvalConfig.from_yaml(Path(__file__).resolve().parents[1] / "experiments/configs/eval" / name)
+        assert config.sample_order == "first" and config.tasks == {"samsum": 200 if "200" in name else 818}
+
+
 def test_examples_longer_than_the_context_are_replaced_by_ones_that_fit(tiny_gpt2):
     """tiny-gpt2 has 256 positions and a byte tokenizer: long premises must be passed over (they used
     to crash NLI/SST-2 scoring), the sample refilled from the rest, and a suite that fits is unchanged."""
