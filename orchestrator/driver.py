@@ -419,11 +419,7 @@ class EvalPool:
 
     def submit(self, trajectory: Trajectory, checkpoint: int, attempt: int = 0) -> None:
         spec, task = trajectory.spec, trajectory.task
-        requests = list(task.requests[:checkpoint])
-        sample = spec.evaluation.edit_sample
-        if sample is not None and sample < len(requests):
-            chosen = sorted(random.Random(f"{spec.seed}:{checkpoint}").sample(range(len(requests)), sample))
-            requests = [requests[i] for i in chosen]
+        requests = [task.requests[i] for i in spec.evaluated_requests(checkpoint)]
         steps = steps_for(checkpoint, spec.batch_size)
         index = min(range(len(self.actors)), key=self.queued.__getitem__)
         ref = self.actors[index].evaluate.remote(spec.model, spec.dtype, task.log_path if steps else None, steps,

@@ -42,6 +42,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ from workers.data import COUNTERFACT_FILES, TASK_FILES, TEXT_FILES, ZSRE_FILES
 from workers.editing import METHODS, load_hparams
 from workers.evaluation import EvalConfig
 from workers.evaluation.config import GENERAL_TASKS
+from workers.evaluation.prompts import check_statistics_text
 
 # The data file each general-ability task (``workers.evaluation.config.GENERAL_TASKS``) reads; ``nli``
 # reads RTE's train split unless the evaluation sets ``nli_split: dev``.
@@ -183,6 +185,22 @@ class TrajectorySpec:
         """The checkpoints after at least one edit (where an edit log is saved)."""
         return tuple(c for c in self.checkpoints if c > 0)
 
+    def evaluated_requests(self, checkpoint: int) -> list[int]:
+        """Indices (in edit order) of the edited requests whose editing metrics are scored after
+        ``checkpoint`` edits: all of them, or ``evaluation.edit_sample`` of them.
+
+        The sample comes from one seeded order of all ``n_edits`` requests, drawn once per trajectory:
+        at each checkpoint it is the first ``edit_sample`` of that order among the requests edited
+        so far. A request scored at a later checkpoint was scored at every earlier one it had been
+        edited by, so the curve follows the same requests wherever the sample can hold them (a fresh
+        sample per checkpoint would compare different requests from point to point)."""
+        sample = self.evaluation.edit_sample
+        if sample is None or sample >= checkpoint:
+            return list(range(checkpoint))
+        order = list(range(self.n_edits))
+        random.Random(f"{self.seed}:edit-sample").shuffle(order)
+        return sorted([i for i in order if i < checkpoint][:sample])
+
 
 @dataclass(frozen=True)
 class ExperimentSpec:
@@ -278,6 +296,7 @@ def spec_from_dict(raw: Any, *, source: str | Path = "<dict>", base_dir: str | P
     for i, model in enumerate(models):
         for j, variant in enumerate(methods):
             v.hparams_resolve(model, variant, f"models[{i}]", f"methods[{j}]")
+            v.perplexity_text(model, variant, evaluation, data_root)
     if check_data:
         root = settings.data_dir(data_root)
         for i, dataset in enumerate(datasets):
@@ -496,6 +515,15 @@ class _Validator:
             resolve_hparams(model, variant)
         except (TypeError, ValueError) as exc:
             self.fail(variant_field + ".hparams", f"{variant.method} on {model}: {exc}")
+
+    def perplexity_text(self, model: str, variant: MethodVariant, evaluation: EvaluationSpec, data_root) -> None:
+        """Perplexity is not scored on the text the variant's second moments come from (unless allowed)."""
+        config = EvalConfig.from_dict(evaluation.config_fields(), source="evaluation")
+        stats_corpus = getattr(resolve_hparams(model, variant), "stats_corpus", None)
+        try:
+            check_statistics_text(config, stats_corpus, data_root)
+        except ValueError as exc:
+            self.fail("evaluation.perplexity_corpus", f"{variant.name} on {model}: {exc}")
 
     def model_available(self, model: str, field_name: str) -> None:
         from workers.models import TINY_MODELS, WHEEL_MODELS

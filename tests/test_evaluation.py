@@ -4,6 +4,7 @@ caches, configuration, deviation analysis, and evaluate_checkpoint leaving the m
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,12 +13,15 @@ import torch
 from workers.data import EditRequest, MultipleChoiceExample, NLIExample, QAExample, SentimentExample, SummaryExample
 from workers.editing.delta import EditLog, LayerDelta, WeightDelta, applied
 from workers.evaluation import EvalConfig, MetricRow, ReferenceCache, TaskSuite, evaluate_checkpoint, model_key
+from workers.evaluation.checkpoint import retention_rows, suite_digest
 from workers.evaluation.deviation import matrix_deviation, pca_view
 from workers.evaluation.edit_metrics import edit_metric_rows, unedited_locality_argmax
 from workers.evaluation.prompts import perplexity_windows, sample_examples, special_prefix
+from workers.evaluation.reference import EVALUATION_CODE, evaluation_code_version, module_sources, source_digest
 from workers.evaluation.scoring import encode_pair, next_token_logprobs, score_continuations
-from workers.evaluation.tasks import kl_divergence, perplexity
+from workers.evaluation.tasks import general_task_rows, kl_divergence, perplexity
 from workers.evaluation.text_metrics import contains_answer, exact_match, normalize_answer, rouge_f1
+from workers.generation import begins_with, greedy_token_ids
 from workers.models import arch_spec, weights_fingerprint
 
 REQUESTS = [
@@ -140,20 +144,23 @@ def test_squad_normalisation_edge_cases():
     assert not contains_answer("Parisian food", ["Paris"])
 
 
-def test_rouge_equals_rouge_score_package():
-    from rouge_score import rouge_scorer
-
-    predictions = ["the cat sat", "John and Mary are going to the cinema tonight", ""]
-    references = ["the cat sat on the mat", "Mary and John will go to the cinema", "nothing here"]
+def test_rouge_f1_on_hand_computed_cases():
+    """Values worked out by hand from Lin (2004), not read off the package the wrapper calls."""
+    predictions = ["the cat sat", "John and Mary are going to the cinema tonight", "", "cats running"]
+    references = ["the cat sat on the mat", "Mary and John will go to the cinema", "nothing here", "a cat runs"]
     ours = rouge_f1(predictions, references, use_stemmer=True)
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    for mine, prediction, reference in zip(ours, predictions, references):
-        theirs = scorer.score(reference, prediction)
-        assert mine == {name: theirs[name].fmeasure for name in ("rouge1", "rouge2", "rougeL")}
-    # Hand-computed: 3 of 3 predicted unigrams match, 3 of 6 reference ones: F1 = 2·1·0.5/1.5.
-    assert ours[0]["rouge1"] == pytest.approx(2 / 3)
-    assert ours[0]["rouge2"] == pytest.approx(2 * 1 * 0.4 / 1.4)
+    # 3 of 3 predicted unigrams match, 3 of 6 reference ones: F1 = 2·1·0.5/1.5; bigrams 2/2 and 2/5.
+    assert ours[0] == pytest.approx({"rouge1": 2 / 3, "rouge2": 2 * 1 * 0.4 / 1.4, "rougeL": 2 / 3})
+    # Unigrams: john, and, mary, go (going, stemmed), to, the, cinema match: P = 7/9, R = 7/8. Bigrams:
+    # "go to", "to the", "the cinema" (3 of 8 predicted, 3 of 7 reference). LCS: the two orders of
+    # john/and/mary share one word, then "go to the cinema": 5 -> 5/9 and 5/8.
+    assert ours[1]["rouge1"] == pytest.approx(14 / 17)
+    assert ours[1]["rouge2"] == pytest.approx(2 * (3 / 8) * (3 / 7) / (3 / 8 + 3 / 7))
+    assert ours[1]["rougeL"] == pytest.approx(10 / 17)
     assert ours[2] == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    # The Porter stemmer makes cats/cat and running/runs the same word; without it nothing matches.
+    assert ours[3]["rouge1"] == pytest.approx(2 * 1 * (2 / 3) / (1 + 2 / 3))
+    assert rouge_f1(predictions[3:], references[3:], use_stemmer=False)[0]["rouge1"] == 0.0
 
 
 # ---- sampling, windows, configuration -------------------------------------------------------------
@@ -166,6 +173,23 @@ def test_samples_are_distinct_seeded_and_bounded():
     assert len(set(first)) == 30 and first == sorted(first)
     assert first != sample_examples(pool, 30, seed=1, task="nli")
     assert sample_examples(pool, 500, seed=0, task="nli") == pool
+
+
+def test_sample_order_first_takes_the_data_set_in_order(tiny_gpt2):
+    """Issue 17, item 12: ``sample_order: first`` takes the first ``count`` examples (the independent
+    SAMSum reference's sample); a count of the data set's size is all of it (the paper's 818)."""
+    pool = [SummaryExample(f"A: line {i}", f"summary {i}") for i in range(30)]
+    assert sample_examples(pool, 5, seed=3, task="samsum", order="first") == pool[:5]
+    assert sample_examples(pool, 5, seed=3, task="samsum") != pool[:5]
+    _, tokenizer = tiny_gpt2
+    first = TaskSuite.build(tokenizer, tiny_config(tasks={"samsum": 7}, sample_order="first"), {"samsum": pool})
+    assert first.examples["samsum"] == pool[:7]
+    assert TaskSuite.build(tokenizer, tiny_config(tasks={"samsum": 30}), {"samsum": pool}).examples["samsum"] == pool
+    with pytest.raises(ValueError, match="sample_order"):
+        tiny_config(sample_order="random")
+    for name in ("samsum-first200.yaml", "samsum-paper.yaml"):
+        config = EvalConfig.from_yaml(Path(__file__).resolve().parents[1] / "experiments/configs/eval" / name)
+        assert config.sample_order == "first" and config.tasks == {"samsum": 200 if "200" in name else 818}
 
 
 def test_examples_longer_than_the_context_are_replaced_by_ones_that_fit(tiny_gpt2):
@@ -258,26 +282,20 @@ def test_locality_is_exactly_one_unedited_and_drops_after_an_edit(tiny_llama):
     assert {r.metric: r.value for r in edited}["locality"] < 1.0
 
 
-def test_evaluate_checkpoint_is_batch_size_invariant_and_leaves_the_model_bit_identical(tiny_llama):
+def test_evaluate_checkpoint_scores_the_edit_and_leaves_the_model_bit_identical(tiny_llama):
     model, tokenizer = tiny_llama
     log = rank_one_log(model, scale=3.0)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    results = {}
-    for batch_size in (1, 16):
-        config = tiny_config(batch_size=batch_size, pca_examples=4, pca_folds=2, pca_task="sst2")
-        suite = TaskSuite.build(tokenizer, config, TASK_EXAMPLES, wikitext=WIKITEXT,
-                                pca_examples=TASK_EXAMPLES["sst2"] + TASK_EXAMPLES["sst2"])
-        results[batch_size] = evaluate_checkpoint(model, tokenizer, log, REQUESTS, config, tasks=suite)
-        for name, p in model.named_parameters():
-            assert torch.equal(p, before[name]), f"{name} changed"
-    single, batched = results[1], results[16]
-    assert [(r.task, r.metric, r.n_examples) for r in single] == [(r.task, r.metric, r.n_examples) for r in batched]
-    for a, b in zip(single, batched):
-        assert a.value == pytest.approx(b.value, rel=1e-4, abs=1e-6, nan_ok=True), (a, b)
-    tasks = {r.task for r in batched}
+    config = tiny_config(pca_examples=4, pca_folds=2, pca_task="sst2")
+    suite = TaskSuite.build(tokenizer, config, TASK_EXAMPLES, wikitext=WIKITEXT,
+                            pca_examples=TASK_EXAMPLES["sst2"] + TASK_EXAMPLES["sst2"])
+    rows = evaluate_checkpoint(model, tokenizer, log, REQUESTS, config, tasks=suite)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), f"{name} changed"
+    tasks = {r.task for r in rows}
     assert {"edit/toolkit", "edit/counterfact", "edit/generative", "nli", "sst2", "nq", "samsum", "mmlu",
             "wikitext", "drift", "deviation/pca"} <= tasks
-    values = {(r.task, r.metric): r.value for r in batched}
+    values = {(r.task, r.metric): r.value for r in rows}
     assert values[("drift", "kl_mean")] > 0  # the edit changed the next-token distributions
     module = arch_spec(model).mlp_out_name(1)
     weight = before[f"{module}.weight"]
@@ -286,6 +304,51 @@ def test_evaluate_checkpoint_is_batch_size_invariant_and_leaves_the_model_bit_id
         (update.norm() / weight.norm()).item(), rel=1e-5)
     assert values[(f"deviation/{module}", "l1_relative_change")] == pytest.approx(
         ((weight + update).abs().sum() / weight.abs().sum() - 1).item(), rel=1e-4)
+    # The general-task rows are the edited model's (computed here independently), not the reference's.
+    with applied(model, log):
+        direct = {(r.task, r.metric): r.value for r in general_task_rows(model, tokenizer, suite, config)}
+    assert values[("wikitext", "perplexity")] == pytest.approx(direct[("wikitext", "perplexity")], rel=1e-6)
+
+
+GENERATION_PROMPTS = ["Hi", "The capital of France is", "x y", "Danielle Darrieux speaks the language of",
+                      "A much longer prompt about the history of the Roman empire and of its fall, which", "Apple"]
+
+
+def greedy_without_padding(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
+    """Greedy decoding by hand: one unpadded sequence, a full forward pass per token, no cache."""
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            token = model(input_ids=ids).logits[0, -1].argmax().item()
+        out.append(token)
+        if token == tokenizer.eos_token_id:
+            break
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_batched_generation_gives_the_token_ids_of_one_prompt_at_a_time(fixture, request):
+    """Left padding, the attention mask and the position ids must leave every row's tokens as they are
+    alone. Checked to fail on these models with an all-ones attention mask (padding attended) and with
+    right padding, and on GPT-2 (absolute positions) with position ids counted from the padding; on
+    LLaMA such a uniform offset cancels in the rotary attention and changes nothing."""
+    model, tokenizer = request.getfixturevalue(fixture)
+    batched = greedy_token_ids(model, tokenizer, GENERATION_PROMPTS, max_new_tokens=8,
+                               batch_size=len(GENERATION_PROMPTS))
+    single = [greedy_token_ids(model, tokenizer, [p], max_new_tokens=8, batch_size=1)[0] for p in GENERATION_PROMPTS]
+    assert batched == single
+    assert single == [greedy_without_padding(model, tokenizer, p, 8) for p in GENERATION_PROMPTS]
+    assert len({tuple(ids) for ids in batched}) > 1  # the prompts lead to different tokens
+
+
+def test_begins_with_needs_a_word_boundary():
+    assert begins_with(" Paris is lovely", "Paris") and begins_with("Paris.", "Paris") and begins_with("Paris", "Paris")
+    assert not begins_with(" Parisian food", "Paris")
+    assert not begins_with("Englishman", "English") and begins_with("English-speaking", "English")
+    assert begins_with(" 3.5 m", "3.5") and not begins_with("35", "3")
+    assert begins_with("U.S.A", "U.S.")  # a target ending in punctuation ends a word by itself
 
 
 def test_evaluate_checkpoint_restores_weights_when_evaluation_fails(tiny_gpt2):
@@ -298,20 +361,79 @@ def test_evaluate_checkpoint_restores_weights_when_evaluation_fails(tiny_gpt2):
     assert weights_fingerprint(model) == fingerprint
 
 
-def test_empty_log_gives_reference_scores_and_full_retention(tiny_gpt2, tmp_path):
+def test_retention_formula_chance_levels_and_dropped_metrics():
+    unedited = [MetricRow("nq", "exact_match", 0.4, 10), MetricRow("wikitext", "perplexity", 10.0, 5),
+                MetricRow("nli", "label_ll_accuracy", 0.7, 10), MetricRow("sst2", "label_ll_accuracy", 0.5, 10),
+                MetricRow("mmlu", "accuracy_letter", 0.45, 10), MetricRow("samsum", "rouge1", 0.0, 10),
+                MetricRow("nli", "valid_rate", 0.8, 10)]
+    edited = [MetricRow("nq", "exact_match", 0.1, 10), MetricRow("wikitext", "perplexity", 40.0, 5),
+              MetricRow("nli", "label_ll_accuracy", 0.6, 10), MetricRow("sst2", "label_ll_accuracy", 0.55, 10),
+              MetricRow("mmlu", "accuracy_letter", 0.25, 10), MetricRow("samsum", "rouge1", 0.1, 10),
+              MetricRow("nli", "valid_rate", 0.4, 10), MetricRow("edit/toolkit", "reliability", 1.0, 3)]
+    rows = {(r.task, r.metric): r.value for r in retention_rows(edited, unedited)}
+    assert rows[("nq", "retention/exact_match")] == pytest.approx(0.25)  # edited / unedited, not the inverse
+    assert rows[("wikitext", "retention/perplexity")] == pytest.approx(0.25)  # 4x the perplexity
+    assert rows[("nli", "retention/label_ll_accuracy")] == pytest.approx(0.5)  # (0.6 - 0.5) / (0.7 - 0.5)
+    assert rows[("mmlu", "retention/accuracy_letter")] == pytest.approx(0.0)  # back at chance (0.25)
+    assert rows[("nli", "retention/valid_rate")] == pytest.approx(0.5)  # no chance level: a plain ratio
+    # Unedited at chance (SST-2) or at 0 (ROUGE): no retention, listed with its margin.
+    assert ("sst2", "retention/label_ll_accuracy") not in rows and ("samsum", "retention/rouge1") not in rows
+    assert rows[("sst2", "retention_dropped/label_ll_accuracy")] == 0.0
+    assert rows[("samsum", "retention_dropped/rouge1")] == 0.0
+    assert not any(task.startswith("edit/") for task, _ in rows)
+
+
+def test_perplexity_retention_is_unedited_over_edited_perplexity(tiny_gpt2):
     model, tokenizer = tiny_gpt2
-    config = tiny_config(edit_metrics=("toolkit", "counterfact"))
-    suite = TaskSuite.build(tokenizer, config, TASK_EXAMPLES, wikitext=WIKITEXT)
-    rows = evaluate_checkpoint(model, tokenizer, EditLog(), REQUESTS, config, tasks=suite,
-                               reference=ReferenceCache(tmp_path))
-    values = {(r.task, r.metric): r.value for r in rows}
-    assert values[("edit/toolkit", "locality")] == 1.0
-    assert values[("drift", "kl_mean")] == pytest.approx(0.0, abs=1e-6)
-    assert all(r.value == pytest.approx(1.0) for r in rows if r.metric.startswith("retention/"))
-    assert any(r.metric == "retention/perplexity" for r in rows)
-    assert not any(r.task.startswith("deviation/") for r in rows)  # nothing edited
-    # The reference was written to the directory: a fresh cache reuses it.
-    assert list(tmp_path.glob("*/task_rows.pt")) and list(tmp_path.glob("*/locality_argmax.pt"))
+    config = tiny_config(tasks={"wikitext": 3}, edit_metrics=(), drift_examples=0)
+    suite = TaskSuite.build(tokenizer, config, {}, wikitext=WIKITEXT)
+    log = rank_one_log(model, scale=30.0)
+    base, _ = perplexity(model, tokenizer, suite.perplexity_windows)
+    with applied(model, log):
+        edited, _ = perplexity(model, tokenizer, suite.perplexity_windows)
+    assert abs(edited / base - 1) > 0.01  # the edit moves perplexity, so the inverse ratio would differ
+    rows = {(r.task, r.metric): r.value for r in evaluate_checkpoint(model, tokenizer, log, [], config, tasks=suite)}
+    assert rows[("wikitext", "perplexity")] == pytest.approx(edited, rel=1e-6)
+    assert rows[("wikitext", "retention/perplexity")] == pytest.approx(base / edited, rel=1e-6)
+
+
+def test_reference_predictions_of_another_code_version_are_not_reused(tiny_gpt2, tmp_path):
+    """Issue 17, item 10: a task score cached by other evaluation code (here planted under the version
+    "old") must not become the baseline of the current code's retention."""
+    model, tokenizer = tiny_gpt2
+    config = tiny_config(tasks={"wikitext": 3}, edit_metrics=(), drift_examples=0)
+    suite = TaskSuite.build(tokenizer, config, {}, wikitext=WIKITEXT)
+    key = model_key(model, tokenizer)
+    stale = ReferenceCache(tmp_path, code_version="old")
+    stale.store(key, "task_rows", {suite_digest(suite, config): [["wikitext", "perplexity", 1.0, 3]]})
+
+    def perplexity_of(reference):
+        rows = evaluate_checkpoint(model, tokenizer, None, [], config, tasks=suite, reference=reference, base_key=key)
+        return {(r.task, r.metric): r.value for r in rows}[("wikitext", "perplexity")]
+
+    assert perplexity_of(ReferenceCache(tmp_path, code_version="old")) == 1.0  # the planted value is read back
+    current = ReferenceCache(tmp_path)
+    assert current.code_version == evaluation_code_version() != "old"
+    assert perplexity_of(current) == pytest.approx(perplexity(model, tokenizer, suite.perplexity_windows)[0])
+
+
+def test_evaluation_code_version_covers_the_evaluation_sources(tmp_path):
+    files = module_sources(EVALUATION_CODE)
+    names = {(f.parent.name, f.name) for f in files}
+    assert {("evaluation", "text_metrics.py"), ("evaluation", "tasks.py"), ("evaluation", "scoring.py"),
+            ("workers", "generation.py"), ("workers", "data.py"), ("workers", "batching.py")} <= names
+    package = Path(evaluate_checkpoint.__code__.co_filename).parent  # workers/evaluation/
+    assert {p.name for p in package.glob("*.py")} <= {f.name for f in files if f.parent == package}
+    # A one-character change in any of them (a copy here) changes the version.
+    copies = []
+    for f in files:
+        copy = tmp_path / f.parent.name / f.name
+        copy.parent.mkdir(exist_ok=True)
+        copy.write_bytes(f.read_bytes())
+        copies.append(copy)
+    assert source_digest(copies) == evaluation_code_version()
+    copies[0].write_bytes(copies[0].read_bytes() + b"#")
+    assert source_digest(copies) != evaluation_code_version()
 
 
 # ---- perplexity --------------------------------------------------------------------------------------

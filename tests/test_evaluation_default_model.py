@@ -4,17 +4,20 @@ shared model bit-identical."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from workers import data
 from workers.data import EditRequest, QAExample, SummaryExample
-from workers.editing.delta import EditLog, LayerDelta, WeightDelta
+from workers.editing.delta import EditLog, LayerDelta, WeightDelta, applied
 from workers.evaluation import EvalConfig, ReferenceCache, TaskSuite, evaluate_checkpoint, model_key
 from workers.evaluation.edit_metrics import edit_metric_rows, unedited_locality_argmax
 from workers.evaluation.prompts import PromptFormat
 from workers.evaluation.scoring import encode_pair
 from workers.evaluation.tasks import general_task_rows
+from workers.generation import greedy_token_ids
 from workers.hooks import patch_output
 from workers.models import arch_spec, weights_fingerprint
 
@@ -143,11 +146,24 @@ def test_checkpoint_on_the_default_model_small_sample(default_model, data_root):
     edited = values_of(evaluate_checkpoint(model, tokenizer, log, requests, config, tasks=suite,
                                            reference=reference, base_key=base_key))
     assert weights_fingerprint(model) == fingerprint
-    assert unedited[("edit/toolkit", "locality")] == 1.0
-    assert 5 < unedited[("wikitext", "perplexity")] < 200
-    assert unedited[("wikitext", "retention/perplexity")] == 1.0
+    # Perplexity from the model's own loss over the same window, unedited and edited: the rows must be
+    # these, and the retention their ratio the right way up (unedited / edited).
+    window = suite.perplexity_windows[0]
+    labels = torch.tensor([window.ids])
+    labels[0, :len(window.prompt_ids)] = -100
+
+    def own_perplexity() -> float:
+        with torch.no_grad():
+            return math.exp(model(input_ids=torch.tensor([window.ids]), labels=labels).loss.item())
+
+    base = own_perplexity()
+    with applied(model, log):
+        moved = own_perplexity()
+    assert abs(moved / base - 1) > 1e-3
+    assert unedited[("wikitext", "perplexity")] == pytest.approx(base, rel=1e-4)
+    assert edited[("wikitext", "perplexity")] == pytest.approx(moved, rel=1e-4)
+    assert edited[("wikitext", "retention/perplexity")] == pytest.approx(base / moved, rel=1e-4)
     assert edited[("drift", "kl_mean")] > 0
-    assert edited[("wikitext", "perplexity")] != unedited[("wikitext", "perplexity")]
     assert edited[(f"deviation/{layer}", "update_frobenius_relative")] > 0
     for (task, metric), value in edited.items():
         if metric in ("accuracy_all", "valid_rate", "label_ll_accuracy", "exact_match", "rouge_mean") or \
@@ -166,3 +182,25 @@ def test_chat_format_wraps_prompts_in_the_template(default_model, tiny_llama, da
     assert 0 <= rows[("nli", "valid_rate")] <= 1 and 0 <= rows[("nli", "label_ll_accuracy")] <= 1
     with pytest.raises(ValueError, match="no chat template"):
         PromptFormat("chat").render(tiny_llama[1], "hi")
+
+
+def test_samsum_first_dialogues_in_order(default_model, data_root):
+    """Issue 17, item 12: the unedited 0.090 (a seeded sample of 100) and the independent 0.117 (the
+    first 200 in order) are different samples. benchmarks/samsum_reference.py -n 200 --order first
+    reproduces 0.117 with this code (0.1172; 404 s for the 200 generations on a loaded 2-CPU machine,
+    one thread), too slow here; the first 20, through the same path, gave 0.1072 (94 s loaded)."""
+    model, tokenizer = default_model
+    config = EvalConfig.from_yaml("experiments/configs/eval/samsum-first200.yaml")
+    config = EvalConfig.from_dict({**vars(config), "tasks": {"samsum": 20}, "progress": False})
+    suite = TaskSuite.load(tokenizer, config, data_root)
+    assert suite.examples["samsum"] == data.load_samsum(data_root)[:20]
+    rows = values_of(general_task_rows(model, tokenizer, suite, config))
+    assert rows[("samsum", "rouge_mean")] == pytest.approx(0.1072, abs=0.002)
+
+
+def test_batched_generation_on_the_default_model_matches_one_prompt_at_a_time(default_model):
+    model, tokenizer = default_model
+    prompts = ["Hi", "The capital of France is", "Danielle Darrieux's mother tongue is",
+               "Summarise: the meeting moved to Monday because the room was booked on Friday.\nTL;DR:"]
+    batched = greedy_token_ids(model, tokenizer, prompts, max_new_tokens=6, batch_size=len(prompts))
+    assert batched == [greedy_token_ids(model, tokenizer, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]

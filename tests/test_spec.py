@@ -159,3 +159,42 @@ def test_new_shipped_defaults_make_new_trajectories(tmp_path, data_root, monkeyp
     monkeypatch.setattr(spec_module, "load_hparams", retuned)
     after = [t.trajectory_id for t in load_spec(write(tmp_path, good_spec())).trajectories()]
     assert after[2:] == before[2:] and set(after[:2]).isdisjoint(before[:2])
+
+
+def test_perplexity_on_the_statistics_text_is_refused_unless_allowed(data_root):
+    """Issue 17, item 9: second moments default to wikitext-valid, perplexity is scored on wikitext-test;
+    an evaluation scoring perplexity on the statistics' own text (by name or by path) is refused."""
+    evaluation = {"tasks": {"nli": 4, "wikitext": 2}}
+    spec = spec_from_dict(good_spec(evaluation=evaluation), data_root=data_root)  # the defaults are disjoint
+    assert resolve_hparams("tiny-gpt2", spec.methods[0]).stats_corpus == "wikitext-valid"
+    same_by_path = str(data_root / "text" / "wikitext-2-raw-test.txt")
+    for corpus in ("wikitext-test", same_by_path):
+        with pytest.raises(SpecError, match=r"evaluation\.perplexity_corpus.*rome on tiny-gpt2.*allow_statistics_text"):
+            spec_from_dict(good_spec(evaluation=evaluation, hparams={"rome": {"stats_corpus": corpus}}),
+                           data_root=data_root)
+    with pytest.raises(SpecError, match="perplexity_corpus"):
+        spec_from_dict(good_spec(evaluation={**evaluation, "perplexity_corpus": "wikitext-valid"}), data_root=data_root)
+    allowed = {**evaluation, "perplexity_corpus": "wikitext-valid", "allow_statistics_text": True}
+    assert spec_from_dict(good_spec(evaluation=allowed), data_root=data_root).trajectories()
+    # Without perplexity in the evaluation nothing is compared.
+    assert spec_from_dict(good_spec(hparams={"rome": {"stats_corpus": "wikitext-test"}}), data_root=data_root)
+
+
+def test_edit_sample_follows_one_order_across_checkpoints(data_root):
+    """Issue 17, item 11: the requests scored at each checkpoint come from one seeded order of the
+    trajectory's requests: a request scored later was scored at every earlier checkpoint after its
+    edit (a fresh sample per checkpoint, the old behaviour, breaks this within a few checkpoints)."""
+    spec = spec_from_dict(good_spec(n_edits=60, batch_size=1, checkpoints={"every": 5},
+                                    evaluation={"tasks": {"nli": 4}, "edit_sample": 8}), data_root=data_root)
+    trajectory = spec.trajectories()[0]
+    samples = {c: trajectory.evaluated_requests(c) for c in trajectory.edit_checkpoints()}
+    assert samples[5] == [0, 1, 2, 3, 4]  # fewer edited than the sample: all of them
+    for checkpoint, sample in samples.items():
+        assert len(sample) == min(8, checkpoint) and sample == sorted(set(sample)) and sample[-1] < checkpoint
+    for early in samples:
+        for late in samples:
+            if early < late:
+                assert {i for i in samples[late] if i < early} <= set(samples[early]), (early, late)
+    assert trajectory.evaluated_requests(60) == spec.trajectories()[0].evaluated_requests(60)  # seeded
+    other_seed = [t for t in spec.trajectories() if t.seed == 1][0]
+    assert other_seed.evaluated_requests(60) != trajectory.evaluated_requests(60)

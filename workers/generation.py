@@ -27,23 +27,24 @@ def model_device(model) -> torch.device:
 
 
 @torch.no_grad()
-def greedy_continuations(model, tokenizer, prompts: list[str], max_new_tokens: int = 8,
-                         batch_size: int = 16, *, add_special_tokens: bool = True,
-                         sort_by_length: bool = False, progress: bool = False) -> list[str]:
-    """Greedy continuation of each prompt (decoded text without the prompt or special tokens).
+def greedy_token_ids(model, tokenizer, prompts: list[str], max_new_tokens: int = 8, batch_size: int = 16, *,
+                     add_special_tokens: bool = True, sort_by_length: bool = False,
+                     progress: bool = False) -> list[list[int]]:
+    """The greedily generated token ids after each prompt, up to and including the first EOS (the
+    padding ``generate`` puts after a finished row is dropped), in the order of ``prompts``.
 
     ``add_special_tokens=False`` for prompts that already carry them (a rendered chat template).
-    ``sort_by_length`` batches prompts of similar length together (less padding, same outputs, in
-    the order of ``prompts``).
+    ``sort_by_length`` batches prompts of similar length together (less padding, same outputs).
     """
     from tqdm.auto import tqdm
 
-    outputs: list[str | None] = [None] * len(prompts)
+    outputs: list[list[int] | None] = [None] * len(prompts)
     device = model_device(model)
     order = list(range(len(prompts)))
     if sort_by_length:
         lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]]
         order.sort(key=lambda i: -lengths[i])
+    eos = tokenizer.eos_token_id
     for start in tqdm(range(0, len(prompts), batch_size), desc="generating", leave=False,
                       disable=None if progress else True):
         indices = order[start:start + batch_size]
@@ -54,12 +55,26 @@ def greedy_continuations(model, tokenizer, prompts: list[str], max_new_tokens: i
         generated = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                    pad_token_id=tokenizer.pad_token_id, num_beams=1,
                                    temperature=None, top_p=None, top_k=None)
-        new_tokens = generated[:, enc["input_ids"].shape[1]:]
-        for index, text in zip(indices, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-            outputs[index] = text
+        for index, row in zip(indices, generated[:, enc["input_ids"].shape[1]:].tolist()):
+            outputs[index] = row[:row.index(eos) + 1] if eos is not None and eos in row else row
     return outputs  # type: ignore[return-value]
 
 
+def greedy_continuations(model, tokenizer, prompts: list[str], max_new_tokens: int = 8,
+                         batch_size: int = 16, *, add_special_tokens: bool = True,
+                         sort_by_length: bool = False, progress: bool = False) -> list[str]:
+    """Greedy continuation of each prompt (``greedy_token_ids`` decoded, without special tokens)."""
+    ids = greedy_token_ids(model, tokenizer, prompts, max_new_tokens, batch_size, add_special_tokens=add_special_tokens,
+                           sort_by_length=sort_by_length, progress=progress)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
 def begins_with(generated: str, target: str) -> bool:
-    """Whether a generated continuation begins with the target (leading whitespace ignored)."""
-    return generated.lstrip().startswith(target.strip())
+    """Whether a generated continuation begins with the target as whole words (leading whitespace
+    ignored): "Paris is" and "Paris." begin with "Paris", "Parisian" does not — a target ending in a
+    letter or digit must not run on into one."""
+    text, target = generated.lstrip(), target.strip()
+    if not text.startswith(target):
+        return False
+    rest = text[len(target):]
+    return not (target and rest and target[-1].isalnum() and rest[0].isalnum())

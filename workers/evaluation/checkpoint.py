@@ -24,7 +24,9 @@ Rows returned (``MetricRow(task, metric, value, n_examples)``):
 - ``edit/toolkit`` reliability / generalisation / locality, ``edit/counterfact`` efficacy /
   paraphrase / neighbourhood, ``edit/generative`` reliability / generalisation (``edit_metrics``);
 - per general task its scores (see ``tasks``), and ``retention/<metric>`` = edited / unedited
-  (for perplexity unedited / edited, so that 1 means preserved and less means worse in every case);
+  (for perplexity unedited / edited, so that 1 means preserved and less means worse in every case;
+  for metrics with a chance level c, (edited − c) / (unedited − c)), and ``retention_dropped/<metric>``
+  for metrics whose unedited value is not above chance (no retention can be computed);
 - ``<task> drift_kl`` and ``drift kl_mean``: next-token KL(edited ‖ unedited) over task prompts;
 - ``deviation/<module>`` norms and condition numbers of each edited matrix against the original;
 - ``deviation/pca`` separability when ``pca_examples`` > 0.
@@ -53,6 +55,13 @@ from workers.evaluation.tasks import drift_prompts, drift_rows, general_task_row
 
 # Metrics where lower is better: retention is unedited / edited for these.
 LOWER_IS_BETTER = {"perplexity"}
+# Scores a model reaches by guessing: a two-way label (NLI, SST-2) half the time, an MMLU answer a
+# quarter of the time. Retention is measured on the margin above these (see ``retention_rows``).
+# ``valid_rate`` and ``accuracy_all`` have no such level (they depend on how often the model answers
+# with a label word at all), nor have exact match, ROUGE and perplexity.
+CHANCE_LEVELS = {("nli", "accuracy_valid"): 0.5, ("nli", "label_ll_accuracy"): 0.5,
+                 ("sst2", "accuracy_valid"): 0.5, ("sst2", "label_ll_accuracy"): 0.5,
+                 ("mmlu", "accuracy_letter"): 0.25, ("mmlu", "accuracy_cloze"): 0.25}
 
 
 def suite_digest(suite: TaskSuite, config: EvalConfig) -> str:
@@ -82,17 +91,27 @@ def _cached_per_prompt(model, tokenizer, prompts: list[str], reference: Referenc
 
 
 def retention_rows(edited: Sequence[MetricRow], unedited: Sequence[MetricRow]) -> list[MetricRow]:
-    """edited / unedited per general-task metric (inverted where lower is better)."""
+    """``retention/<metric>`` per general-task metric: edited / unedited (unedited / edited where lower is
+    better), and for a metric with a known chance level c (``CHANCE_LEVELS``) the share of the
+    unedited model's margin above chance that is kept, (edited − c) / (unedited − c): a binary
+    accuracy that falls from 0.55 to 0.50 has lost all of its signal, not 9% of it, and 0 means
+    chance, whatever c is. A metric whose unedited margin (above chance, or the value itself) is 0
+    or less has no retention; it is listed as ``retention_dropped/<metric>`` with that margin."""
     base = {(r.task, r.metric): r.value for r in unedited}
     rows = []
     for row in edited:
         before = base.get((row.task, row.metric))
         if row.task not in GENERAL_TASKS or before is None or math.isnan(before) or math.isnan(row.value):
             continue
-        ratio = (before, row.value) if row.metric in LOWER_IS_BETTER else (row.value, before)
-        if ratio[1] == 0:
+        chance = CHANCE_LEVELS.get((row.task, row.metric), 0.0)
+        if row.metric in LOWER_IS_BETTER:
+            numerator, denominator = before, row.value
+        else:
+            numerator, denominator = row.value - chance, before - chance
+        if denominator <= 0:
+            rows.append(MetricRow(row.task, f"retention_dropped/{row.metric}", denominator, row.n_examples))
             continue
-        rows.append(MetricRow(row.task, f"retention/{row.metric}", ratio[0] / ratio[1], row.n_examples))
+        rows.append(MetricRow(row.task, f"retention/{row.metric}", numerator / denominator, row.n_examples))
     return rows
 
 

@@ -13,6 +13,7 @@ from typing import Any
 GENERAL_TASKS = ("nli", "sst2", "nq", "samsum", "mmlu", "wikitext")
 EDIT_METRIC_FAMILIES = ("toolkit", "counterfact", "generative")
 PROMPT_FORMATS = ("raw", "chat")
+SAMPLE_ORDERS = ("seeded", "first")
 # Tasks whose prompts end where the model answers: drift (next-token KL) is measured on these.
 PROMPT_TASKS = ("nli", "sst2", "nq", "samsum", "mmlu")
 
@@ -62,6 +63,15 @@ class EvalConfig:
       tokenizer's chat template as one user turn, answer read from the assistant turn).
     - ``generative_max_new_tokens``: tokens decoded for the generative check; None = the target's
       token count + 2.
+    - ``perplexity_corpus``: the text perplexity is scored on (a name in ``workers.data.TEXT_FILES`` or a
+      path). It must not be the text the editor's second moments were estimated on (``stats_corpus``,
+      wikitext-valid by default): perplexity on the statistics' own text flatters retention, most for
+      AlphaEdit, whose null space is estimated on it. ``allow_statistics_text: true`` lets an
+      experiment do so anyway (``check_statistics_text`` refuses it otherwise).
+    - ``sample_order``: ``seeded`` draws each task's examples with ``seed`` (in data-set order);
+      ``first`` takes the first ``count`` examples of the data set (how the independent SAMSum
+      reference of 0.117 was measured); a count at least the data set's size takes all of it (the
+      paper's full SAMSum test set: ``samsum: 818``).
     - ``perplexity_window`` / ``perplexity_stride``: WikiText windows of ``window`` tokens taken every
       ``stride`` tokens; each window scores only its last ``stride`` tokens (the rest is context).
       ``stride == window``: disjoint chunks (without a BOS token, a chunk's first token is context).
@@ -81,6 +91,9 @@ class EvalConfig:
     generative_max_new_tokens: int | None = None
     nli_split: str = "train"
     rouge_use_stemmer: bool = True
+    sample_order: str = "seeded"
+    perplexity_corpus: str = "wikitext-test"
+    allow_statistics_text: bool = False
     perplexity_window: int = 512
     perplexity_stride: int = 512
     drift_examples: int = 50
@@ -118,6 +131,10 @@ class EvalConfig:
         if not 1 <= self.perplexity_stride <= self.perplexity_window:
             fail("perplexity_stride", f"expected 1 <= stride <= window ({self.perplexity_window}), "
                                       f"got {self.perplexity_stride}")
+        if self.sample_order not in SAMPLE_ORDERS:
+            fail("sample_order", f"expected one of {list(SAMPLE_ORDERS)}, got {self.sample_order!r}")
+        if not isinstance(self.perplexity_corpus, str) or not self.perplexity_corpus:
+            fail("perplexity_corpus", f"expected a corpus name or a text file path, got {self.perplexity_corpus!r}")
         if self.nli_split not in ("train", "dev"):
             fail("nli_split", f"expected 'train' or 'dev', got {self.nli_split!r}")
         if self.pca_task not in PROMPT_TASKS:
@@ -135,7 +152,7 @@ class EvalConfig:
         scores; batch size, progress and the editing-metric fields do not."""
         fields = dataclasses.asdict(self)
         for ignored in ("batch_size", "progress", "edit_metrics", "generative_max_new_tokens",
-                        "deviation_norms", "pca_folds"):
+                        "deviation_norms", "pca_folds", "allow_statistics_text"):
             fields.pop(ignored)
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -18,6 +18,7 @@ from typing import Sequence
 from workers import data
 from workers.evaluation.config import EvalConfig
 from workers.evaluation.scoring import EncodedPair
+from workers.stats import load_corpus
 
 logger = logging.getLogger(__name__)
 
@@ -65,32 +66,38 @@ class PromptFormat:
         return " " if self.style == "raw" else ""
 
 
-def _sample_indices(size: int, count: int, seed: int, task: str) -> list[int]:
-    """``min(count, size)`` distinct indices drawn with a generator seeded by ``(seed, task)``, sorted."""
+def _sample_indices(size: int, count: int, seed: int, task: str, order: str = "seeded") -> list[int]:
+    """``min(count, size)`` distinct indices, sorted: drawn with a generator seeded by ``(seed, task)``
+    (``order="seeded"``), or the first ones (``order="first"``)."""
+    if order == "first":
+        return list(range(min(count, size)))
     return sorted(random.Random(f"{seed}:{task}").sample(range(size), min(count, size)))
 
 
-def sample_examples(examples: Sequence, count: int, seed: int, task: str) -> list:
+def sample_examples(examples: Sequence, count: int, seed: int, task: str, order: str = "seeded") -> list:
     """``count`` distinct examples (all of them if there are fewer), drawn with a generator seeded by
-    ``(seed, task)``, in data-set order."""
-    return [examples[i] for i in _sample_indices(len(examples), count, seed, task)]
+    ``(seed, task)`` — or the first ``count`` with ``order="first"`` — in data-set order."""
+    return [examples[i] for i in _sample_indices(len(examples), count, seed, task, order)]
 
 
-def sample_fitting(examples: Sequence, count: int, seed: int, task: str, fits) -> tuple[list, int]:
+def sample_fitting(examples: Sequence, count: int, seed: int, task: str, fits,
+                   order: str = "seeded") -> tuple[list, int]:
     """Like ``sample_examples``, but only examples for which ``fits(example)`` holds (their prompt and
     answer fit the model's context). Returns the sample and how many drawn examples were passed over.
 
-    The usual seeded sample is drawn first, so a model whose context holds every prompt sees exactly
-    the examples ``sample_examples`` gives; examples that do not fit are replaced by further examples
-    from a seeded order of the rest of the pool, until ``count`` fit or the pool is exhausted.
+    The usual sample is drawn first, so a model whose context holds every prompt sees exactly the
+    examples ``sample_examples`` gives; examples that do not fit are replaced by further examples
+    from the rest of the pool (in a seeded order, or in data-set order with ``order="first"``),
+    until ``count`` fit or the pool is exhausted.
     """
-    first = _sample_indices(len(examples), count, seed, task)
+    first = _sample_indices(len(examples), count, seed, task, order)
     kept = [i for i in first if fits(examples[i])]
     passed_over = len(first) - len(kept)
     if len(kept) < len(first):
         drawn = set(first)
         rest = [i for i in range(len(examples)) if i not in drawn]
-        random.Random(f"{seed}:{task}:refill").shuffle(rest)
+        if order != "first":
+            random.Random(f"{seed}:{task}:refill").shuffle(rest)
         for index in rest:
             if len(kept) >= count:
                 break
@@ -219,9 +226,9 @@ class TaskSuite:
             if task not in PROMPT_BUILDERS:
                 raise ValueError(f"no prompt for task {task!r}; known: {sorted(PROMPT_BUILDERS)}")
             if context_length is None:
-                return sample_examples(pool, count, config.seed, sample_key)
+                return sample_examples(pool, count, config.seed, sample_key, config.sample_order)
             fits = context_fit(tokenizer, fmt, task, config, context_length)
-            chosen, passed_over = sample_fitting(pool, count, config.seed, sample_key, fits)
+            chosen, passed_over = sample_fitting(pool, count, config.seed, sample_key, fits, config.sample_order)
             if count and pool and not chosen:
                 raise ValueError(f"task {task!r}: none of its {len(pool)} examples fits the model's context of "
                                  f"{context_length} tokens (prompt plus answer); lower the task's count to 0")
@@ -258,9 +265,31 @@ class TaskSuite:
                    "sst2": lambda: data.load_sst2(data_root), "nq": lambda: data.load_nq(data_root),
                    "samsum": lambda: data.load_samsum(data_root), "mmlu": lambda: data.load_mmlu(data_root)}
         pools = {task: load() for task, load in loaders.items() if config.count(task)}
-        wikitext = data.load_text("wikitext-test", data_root) if config.count("wikitext") else None
+        wikitext = load_corpus(config.perplexity_corpus, data_root) if config.count("wikitext") else None
         pca_pool = None
         if config.pca_examples:
             pca_pool = pools.get(config.pca_task) or loaders[config.pca_task]()
         return cls.build(tokenizer, config, pools, wikitext=wikitext, pca_examples=pca_pool,
                          context_length=context_length)
+
+
+def check_statistics_text(config: EvalConfig, stats_corpus: str | None, data_root: str | Path | None = None) -> None:
+    """Refuse to score perplexity on the text an editor's second moments were estimated on
+    (``stats_corpus``; None for editors without statistics), unless ``config.allow_statistics_text``.
+
+    The texts are compared by name and, where both can be read, by content (a path may name the file
+    a corpus name stands for). A text that cannot be read is compared by name only: loading it
+    fails later, with its own error.
+    """
+    if stats_corpus is None or not config.count("wikitext") or config.allow_statistics_text:
+        return
+    same = stats_corpus == config.perplexity_corpus
+    if not same:
+        try:
+            same = load_corpus(stats_corpus, data_root) == load_corpus(config.perplexity_corpus, data_root)
+        except (OSError, ValueError):
+            same = False
+    if same:
+        raise ValueError(f"field 'perplexity_corpus': {config.perplexity_corpus!r} is the text the second moments "
+                         f"are estimated on (stats_corpus {stats_corpus!r}), which flatters perplexity retention; "
+                         "score another text, estimate on another, or set allow_statistics_text: true")

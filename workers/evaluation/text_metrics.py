@@ -47,7 +47,14 @@ ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 def rouge_f1(predictions: Sequence[str], references: Sequence[str], *, use_stemmer: bool = True
              ) -> list[dict[str, float]]:
-    """ROUGE-1/2/L F-measures per example, computed by the rouge-score package (Lin, 2004)."""
+    """ROUGE-1/2/L F-measures per example, computed by Google's rouge-score package (Lin, 2004).
+
+    Not the EAC authors' ROUGE: their script scores with pltrdy's ``rouge`` package (another
+    implementation, with its own tokenisation and ROUGE-L, and no ``use_stemmer``) and cuts the last
+    13 characters off each generated summary before scoring. Their absolute SAMSum numbers are
+    therefore not comparable with ours digit for digit; retention (a ratio of two scores from the
+    same scorer) is much less affected.
+    """
     from rouge_score import rouge_scorer
 
     if len(predictions) != len(references):
