@@ -2,7 +2,8 @@
 
 Layout: ``workers/hparams/<method>/<model>.yaml`` for the base methods (rome, memit, alphaedit,
 ft-l, ft-m) and ``workers/hparams/eac/<base>/<model>.yaml`` for the EAC settings that a
-``<base>-eac`` method adds. ``<model>`` is a key such as ``gpt2-xl``, ``llama3-8b``, ``llama2-13b``,
+``<base>-eac`` method adds (its optional ``base:`` mapping sets fields of the base method for the EAC
+variant only, e.g. the paper's μ as ``weight_decay``). ``<model>`` is a key such as ``gpt2-xl``, ``llama3-8b``, ``llama2-13b``,
 ``smollm2-135m`` or ``tiny`` (see ``model_key``). Overrides (for Ray Tune) use dotted names:
 ``{"layer": 6, "eac.gamma_percentile": 90}``.
 """
