@@ -1,8 +1,10 @@
 """What an editing method needs besides the request: cached statistics, templates and the optimiser.
 
-One ``EditContext`` per Editor (per model replica). It owns explicit caches — no module globals:
-second moments C_l (computed once on the *unedited* model), their Cholesky factors, context templates,
-AlphaEdit's null-space projectors and running key cache.
+One ``EditContext`` per Editor (per model replica), built on the *unedited* model. It owns explicit
+caches — no module globals: second moments C_l (computed once on the unedited model), their Cholesky
+factors, context templates (generated once from the unedited model, keyed on its fingerprint taken
+here at construction), AlphaEdit's null-space projectors, and the running key cache — the one piece
+of state an edit step changes, so ``edit_state``/``restore_edit_state`` let a failed step undo it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-from workers.editing.targets import ContextTemplates, EditFailure, OptimisationResult, TargetProblem, optimise_delta
+from workers.editing.targets import EditFailure, OptimisationResult, TargetProblem, optimise_delta
+from workers.editing.templates import ContextTemplates
+from workers.models import weights_fingerprint
 
 
 @dataclass
@@ -51,6 +55,9 @@ class EditContext:
         self._projectors: dict[tuple[int, float], torch.Tensor] = {}
         self.key_cache: dict[int, torch.Tensor] = {}  # AlphaEdit: Σ K Kᵀ of earlier edits, per layer
         self._templates = ContextTemplates(self.cache_dir / "context_templates" if self.cache_dir else None)
+        # Hashed once, before any edit: the templates' disk key names the base model, never the
+        # weights of the moment (hashing at every edit cost a full state-dict pass per edit).
+        self.base_fingerprint = weights_fingerprint(model)
 
     # ---- statistics ---------------------------------------------------------------------------
 
@@ -97,7 +104,20 @@ class EditContext:
     # ---- templates and the target optimiser ----------------------------------------------------
 
     def context_templates(self, hparams) -> list[str]:
-        return self._templates.get(self.model, self.tokenizer, hparams.context_template_lengths, hparams.context_seed)
+        """The trajectory's templates (see templates.py). The first call for a given (lengths, seed)
+        may generate them, so make it before the first edit — the Editor does, at construction."""
+        return self._templates.get(self.model, self.tokenizer, hparams.context_template_lengths, hparams.context_seed,
+                                   base_fingerprint=self.base_fingerprint)
+
+    # ---- the state an edit step changes -------------------------------------------------------
+
+    def edit_state(self) -> dict[int, torch.Tensor]:
+        """A copy of AlphaEdit's running key cache (its tensors are replaced, never changed in place)."""
+        return dict(self.key_cache)
+
+    def restore_edit_state(self, state: dict[int, torch.Tensor]) -> None:
+        self.key_cache.clear()
+        self.key_cache.update(state)
 
     def optimise(self, problem: TargetProblem, hparams) -> tuple[OptimisationResult, dict]:
         """The plain target optimisation, or EAC's two phases around it when the method asks for it."""

@@ -12,6 +12,15 @@ Anchors (Eq. 2):    m_S = 1(|score| ≥ γ), γ = P_x(|score|)   (``anchor_rule:
 Phase 2 (retrain, Eq. 3): a fresh Adam optimises only the anchor dimensions (δ = m_S ⊙ θ, the others
                     exactly 0), warm-started from m_S ⊙ δ_probe (``retrain_init: probe``) or from 0, under
     L_r(δ) = L(δ) + λ Σ_i α_i |δ_i| + μ ‖δ‖²₂,  α = 1 / (|score| + ε)       (Eqs. 4–6)
+The μ term is already in L(δ): it is the target loss's weight decay (targets.py), whose value in the
+authors' ROME/MEMIT settings is exactly the paper's μ (C.5), and the authors' code has no other
+squared-norm term. So by default the retrain adds only the weighted L1 term; ``l2_weight`` (default
+0) adds a second, explicit μ‖δ‖² for those who read Eq. 4 the other way (hparams.EACHParams).
+
+Step counts: each phase runs the shared loop, whose last evaluation makes no update, so it makes one
+Adam update fewer than the authors' loops; ``authors_loops: true`` makes that update too. The
+paper-model settings use the shared loop; ``hparams.authors_eac_overrides`` gives the authors' code
+(their loops, their score and top-k, and MEMIT's retrain from zero).
 
 Interpretation, stated because the paper leaves it open: Eq. 4 writes the elastic net on "z, the
 vector that makes the network predict the target"; like the authors' code we apply it to the part
@@ -90,12 +99,13 @@ def optimise_with_anchors(problem: TargetProblem, eac: EACHParams, model_config=
     if eac.retrain_init not in ("probe", "zero"):
         raise ValueError(f"retrain_init must be probe or zero, got {eac.retrain_init!r}")
 
-    probe = optimise_delta(problem, num_steps=eac.probe_steps, record_gradients=True)
+    probe = optimise_delta(problem, num_steps=eac.probe_steps, record_gradients=True, update_last=eac.authors_loops)
     gradient = probe.gradients[-1] if eac.gradient == "last" else torch.stack(probe.gradients).mean(dim=0)
     vector = problem.v_init + probe.delta if eac.score_vector == "v_star" else probe.delta
     mask, alpha = plan_anchors(vector, gradient, eac)
     penalty = elastic_net(alpha, eac.l1_weight, eac.l2_weight) if eac.elastic_net else None
     init = probe.delta * mask if eac.retrain_init == "probe" else None
-    final = optimise_delta(problem, num_steps=eac.retrain_steps, init=init, mask=mask, penalty=penalty)
+    final = optimise_delta(problem, num_steps=eac.retrain_steps, init=init, mask=mask, penalty=penalty,
+                           update_last=eac.authors_loops)
     final.steps += probe.steps
     return final, {"anchors": int(mask.sum()), "delta_norm_before": float(probe.delta.norm())}

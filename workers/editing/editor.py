@@ -3,9 +3,10 @@
     editor = Editor(model, tokenizer, "rome", load_hparams("rome", model))
     log = editor.apply(requests, batch_size=1, on_edit=print)   # each step on top of all previous ones
 
-Every step is all-or-nothing: the matrices a method may touch are snapshotted first, and if the
-method fails (bad input, a NaN loss, a singular solve) or produces non-finite weights, they are
-restored bit for bit, the step is recorded as skipped with its reason, and the trajectory goes on
+Every step is all-or-nothing: the matrices a method may touch and the edit context's running state
+(AlphaEdit's key cache) are snapshotted first, and if the method fails (bad input, a NaN loss, a
+singular solve) or produces non-finite weights, both are restored bit for bit, the step is recorded
+as skipped with its reason, and the trajectory goes on
 (``on_error="raise"`` re-raises instead). ``revert()`` restores the base weights exactly;
 ``resume(log)`` replays a saved log onto the base model and continues from it.
 """
@@ -110,6 +111,7 @@ class Editor:
     def edit_step(self, requests: list[EditRequest]) -> EditRecord:
         record = EditRecord(edit_index=len(self.records), case_ids=[r.case_id for r in requests], method=self.method)
         snapshot = WeightSnapshot(self.model, self.modules)
+        state = self.ctx.edit_state()
         start = time.perf_counter()
         try:
             delta, info = self._step(self.model, self.tokenizer, requests, self.hparams, self.ctx, self.method)
@@ -117,6 +119,7 @@ class Editor:
                 raise EditFailure("the update produced non-finite weights")
         except (EditFailure, torch.linalg.LinAlgError) as exc:
             snapshot.restore(self.model)
+            self.ctx.restore_edit_state(state)
             if self.on_error == "raise":
                 raise
             record.skipped, record.error = True, f"{type(exc).__name__}: {exc}"
@@ -125,6 +128,7 @@ class Editor:
             return record
         except BaseException:
             snapshot.restore(self.model)  # never leave the model half-edited
+            self.ctx.restore_edit_state(state)
             raise
         record.seconds = {**info.seconds, "total": time.perf_counter() - start}
         record.loss, record.delta_norm, record.steps = info.loss, info.delta_norm, info.steps

@@ -2,7 +2,8 @@
 
 Layout: ``workers/hparams/<method>/<model>.yaml`` for the base methods (rome, memit, alphaedit,
 ft-l, ft-m) and ``workers/hparams/eac/<base>/<model>.yaml`` for the EAC settings that a
-``<base>-eac`` method adds. ``<model>`` is a key such as ``gpt2-xl``, ``llama3-8b``, ``llama2-13b``,
+``<base>-eac`` method adds (its optional ``base:`` mapping sets fields of the base method for the EAC
+variant only, e.g. the paper's μ as ``weight_decay``). ``<model>`` is a key such as ``gpt2-xl``, ``llama3-8b``, ``llama2-13b``,
 ``smollm2-135m`` or ``tiny`` (see ``model_key``). Overrides (for Ray Tune) use dotted names:
 ``{"layer": 6, "eac.gamma_percentile": 90}``.
 """
@@ -22,7 +23,17 @@ from workers.editing.targets import TargetConfig
 
 @dataclass(frozen=True)
 class EACHParams:
-    """Editing Anchor Compression (paper §5, Appendix A, C.5). See workers/editing/eac.py."""
+    """Editing Anchor Compression (paper §5, Appendix A, C.5). See workers/editing/eac.py.
+
+    μ (Eq. 4) is read as the target optimiser's ``weight_decay`` (the base method's field), not as
+    ``l2_weight``: the paper's μ values (C.5: 0.5 for GPT-2 XL, 1e-3 for LLaMA-3-8B) are exactly the
+    ``v_weight_decay`` of the authors' ROME/MEMIT settings, and the authors' code has no other
+    squared-norm term. ``l2_weight`` is an *extra* μ‖δ‖² on top, default 0 (adding the paper's μ there
+    counts it twice; on the default model it blocked the edits). An EAC YAML sets the base method's
+    fields it needs, such as the paper's μ as ``weight_decay``, in its ``base:`` section.
+
+    The authors' code, as configuration: ``authors_eac_overrides(base)``.
+    """
 
     probe_steps: int = 10            # phase 1: the usual optimisation, recording ∇L (paper: 10 of 20)
     retrain_steps: int = 10          # phase 2: anchors only, under the scored elastic net
@@ -32,12 +43,32 @@ class EACHParams:
     gradient: str = "last"           # last: ∇L at the end of the probe | mean: averaged over probe steps (authors)
     score: str = "saliency"          # saliency | random | gradient | magnitude (anchor-selection ablation, §6.5)
     l1_weight: float = 5e-7          # λ (Eq. 4; C.5)
-    l2_weight: float = 0.5           # μ (Eq. 4; C.5: 0.5 for GPT-2 XL, 1e-3 for LLaMA-3-8B)
+    l2_weight: float = 0.0           # an extra μ‖δ‖² beyond weight_decay (which is the paper's μ); see above
     epsilon: float = 1e-6            # α = 1 / (|score| + ε) (Eq. 5)
     elastic_net: bool = True         # False: ablation "saliency only"; also False reproduces the authors' ROME code
     saliency_mask: bool = True       # False: ablation "elastic net only" (all dimensions retrained)
     retrain_init: str = "probe"      # probe: warm start from masked δ (authors' ROME) | zero (authors' MEMIT)
     seed: int = 0                    # for the random-anchor ablation
+    # False: each phase runs the shared ROME compute_v loop, whose last evaluation makes no update
+    # (probe_steps − 1 and retrain_steps − 1 Adam updates). True: the authors' loops, an Adam update
+    # after every evaluation (probe_steps and retrain_steps updates; early stop as in compute_v).
+    authors_loops: bool = False
+
+
+def authors_eac_overrides(base: str) -> dict[str, Any]:
+    """Dotted overrides (``eac.*``) that make an EAC variant run as the authors' released code
+    (anchors.md): δ ⊙ mean ∇L, a top-k of the scores, an Adam update at every step; ROME warm-starts
+    the retrain from the probe and never adds its elastic net to the loss, MEMIT retrains from zero.
+    AlphaEdit, which the authors did not release with EAC, follows MEMIT. The paper-model YAMLs
+    follow the paper instead (v* ⊙ ∇L at the last step, the percentile rule, the shared loop, the
+    retrain warm-started from the probe)."""
+    settings: dict[str, Any] = {"score_vector": "delta", "gradient": "mean", "anchor_rule": "top_fraction",
+                                "authors_loops": True}
+    if base == "rome":
+        settings.update(retrain_init="probe", elastic_net=False)
+    else:
+        settings.update(retrain_init="zero")
+    return {f"eac.{name}": value for name, value in settings.items()}
 
 
 @dataclass(frozen=True)
@@ -68,9 +99,9 @@ class LocateEditHParams:
 class RomeHParams(LocateEditHParams):
     layer: int = 17
     mom2_adjustment: bool = True  # C⁻¹ k*; False gives the plain rank-one update some toolkits use
-    # "mean": Λ uses k* averaged over context templates (paper Eq. 7, W k* = v* afterwards);
-    # "prompt": the released ROME code's denominator, the key of the bare prompt.
-    residual_key: str = "mean"
+    # "prompt": the reference code's residual and denominator, at the bare prompt's key (where v* is
+    # taken); "mean": k* averaged over context templates, as Eq. 7 reads. Measured effects: rome.py.
+    residual_key: str = "prompt"
 
 
 @dataclass(frozen=True)
@@ -144,6 +175,16 @@ def _from_dict(cls, values: dict, source: str):
     return cls(**converted)
 
 
+def base_changes(values, cls, source: Path) -> dict:
+    """An EAC YAML's ``base:`` section: fields of the base method that the EAC variant sets."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{source}: base: expected a mapping of {cls.__name__} fields")
+    unknown = set(values) - ({f.name for f in dataclasses.fields(cls)} - {"eac"})
+    if unknown:
+        raise ValueError(f"{source}: base: unknown field(s) {sorted(unknown)} for {cls.__name__}")
+    return values
+
+
 def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -191,7 +232,9 @@ def load_hparams(method: str, model=None, *, overrides: dict | None = None, path
             eac_file = HPARAMS_DIR / "eac" / base / f"{key}.yaml"
             if not eac_file.exists():
                 raise ValueError(f"no EAC hyper-parameters for {base} on {key!r} ({eac_file} is missing)")
-            values["eac"] = _read_yaml(eac_file)
+            eac_values = _read_yaml(eac_file)
+            values.update(base_changes(eac_values.pop("base", None) or {}, cls, eac_file))
+            values["eac"] = eac_values
     if is_eac and values.get("eac") is None:
         raise ValueError(f"{source}: method {method} needs an 'eac' section")
     if not is_eac:

@@ -11,14 +11,27 @@ from workers.editing.targets import check_length, right_padded, subject_last_tok
 from workers.hooks import Trace
 
 
+def template_weights(templates: Sequence[str]) -> list[float]:
+    """MEMIT's compute_ks average over ``["{}", generated...]``: ½ to the bare prompt and ½ spread
+    evenly over the generated templates (a mean of the two groups' means, not a uniform mean over all
+    templates, which ROME's k* is). With no generated template the bare prompt gets everything."""
+    if len(templates) == 1:
+        return [1.0]
+    generated = len(templates) - 1
+    return [0.5] + [0.5 / generated] * generated
+
+
 @torch.no_grad()
 def at_subject(model, tokenizer, requests: Sequence[EditRequest], module: str, templates: Sequence[str],
-               *, inputs: bool) -> torch.Tensor:
+               *, inputs: bool, weights: Sequence[float] | None = None) -> torch.Tensor:
     """For each request, the input (``inputs=True``) or output of ``module`` at the subject's last
-    token, averaged over ``templates`` (each a ``"...{}"`` string that receives the prompt).
+    token, averaged over ``templates`` (each a ``"...{}"`` string that receives the prompt) — a
+    uniform mean, or the weighted sum with ``weights`` (one per template, summing to 1).
 
     Returns (n_requests, dim) in float32. One batched forward pass, stopped right after ``module``.
     """
+    if weights is not None and len(weights) != len(templates):
+        raise ValueError(f"{len(weights)} template weights for {len(templates)} templates")
     sequences, lookups = [], []
     for request in requests:
         for template in templates:
@@ -31,4 +44,8 @@ def at_subject(model, tokenizer, requests: Sequence[EditRequest], module: str, t
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     values = (trace.inputs if inputs else trace.outputs)[module]
     picked = values[torch.arange(len(sequences), device=values.device), batch.lookup].float()
-    return picked.view(len(requests), len(templates), -1).mean(dim=1)
+    per_template = picked.view(len(requests), len(templates), -1)
+    if weights is None:
+        return per_template.mean(dim=1)
+    w = torch.tensor(list(weights), dtype=per_template.dtype, device=per_template.device)
+    return (per_template * w.view(1, -1, 1)).sum(dim=1)

@@ -3,7 +3,8 @@
 For a batch of requests: optimise z_i = z_init + δ_i at the output of the last edited layer L
 (targets.py, one δ per request). Then for each edited layer l in ascending order, with the weights
 already updated at the layers before it:
-    K_l = keys at the subject's last token (averaged over context templates)         (d_in × n)
+    K_l = keys at the subject's last token: ½ k("{}") + ½ mean over the generated context
+          templates (MEMIT's compute_ks; keys.template_weights)                        (d_in × n)
     R   = (Z − z_cur) / (number of layers still to edit)                              (d × n)
     MEMIT:     ΔW_l = R K_lᵀ (λ C_l + K_l K_lᵀ)⁻¹          solved in float64, λ = mom2_update_weight
     AlphaEdit: ΔW_l = R K_lᵀ P (K_l K_lᵀ P + K_p K_pᵀ P + α I)⁻¹      (alphaedit.py)
@@ -22,7 +23,7 @@ from workers.data import EditRequest
 from workers.editing.context import EditContext, StepInfo
 from workers.editing.delta import LayerDelta, WeightDelta
 from workers.editing.hparams import MemitHParams
-from workers.editing.keys import at_subject
+from workers.editing.keys import at_subject, template_weights
 from workers.editing.targets import EditFailure, TargetProblem
 from workers.models import arch_spec
 
@@ -77,7 +78,8 @@ def spread_targets(model, tokenizer, requests: list[EditRequest], targets: list[
     for i, layer in enumerate(layers):
         start = time.perf_counter()
         module = spec.mlp_out_name(layer)
-        keys = at_subject(model, tokenizer, requests, module, templates, inputs=True).double().T  # (d_in, n)
+        keys = at_subject(model, tokenizer, requests, module, templates, inputs=True,
+                          weights=template_weights(templates)).double().T  # (d_in, n)
         current_z = at_subject(model, tokenizer, requests, last_layer, ["{}"], inputs=False).double().T
         seconds["keys"] += time.perf_counter() - start
 

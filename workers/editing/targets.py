@@ -21,21 +21,18 @@ Work the loss does not need is not done (the two reasons this beats the naive lo
 
 from __future__ import annotations
 
-import json
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from workers import settings
 from workers.batching import pad_right
 from workers.data import EditRequest
 from workers.hooks import Trace
-from workers.models import arch_spec, weights_fingerprint
+from workers.models import arch_spec
 
 
 class EditFailure(RuntimeError):
@@ -80,53 +77,6 @@ class PromptBatch:
 def right_padded(tokenizer, sequences: Sequence[list[int]], lookup: Sequence[int], device) -> PromptBatch:
     ids, mask = pad_right(sequences, tokenizer.pad_token_id, device)
     return PromptBatch(ids, mask, torch.tensor(list(lookup), device=device))
-
-
-# --------------------------------------------------------------------------------------------
-# Context templates: short random prefixes generated once per (model weights, seed, lengths).
-
-
-class ContextTemplates:
-    """``["{}", "<prefix>. {}", ...]`` as in ROME/MEMIT, cached under ``<cache>/context_templates``."""
-
-    SEEDS = ("The", "Therefore", "Because", "I", "You")
-
-    def __init__(self, directory: str | Path | None = None):
-        self.directory = Path(directory) if directory else settings.cache_dir() / "context_templates"
-
-    def get(self, model, tokenizer, lengths: Sequence[Sequence[int]], seed: int = 0) -> list[str]:
-        lengths = [tuple(int(x) for x in pair) for pair in lengths]
-        key = f"{weights_fingerprint(model)}-s{seed}-" + "_".join(f"{a}x{b}" for a, b in lengths)
-        path = self.directory / f"{key}.json"
-        if path.exists():
-            return json.loads(path.read_text())
-        templates = ["{}"] + generate_context_templates(model, tokenizer, lengths, seed)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(templates))
-        tmp.replace(path)
-        return templates
-
-
-@torch.no_grad()
-def generate_context_templates(model, tokenizer, lengths: Sequence[tuple[int, int]], seed: int) -> list[str]:
-    """For each (max_tokens, count): ``count`` top-5 samples starting from ROME's seed words, each
-    turned into ``"<text>. {}"`` (braces in the text replaced so that ``format`` stays safe)."""
-    from workers.generation import padding_side
-
-    device = next(model.parameters()).device
-    templates: list[str] = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for max_tokens, count in lengths:
-            starts = [ContextTemplates.SEEDS[i % len(ContextTemplates.SEEDS)] for i in range(count)]
-            with padding_side(tokenizer, "left"):
-                enc = tokenizer(starts, return_tensors="pt", padding=True).to(device)
-            out = model.generate(**enc, do_sample=True, top_k=5, max_new_tokens=max(1, max_tokens - 1),
-                                 pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None)
-            for text in tokenizer.batch_decode(out, skip_special_tokens=True):
-                templates.append(text.replace("{", " ").replace("}", " ") + ". {}")
-    return templates
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,12 +232,15 @@ class OptimisationResult:
 def optimise_delta(problem: TargetProblem, *, num_steps: int | None = None, lr: float | None = None,
                    init: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                    penalty: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                   record_gradients: bool = False) -> OptimisationResult:
+                   record_gradients: bool = False, update_last: bool = False) -> OptimisationResult:
     """Minimise ``problem.loss(δ) + penalty(δ)`` over δ with Adam, as ROME's compute_v does.
 
     ``mask`` (0/1 per dimension) restricts optimisation to those dimensions: δ = mask ⊙ θ, so the
     others stay exactly zero. ``record_gradients`` keeps the gradient of the optimised objective
     with respect to θ at every evaluated step (with no mask and no penalty: ∇L(δ), as EAC's probe needs).
+    compute_v makes no update after its last evaluation (num_steps − 1 updates); ``update_last``
+    makes one there too (num_steps updates, as the EAC authors' loops do), so the returned δ is one
+    step past the last reported loss. An early stop never updates.
     """
     config = problem.config
     num_steps = config.num_steps if num_steps is None else num_steps
@@ -313,7 +266,7 @@ def optimise_delta(problem: TargetProblem, *, num_steps: int | None = None, lr: 
             raise EditFailure(f"the target loss became {value} at step {step}")
         result.steps, result.loss, result.nll = step + 1, value, float(parts.nll.detach())
         result.losses.append(value)
-        stop = value < config.early_stop_loss or step == num_steps - 1
+        stop = value < config.early_stop_loss or (step == num_steps - 1 and not update_last)
         if stop and not record_gradients:
             break
         total.backward()
