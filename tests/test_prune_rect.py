@@ -255,3 +255,9 @@ def test_figures_draw_each_constraint_in_its_base_methods_colour_and_its_own_lin
     assert [base_method(m) for m in ("rome-prune", "memit-rect", "alphaedit-eac", "ft-l")] == \
         ["rome", "memit", "alphaedit", "ft-l"]
     assert len({linestyle(m) for m in ("memit", "memit-eac", "memit-prune", "memit-rect")}) == 4
+
+
+def test_an_editor_for_a_constraint_needs_its_settings(tmp_path):
+    model, tokenizer = load_model("tiny-gpt2")
+    with pytest.raises(ValueError, match="method memit-rect needs hyper-parameters with a 'rect' section"):
+        Editor(model, tokenizer, "memit-rect", load_hparams("memit", model), cache_dir=tmp_path)

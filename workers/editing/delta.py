@@ -48,10 +48,7 @@ class LayerDelta:
 
     def dense(self) -> torch.Tensor:
         update = self.left.float() if self.right is None else self.left.float() @ self.right.float().T
-        if self.mask is not None:
-            update = torch.where(self.mask.to(update.device), update, torch.zeros((), dtype=update.dtype,
-                                                                                   device=update.device))
-        return update
+        return update if self.mask is None else update.masked_fill(~self.mask.to(update.device), 0.0)
 
     @property
     def rank(self) -> int | None:

@@ -82,6 +82,9 @@ class Editor:
         base, constraint = split_method(method)
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+        if constraint in WEIGHT_CONSTRAINTS and getattr(hparams, constraint, None) is None:
+            raise ValueError(f"method {method} needs hyper-parameters with a '{constraint}' section "
+                             f"(load_hparams({method!r}, model))")
         self.model, self.tokenizer, self.method, self.hparams = model, tokenizer, method, hparams
         self.on_error = on_error
         layers_of, self._step = METHOD_IMPLEMENTATIONS[base]

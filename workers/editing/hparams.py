@@ -171,9 +171,8 @@ def _from_dict(cls, values: dict, source: str):
         raise ValueError(f"{source}: unknown field(s) {sorted(unknown)} for {cls.__name__}; known: {sorted(names)}")
     converted = {}
     for key, value in values.items():
-        section = CONSTRAINTS.get(key, (None,))[0]
-        if section is not None and value is not None and not isinstance(value, section):
-            value = _from_dict(section, value, f"{source}: {key}")
+        if key in CONSTRAINTS and value is not None and not isinstance(value, CONSTRAINTS[key][0]):
+            value = _from_dict(CONSTRAINTS[key][0], value, f"{source}: {key}")
         elif isinstance(value, list):
             value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
         converted[key] = value
