@@ -11,8 +11,8 @@ For every experiment in the store: PNG figures and one Markdown summary (``repor
     retention   edited / unedited general-task score at the last checkpoint, per task
 
 Lines follow the paper: a colour per base method, dashed for the method itself and solid once EAC is
-applied (dash-dot with PRUNE, dotted with RECT). Several seeds of one setting are averaged. A figure whose data the store does not hold is
-skipped with a note in the Markdown, never drawn empty.
+applied (dash-dot with PRUNE, dotted with RECT). Several seeds of one setting are averaged. A figure
+whose data the store does not hold is skipped with a note in the Markdown, never drawn empty.
 """
 
 from __future__ import annotations

@@ -234,7 +234,8 @@ def test_step_measures_count_each_matrix_once(tmp_path):
     module = arch_spec(model).mlp_out_name(hp.layer)
     original = edited_weight(model, module).clone()
     record = editor.edit_step(REQUESTS[:2])
-    assert record.dw_l1 == pytest.approx(float((edited_weight(model, module) - original).double().abs().sum()), rel=1e-6)
+    change = (edited_weight(model, module) - original).double()
+    assert record.dw_l1 == pytest.approx(float(change.abs().sum()), rel=1e-6)
 
 
 def test_a_spec_runs_the_constraints_and_checks_their_fields(tmp_path, data_root):

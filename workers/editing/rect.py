@@ -30,7 +30,8 @@ def relative_change_mask(update: torch.Tensor, weight: torch.Tensor, keep_fracti
     change = update.abs().float()
     reference = weight.abs().to(device=change.device, dtype=change.dtype)
     infinite = torch.full_like(change, float("inf"))
-    relative = torch.where(reference > 0, change / reference, torch.where(change > 0, infinite, torch.zeros_like(change)))
+    relative = torch.where(reference > 0, change / reference,
+                           torch.where(change > 0, infinite, torch.zeros_like(change)))
     keep = round(keep_fraction * relative.numel())
     mask = torch.zeros(relative.numel(), dtype=torch.bool, device=relative.device)
     mask[torch.topk(relative.flatten(), keep, sorted=False).indices] = True
