@@ -94,9 +94,9 @@ def main() -> None:
     by_method = {r["method"]: r for r in rows}
     print(f"\n{'method':14s} {'s/edit':>8s} {'naive s':>8s} {'ratio':>6s} {'EAC/base':>9s}")
     for row in rows:
-        base, is_eac = split_method(row["method"])
+        base, constraint = split_method(row["method"])
         overhead = (f"{row['seconds_per_edit'] / by_method[base]['seconds_per_edit']:.2f}"
-                    if is_eac and base in by_method else "")
+                    if constraint and base in by_method else "")
         row["eac_over_base"] = float(overhead) if overhead else None
         print(f"{row['method']:14s} {row['seconds_per_edit']:8.2f} {row['naive_seconds']:8.2f} {row['ratio']:6.2f} "
               f"{overhead:>9s}")

@@ -11,8 +11,8 @@ For every experiment in the store: PNG figures and one Markdown summary (``repor
     retention   edited / unedited general-task score at the last checkpoint, per task
 
 Lines follow the paper: a colour per base method, dashed for the method itself and solid once EAC is
-applied. Several seeds of one setting are averaged. A figure whose data the store does not hold is
-skipped with a note in the Markdown, never drawn empty.
+applied (dash-dot with PRUNE, dotted with RECT). Several seeds of one setting are averaged. A figure
+whose data the store does not hold is skipped with a note in the Markdown, never drawn empty.
 """
 
 from __future__ import annotations
@@ -37,7 +37,10 @@ TASK_TITLES = {"nli": "NLI (RTE)", "sst2": "Sentiment (SST-2)", "nq": "Open-doma
 EDIT_PREFIX = "edit/"
 # Paper figure numbers per edit data set: (editing metrics, general tasks).
 PAPER_FIGURES = {"zsre": ("Fig. 5", "Fig. 6"), "counterfact": ("Fig. 9", "Fig. 10")}
-EAC_SUFFIXES = ("-eac",)
+# The constraint suffix of a method name (workers.editing.hparams.CONSTRAINTS) -> its line style;
+# the base method itself is dashed.
+CONSTRAINT_LINESTYLES = {"-eac": "-", "-prune": "-.", "-rect": ":"}
+BASE_LINESTYLE = "--"
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
 
 
@@ -76,14 +79,14 @@ def load_frames(store: Store, experiment: str) -> Frames:
 
 
 def base_method(method: str) -> str:
-    for suffix in EAC_SUFFIXES:
+    for suffix in CONSTRAINT_LINESTYLES:
         if method.endswith(suffix):
             return method[: -len(suffix)]
     return method
 
 
-def is_eac(method: str) -> bool:
-    return base_method(method) != method
+def linestyle(method: str) -> str:
+    return CONSTRAINT_LINESTYLES.get(method[len(base_method(method)):], BASE_LINESTYLE)
 
 
 def general_tasks(evaluations: pd.DataFrame) -> list[str]:
@@ -124,15 +127,15 @@ def _pyplot():
 
 
 def _styles(variants: list[tuple[str, str]]) -> dict[str, dict]:
-    """variant -> line style: a colour per base method (dashed) and its EAC variant (solid); other
-    variants of one method (ablations, anchor rules) get colours of their own."""
+    """variant -> line style: a colour per base method, dashed, and its constraint variants in the same
+    colour (``linestyle``); other variants of one method (ablations, anchor rules) get colours of their own."""
     colours: dict[str, str] = {}
     styles = {}
     for variant, method in sorted(variants, key=lambda vm: (vm[0] != vm[1], vm[0])):
         key = base_method(method) if variant == method else variant
         if key not in colours:
             colours[key] = PALETTE[len(colours) % len(PALETTE)]
-        styles[variant] = {"color": colours[key], "linestyle": "-" if is_eac(method) else "--", "marker": "o",
+        styles[variant] = {"color": colours[key], "linestyle": linestyle(method), "marker": "o",
                            "markersize": 3}
     return styles
 

@@ -2,7 +2,9 @@
 
 A ``WeightDelta`` is one edit step (one request, or one batch of requests): for each edited matrix an
 update ΔW = left @ rightᵀ in the (out_features, in_features) orientation of ``mlp_out_weight`` —
-ROME: one rank-one pair; MEMIT/AlphaEdit: rank = batch size; FT: a dense matrix (``right`` is None).
+ROME: one rank-one pair; MEMIT/AlphaEdit: rank = batch size; FT: a dense matrix (``right`` is None);
+RECT: the method's factors and a boolean ``mask`` of the elements kept (ΔW = mask ⊙ left @ rightᵀ);
+PRUNE: the method's factors, then a low-rank correction of the same matrix (a second entry).
 
 Applying materialises ΔW in float32 and adds it in the weight's dtype, the same way every time, so
 replaying a log from the same base weights reproduces the edited weights exactly. Floating-point
@@ -35,6 +37,7 @@ class LayerDelta:
     right: torch.Tensor | None = None  # (in, r)
     # The edit's keys (in, n) where a method needs them later (AlphaEdit's running key cache).
     keys: torch.Tensor | None = None
+    mask: torch.Tensor | None = None  # (out, in) bool: the elements of left @ rightᵀ written (RECT)
 
     @torch.no_grad()
     def apply(self, model) -> None:
@@ -44,9 +47,8 @@ class LayerDelta:
         weight.add_(self.dense().to(device=weight.device).to(weight.dtype))
 
     def dense(self) -> torch.Tensor:
-        if self.right is None:
-            return self.left.float()
-        return self.left.float() @ self.right.float().T
+        update = self.left.float() if self.right is None else self.left.float() @ self.right.float().T
+        return update if self.mask is None else update.masked_fill(~self.mask.to(update.device), 0.0)
 
     @property
     def rank(self) -> int | None:
@@ -66,13 +68,14 @@ class WeightDelta:
             layer.apply(model)
 
     def modules(self) -> list[str]:
-        return [layer.module for layer in self.layers]
+        """Each touched matrix once, in order (a step may hold several deltas of one matrix)."""
+        return list(dict.fromkeys(layer.module for layer in self.layers))
 
     def to(self, device) -> "WeightDelta":
         def move(t):
             return None if t is None else t.to(device)
 
-        moved = [LayerDelta(l.module, move(l.left), move(l.right), move(l.keys)) for l in self.layers]
+        moved = [LayerDelta(l.module, move(l.left), move(l.right), move(l.keys), move(l.mask)) for l in self.layers]
         return WeightDelta(moved, list(self.case_ids), self.method)
 
 
@@ -98,6 +101,9 @@ class WeightSnapshot:
 
     def original(self, module: str) -> torch.Tensor:
         return self._saved[module]
+
+
+OPTIONAL_PARTS = ("right", "keys", "mask")  # the LayerDelta tensors a saved log holds when present
 
 
 class EditLog:
@@ -150,7 +156,7 @@ class EditLog:
             entries = []
             for j, layer in enumerate(delta.layers):
                 tensors[f"{i}.{j}.left"] = layer.left.detach().to("cpu").clone(memory_format=torch.contiguous_format)
-                for part in ("right", "keys"):
+                for part in OPTIONAL_PARTS:
                     if getattr(layer, part) is not None:
                         tensors[f"{i}.{j}.{part}"] = getattr(layer, part).detach().to("cpu").clone(memory_format=torch.contiguous_format)
                 entries.append(layer.module)
@@ -174,7 +180,7 @@ class EditLog:
         for i, entry in enumerate(json.loads(header["edits"])):
             layers = []
             for j, module in enumerate(entry["modules"]):
-                optional = {part: tensors.get(f"{i}.{j}.{part}") for part in ("right", "keys")}
+                optional = {part: tensors.get(f"{i}.{j}.{part}") for part in OPTIONAL_PARTS}
                 layers.append(LayerDelta(module, tensors[f"{i}.{j}.left"], **optional))
             deltas.append(WeightDelta(layers, entry["case_ids"], entry["method"]).to(device))
         return cls(deltas, json.loads(header.get("metadata", "{}")))

@@ -29,6 +29,8 @@ from workers.editing.delta import EditLog, WeightDelta, WeightSnapshot, edited_w
 from workers.editing.ft import apply_ft, ft_layers
 from workers.editing.hparams import FTHParams, split_method
 from workers.editing.memit import apply_memit, memit_layers
+from workers.editing.prune import PruneRestraint
+from workers.editing.rect import RectSparsifier
 from workers.editing.rome import apply_rome, rome_layers
 from workers.editing.targets import EditFailure
 from workers.models import arch_spec
@@ -41,6 +43,10 @@ METHOD_IMPLEMENTATIONS = {
     "ft-l": (ft_layers, apply_ft),
     "ft-m": (ft_layers, apply_ft),
 }
+# constraint -> what rewrites a step's update after the base method wrote it, built per editor from
+# (its hyper-parameter section, the base weights) and called as (model, delta, pre-step weights) -> delta.
+# (EAC acts inside the target optimisation instead: EditContext.optimise.)
+WEIGHT_CONSTRAINTS = {"prune": PruneRestraint, "rect": RectSparsifier}
 
 
 @dataclass
@@ -74,9 +80,12 @@ class EditRecord:
 class Editor:
     def __init__(self, model, tokenizer, method: str, hparams, *, cache_dir: str | Path | None = None,
                  data_root=None, second_moments: dict[int, torch.Tensor] | None = None, on_error: str = "skip"):
-        base, _ = split_method(method)
+        base, constraint = split_method(method)
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+        if constraint in WEIGHT_CONSTRAINTS and getattr(hparams, constraint, None) is None:
+            raise ValueError(f"method {method} needs hyper-parameters with a '{constraint}' section "
+                             f"(load_hparams({method!r}, model))")
         self.model, self.tokenizer, self.method, self.hparams = model, tokenizer, method, hparams
         self.on_error = on_error
         layers_of, self._step = METHOD_IMPLEMENTATIONS[base]
@@ -91,6 +100,8 @@ class Editor:
                 self.ctx.prepare_second_moments(self.layers, hparams)
             self.ctx.context_templates(hparams)
         self.base = WeightSnapshot(model, self.modules)
+        self._restrain = (WEIGHT_CONSTRAINTS[constraint](getattr(hparams, constraint), self.base)
+                          if constraint in WEIGHT_CONSTRAINTS else None)
         self._base_l1 = {m: float(self.base.original(m).double().abs().sum()) for m in self.modules}
         self.log = EditLog(metadata={"method": method, "hparams": dataclasses.asdict(hparams)})
         self.records: list[EditRecord] = []
@@ -115,6 +126,10 @@ class Editor:
         start = time.perf_counter()
         try:
             delta, info = self._step(self.model, self.tokenizer, requests, self.hparams, self.ctx, self.method)
+            if self._restrain is not None:
+                restrain_start = time.perf_counter()
+                delta = self._restrain(self.model, delta, snapshot)
+                info.seconds["restrain"] = time.perf_counter() - restrain_start
             if not all(torch.isfinite(edited_weight(self.model, m)).all() for m in delta.modules()):
                 raise EditFailure("the update produced non-finite weights")
         except (EditFailure, torch.linalg.LinAlgError) as exc:

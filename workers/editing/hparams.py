@@ -1,17 +1,19 @@
 """Typed hyper-parameters per (method, model), loaded from YAML under ``workers/hparams/``.
 
 Layout: ``workers/hparams/<method>/<model>.yaml`` for the base methods (rome, memit, alphaedit,
-ft-l, ft-m) and ``workers/hparams/eac/<base>/<model>.yaml`` for the EAC settings that a
-``<base>-eac`` method adds (its optional ``base:`` mapping sets fields of the base method for the EAC
-variant only, e.g. the paper's μ as ``weight_decay``). ``<model>`` is a key such as ``gpt2-xl``, ``llama3-8b``, ``llama2-13b``,
+ft-l, ft-m) and ``workers/hparams/<constraint>/<base>/<model>.yaml`` for the settings that a
+``<base>-<constraint>`` method adds: ``eac`` (every base), ``prune`` and ``rect`` (rome, memit,
+alphaedit). An EAC YAML's optional ``base:`` mapping sets fields of the base method for the EAC
+variant only (e.g. the paper's μ as ``weight_decay``). ``<model>`` is a key such as ``gpt2-xl``, ``llama3-8b``, ``llama2-13b``,
 ``smollm2-135m`` or ``tiny`` (see ``model_key``). Overrides (for Ray Tune) use dotted names:
-``{"layer": 6, "eac.gamma_percentile": 90}``.
+``{"layer": 6, "eac.gamma_percentile": 90, "rect.keep_fraction": 0.3}``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,30 @@ def authors_eac_overrides(base: str) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class PruneHParams:
+    """PRUNE (Ma et al., ICLR 2025): log-compress the accumulated update's singular values above
+    σ_max(W₀) after every edit step. See workers/editing/prune.py."""
+
+    alpha: float = math.e  # the base of F's logarithm (authors' code: e, 1.5 or 1.2)
+
+    def __post_init__(self):
+        if not self.alpha > 1:
+            raise ValueError(f"prune.alpha must be > 1 (the base of a growing logarithm), got {self.alpha}")
+
+
+@dataclass(frozen=True)
+class RectHParams:
+    """RECT (Gu et al., EMNLP 2024): keep the top fraction of each update's elements by relative change
+    |ΔW_ij| / |W_ij|, zero the rest. See workers/editing/rect.py."""
+
+    keep_fraction: float = 0.2  # k = 20%: the authors' code zeroes the other 80%
+
+    def __post_init__(self):
+        if not 0 < self.keep_fraction <= 1:
+            raise ValueError(f"rect.keep_fraction must be in (0, 1], got {self.keep_fraction}")
+
+
+@dataclass(frozen=True)
 class LocateEditHParams:
     """Shared by ROME, MEMIT and AlphaEdit: the target optimiser and the statistics."""
 
@@ -89,6 +115,8 @@ class LocateEditHParams:
     stats_token_budget: int = 50_000
     stats_max_length: int = 256
     eac: EACHParams | None = None
+    prune: PruneHParams | None = None
+    rect: RectHParams | None = None
 
     def target_config(self) -> TargetConfig:
         """The shared optimiser's view: TargetConfig's fields, read off these hyper-parameters."""
@@ -134,8 +162,13 @@ class FTHParams:
 
 BASE_CLASSES = {"rome": RomeHParams, "memit": MemitHParams, "alphaedit": AlphaEditHParams,
                 "ft-l": FTHParams, "ft-m": FTHParams}
-EAC_SUFFIX = "-eac"
-METHODS = tuple(BASE_CLASSES) + tuple(m + EAC_SUFFIX for m in BASE_CLASSES)
+# constraint -> (its section of the hyper-parameters, the base methods it combines with); the method
+# ``<base>-<constraint>`` reads the section from workers/hparams/<constraint>/<base>/<model>.yaml.
+CONSTRAINTS = {"eac": (EACHParams, tuple(BASE_CLASSES)),
+               "prune": (PruneHParams, ("rome", "memit", "alphaedit")),
+               "rect": (RectHParams, ("rome", "memit", "alphaedit"))}
+METHODS = tuple(BASE_CLASSES) + tuple(f"{base}-{constraint}" for constraint, (_, bases) in CONSTRAINTS.items()
+                                      for base in bases)
 HPARAMS_DIR = Path(str(importlib.resources.files("workers") / "hparams"))
 
 MODEL_KEYS = {  # substring of the model name (lower case) -> hparams file key
@@ -144,10 +177,14 @@ MODEL_KEYS = {  # substring of the model name (lower case) -> hparams file key
 }
 
 
-def split_method(method: str) -> tuple[str, bool]:
+def split_method(method: str) -> tuple[str, str | None]:
+    """``"memit-rect"`` -> ``("memit", "rect")``; a base method -> ``(method, None)``."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
-    return (method[: -len(EAC_SUFFIX)], True) if method.endswith(EAC_SUFFIX) else (method, False)
+    for constraint in CONSTRAINTS:
+        if method.endswith("-" + constraint):
+            return method[: -len(constraint) - 1], constraint
+    return method, None
 
 
 def model_key(model_or_name) -> str:
@@ -167,12 +204,15 @@ def _from_dict(cls, values: dict, source: str):
         raise ValueError(f"{source}: unknown field(s) {sorted(unknown)} for {cls.__name__}; known: {sorted(names)}")
     converted = {}
     for key, value in values.items():
-        if key == "eac" and value is not None and not isinstance(value, EACHParams):
-            value = _from_dict(EACHParams, value, f"{source}: eac")
+        if key in CONSTRAINTS and value is not None and not isinstance(value, CONSTRAINTS[key][0]):
+            value = _from_dict(CONSTRAINTS[key][0], value, f"{source}: {key}")
         elif isinstance(value, list):
             value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
         converted[key] = value
-    return cls(**converted)
+    try:
+        return cls(**converted)
+    except ValueError as exc:  # a field's own check (__post_init__): name the file it came from
+        raise ValueError(f"{source}: {exc}") from exc
 
 
 def base_changes(values, cls, source: Path) -> dict:
@@ -200,24 +240,26 @@ def with_overrides(hparams, overrides: dict[str, Any] | None):
     if not overrides:
         return hparams
     top: dict[str, Any] = {}
-    nested: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
     for key, value in overrides.items():
-        if key.startswith("eac."):
-            nested[key[4:]] = value
+        section, _, name = key.partition(".")
+        if name and section in CONSTRAINTS:
+            nested.setdefault(section, {})[name] = value
         else:
             top[key] = value
     values = dataclasses.asdict(hparams)
     values.update(top)
-    if nested:
-        if hparams.eac is None:
-            raise ValueError(f"overrides {sorted(nested)} need an EAC method")
-        values["eac"] = {**dataclasses.asdict(hparams.eac), **nested}
+    for section, fields in nested.items():
+        if getattr(hparams, section, None) is None:
+            names = sorted(f"{section}.{name}" for name in fields)
+            raise ValueError(f"overrides {names} need a {section} method")
+        values[section] = {**dataclasses.asdict(getattr(hparams, section)), **fields}
     return _from_dict(type(hparams), values, "overrides")
 
 
 def load_hparams(method: str, model=None, *, overrides: dict | None = None, path: str | Path | None = None):
     """Hyper-parameters of ``method`` for ``model`` (a loaded model or a model name/key)."""
-    base, is_eac = split_method(method)
+    base, constraint = split_method(method)
     cls = BASE_CLASSES[base]
     if path is not None:
         source = Path(path)
@@ -228,17 +270,19 @@ def load_hparams(method: str, model=None, *, overrides: dict | None = None, path
         if not source.exists():
             raise ValueError(f"no {base} hyper-parameters for {key!r} ({source} is missing)")
         values = _read_yaml(source)
-        if is_eac:
-            eac_file = HPARAMS_DIR / "eac" / base / f"{key}.yaml"
-            if not eac_file.exists():
-                raise ValueError(f"no EAC hyper-parameters for {base} on {key!r} ({eac_file} is missing)")
-            eac_values = _read_yaml(eac_file)
-            values.update(base_changes(eac_values.pop("base", None) or {}, cls, eac_file))
-            values["eac"] = eac_values
-    if is_eac and values.get("eac") is None:
-        raise ValueError(f"{source}: method {method} needs an 'eac' section")
-    if not is_eac:
-        values.pop("eac", None)
+        if constraint is not None:
+            section_file = HPARAMS_DIR / constraint / base / f"{key}.yaml"
+            if not section_file.exists():
+                raise ValueError(f"no {constraint} hyper-parameters for {base} on {key!r} ({section_file} is missing)")
+            section_values = _read_yaml(section_file)
+            if constraint == "eac":  # EAC YAMLs may set base-method fields for the EAC variant only
+                values.update(base_changes(section_values.pop("base", None) or {}, cls, section_file))
+            values[constraint] = section_values
+    if constraint is not None and values.get(constraint) is None:
+        raise ValueError(f"{source}: method {method} needs the '{constraint}' section")
+    for other in CONSTRAINTS:  # a method runs with its own constraint's section only
+        if other != constraint:
+            values.pop(other, None)
     return with_overrides(_from_dict(cls, values, str(source)), overrides)
 
 
