@@ -1,5 +1,9 @@
 """Ray Tune search over EAC's anchor percentile γ (Eq. 2), λ and μ (the elastic net, Eq. 4).
 
+μ is searched as the target optimiser's ``weight_decay``: the paper's μ values are the authors'
+``v_weight_decay`` and their code has no other squared-norm term (see ``EACHParams``), so searching
+``eac.l2_weight`` would search a second, extra term.
+
     searches = run_tune(load_tune_spec("experiments/configs/tune-rome-eac-smollm2.yaml"))   # `eac tune SPEC`
     searches[0].best_path          # a hyper-parameter YAML that `eac run` takes as is
 
@@ -12,7 +16,7 @@ seed, ``n_edits``, checkpoints, evaluation, resources, store) plus a ``search`` 
       space:                             # dotted hyper-parameter names (default: the three below)
         eac.gamma_percentile: {uniform: [70, 99]}
         eac.l1_weight: {loguniform: [1.0e-8, 1.0e-5]}
-        eac.l2_weight: {loguniform: [1.0e-4, 1.0]}
+        weight_decay: {loguniform: [1.0e-4, 1.0]}   # μ
       objective:
         edit: [edit/toolkit:reliability, edit/toolkit:generalisation, edit/toolkit:locality]
         retention: headline              # or a list of task:metric rows, e.g. [nli:retention/accuracy_all]
@@ -90,7 +94,7 @@ class Dimension:
 
 DEFAULT_SPACE = (Dimension("eac.gamma_percentile", "uniform", (70.0, 99.0)),  # P70–P99 (Table 2: P80–P95)
                  Dimension("eac.l1_weight", "loguniform", (1e-8, 1e-5)),  # λ (C.5: 5e-7)
-                 Dimension("eac.l2_weight", "loguniform", (1e-4, 1.0)))  # μ (C.5: 0.5 GPT-2 XL, 1e-3 LLaMA-3)
+                 Dimension("weight_decay", "loguniform", (1e-4, 1.0)))  # μ (C.5: 0.5 GPT-2 XL, 1e-3 LLaMA-3)
 
 DEFAULT_EDIT_TERMS = (("edit/toolkit", "reliability"), ("edit/toolkit", "generalisation"),
                       ("edit/toolkit", "locality"))

@@ -127,11 +127,14 @@ def test_tiny_search_stores_its_trials_and_its_best_config_runs_with_eac_run(loc
     store = Store(store_root)
     trials = store.frame("trajectories", "tiny-tune")
     assert len(trials) == 4 and set(trials["group"]) == {TUNE_GROUP} and set(trials["method"]) == {"rome-eac"}
-    sampled = [json.loads(h)["eac"] for h in trials["hparams"]]  # the full hyper-parameters of each trial
-    assert len({(s["gamma_percentile"], s["l1_weight"], s["l2_weight"]) for s in sampled}) == 4
-    for eac in sampled:
+    full = [json.loads(h) for h in trials["hparams"]]  # the full hyper-parameters of each trial
+    sampled = [h["eac"] for h in full]
+    assert len({(s["gamma_percentile"], s["l1_weight"], h["weight_decay"]) for s, h in zip(sampled, full)}) == 4
+    for eac, hparams in zip(sampled, full):
         assert 70 <= eac["gamma_percentile"] <= 99 and 1e-8 <= eac["l1_weight"] <= 1e-5
-        assert 1e-4 <= eac["l2_weight"] <= 1 and eac["probe_steps"] == 3  # the rest: tiny's defaults
+        # μ is searched as the optimiser's weight decay; the extra squared term stays off
+        assert 1e-4 <= hparams["weight_decay"] <= 1 and eac["l2_weight"] == 0
+        assert eac["probe_steps"] == 3  # the rest: tiny's defaults
     for config, eac in zip(trials["config"], sampled):
         overrides = json.loads(config)["hparams"]
         assert overrides["eac.gamma_percentile"] == eac["gamma_percentile"]
