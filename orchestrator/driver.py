@@ -52,6 +52,40 @@ INTERRUPTED = "interrupted"
 CLUSTER_CHECK_SECONDS = 60.0  # with no event for this long, check that the cluster still has a live node
 
 
+LOOPBACK = ("127.0.0.1", "::1")
+# Ray's switch for single-node instances (what it does by default on Windows and macOS): the node's
+# address is then the loopback one, and every server of the instance (GCS, raylet, object manager,
+# workers, agents) binds to that address instead of the machine's routable one.
+SINGLE_NODE_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def init_loopback_ray(**options) -> None:
+    """Start a local Ray instance whose servers listen on the loopback interface only.
+
+    Ray has no authentication: anyone who can reach one of its ports can run code in the job, so a
+    local run must not listen on the machine's other interfaces. Ray reads the switch when it is
+    imported, so it is set for the processes the instance starts (their environment) and, during
+    ``ray.init``, in this process's copy of Ray's constants; the address the instance got is checked."""
+    from ray._private import ray_constants  # no public API sets the node address to loopback
+
+    saved_env, saved_flag = os.environ.get(SINGLE_NODE_SWITCH), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[SINGLE_NODE_SWITCH] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(**options)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(SINGLE_NODE_SWITCH, None)
+        else:
+            os.environ[SINGLE_NODE_SWITCH] = saved_env
+    address = ray.util.get_node_ip_address()
+    if address not in LOOPBACK:
+        ray.shutdown()
+        raise RuntimeError(f"the local Ray instance took the address {address}, not loopback; refusing to "
+                           "run with servers reachable from other machines (join a cluster with --address)")
+
+
 def select_requests(pool: list[EditRequest], n_edits: int, selection: str, seed: int) -> list[EditRequest]:
     """``first``: the data set's first ``n_edits`` requests; ``random``: a sample seeded by ``seed``,
     in data-set order."""
@@ -212,10 +246,10 @@ class Driver:
             return False
         env = {name: os.environ[name] for name in FORWARDED_ENVIRONMENT if name in os.environ}
         options = dict(runtime_env={"env_vars": env}, logging_level="WARNING")
-        if self.address:
+        if self.address:  # the user's explicit choice: the cluster's own network settings apply
             ray.init(address=self.address, **options)
         else:
-            ray.init(include_dashboard=False, **options)
+            init_loopback_ray(include_dashboard=False, **options)
         return True
 
     def _max_parallel(self, queued: int) -> int:
