@@ -197,12 +197,15 @@ class Driver:
         spec = trajectory.spec
         row = self.store.trajectory(spec.experiment, spec.trajectory_id)
         trajectory.evaluated = self.store.evaluated_checkpoints(spec.experiment, spec.trajectory_id)
-        if row is not None and row["status"] == COMPLETED and trajectory.scored_all():
+        edited = self.store.edit_steps_done(spec.experiment, spec.trajectory_id)
+        # "completed" in the trajectories table is a claim; the edit rows (every step, by index) and
+        # the evaluation rows (every checkpoint) are the evidence: a file moved aside is redone.
+        if (row is not None and row["status"] == COMPLETED and trajectory.scored_all()
+                and edited == trajectory.task.n_steps):
             trajectory.status, trajectory.editing_done = COMPLETED, True
             trajectory.start_step = trajectory.steps_done = trajectory.task.n_steps
             return
-        reachable = min(self.store.edit_steps_done(spec.experiment, spec.trajectory_id),
-                        saved_log_steps(trajectory.task.log_path))
+        reachable = min(edited, saved_log_steps(trajectory.task.log_path))
         starts = [s for s in (steps_for(c, spec.batch_size) for c in spec.edit_checkpoints()) if s <= reachable]
         trajectory.start_step = trajectory.steps_done = max(starts, default=0)
         trajectory.editing_done = trajectory.start_step >= trajectory.task.n_steps
