@@ -162,9 +162,11 @@ class Driver:
                  observer: Callable[[str, Trajectory, object], None] | None = None):
         """``progress``: a ``Progress``, or its mode (True = ``auto``: bars on a terminal, plain lines
         otherwise; False = none)."""
-        self.spec, self.store, self.address = spec, store, address
-        self.progress = progress if isinstance(progress, Progress) else Progress(resolve_mode(progress))
         self.data_root = str(settings.data_dir(data_root))
+        # The data digests in the trajectory ids are taken from the directory this run reads.
+        self.spec = dataclasses.replace(spec, data_root=self.data_root)
+        self.store, self.address = store, address
+        self.progress = progress if isinstance(progress, Progress) else Progress(resolve_mode(progress))
         self.cache_dir = str(settings.cache_dir(cache_dir))
         self.observer = observer or (lambda kind, trajectory, event: None)
         self.resources = spec.resources  # as the spec asks; adapted to the cluster when the run starts

@@ -151,6 +151,10 @@ class TrajectorySpec:
     evaluation: EvaluationSpec
     resources: Resources = Resources()
     dtype: str = "float32"
+    # What the trajectory edits and edits with, by content: a changed data file or other model weights
+    # make a new trajectory instead of resuming onto different requests or weights.
+    data_digest: str = ""
+    model_fingerprint: str = ""
 
     @property
     def method(self) -> str:
@@ -164,7 +168,8 @@ class TrajectorySpec:
                 "resolved_hparams": self.resolved_hparams, "dataset": self.dataset, "seed": self.seed,
                 "n_edits": self.n_edits,
                 "batch_size": self.batch_size, "checkpoints": list(self.checkpoints),
-                "selection": self.selection, "dtype": self.dtype, "evaluation": dataclasses.asdict(self.evaluation)}
+                "selection": self.selection, "dtype": self.dtype, "evaluation": dataclasses.asdict(self.evaluation),
+                "data_digest": self.data_digest, "model_fingerprint": self.model_fingerprint}
 
     @functools.cached_property
     def resolved_hparams(self) -> dict:
@@ -201,12 +206,51 @@ class ExperimentSpec:
     max_restarts: int
     dtype: str = "float32"
     source: str = "<dict>"
+    data_root: str | None = None  # None: settings.data_dir() when the digests are taken
+
+    @functools.cached_property
+    def input_digests(self) -> dict[str, str]:
+        """Each data set's file digest and each model's fingerprint, taken once per spec."""
+        root = settings.data_dir(self.data_root)
+        digests = {dataset: file_digest(root / dataset_file(dataset)) for dataset in self.datasets}
+        return {**digests, **{model: model_fingerprint(model) for model in self.models}}
 
     def trajectories(self) -> list["TrajectorySpec"]:
+        digests = self.input_digests
         return [TrajectorySpec(self.experiment, model, variant, dataset, seed, self.n_edits, self.batch_size,
-                               self.checkpoints, self.selection, self.evaluation, self.resources, self.dtype)
+                               self.checkpoints, self.selection, self.evaluation, self.resources, self.dtype,
+                               digests[dataset], digests[model])
                 for model in self.models for dataset in self.datasets for variant in self.methods
                 for seed in self.seeds]
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (read in 1 MiB blocks); "" when there is no such file."""
+    if not path.is_file():
+        return ""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def model_fingerprint(model: str) -> str:
+    """A model by content: a digest of its checkpoint files' digests (weights, config, tokenizer). A
+    tiny model is built from its name alone; a hub id, or a model this machine lacks, is its name."""
+    from workers.models import TINY_MODELS, resolve_checkpoint
+
+    if model in TINY_MODELS:
+        return f"tiny:{model}"
+    try:
+        path = Path(resolve_checkpoint(model))
+    except (FileNotFoundError, ValueError):  # not on this machine: the spec is checked without models
+        return f"absent:{model}"
+    if not path.is_dir():
+        return f"hub:{model}"
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    combined = "".join(f"{p.name}:{file_digest(p)};" for p in files)
+    return hashlib.sha256(combined.encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,7 +332,8 @@ def spec_from_dict(raw: Any, *, source: str | Path = "<dict>", base_dir: str | P
                 relpath = TASK_FILES["rte-dev"]
             v.file_present(root, relpath, f"evaluation.tasks.{task}")
     return ExperimentSpec(experiment, tuple(models), methods, datasets, seeds, n_edits, batch_size, checkpoints,
-                          selection, evaluation, resources, store, max_restarts, dtype, source=str(source))
+                          selection, evaluation, resources, store, max_restarts, dtype, source=str(source),
+                          data_root=None if data_root is None else str(data_root))
 
 
 def resolve_hparams(model: str, variant: MethodVariant):
