@@ -38,8 +38,9 @@ from orchestrator.spec import ExperimentSpec, Resources, SpecError, TrajectorySp
 from orchestrator.store import Store, edit_row
 from workers import settings
 from workers.actors import (CheckpointEvent, EditEvent, EvalActor, Replica, TrajectoryActor, TrajectoryTask,
-                            saved_log_steps)
+                            check_binding, log_binding, saved_log_steps)
 from workers.data import EditRequest, load_edit_dataset
+from workers.editing.delta import saved_log_metadata
 from workers.editing.hparams import split_method
 
 # Settings that actors on other machines of a cluster must see as the driver does; an object store's
@@ -192,6 +193,10 @@ class Driver:
                 str(self.store.log_path(spec.experiment, spec.trajectory_id)), self.cache_dir, self.data_root)
             trajectory = Trajectory(spec, task, json.dumps(spec.resolved_hparams, sort_keys=True))
             self._read_progress(trajectory)
+            if not trajectory.finished:  # its saved log will be replayed: made from these requests?
+                metadata = saved_log_metadata(task.log_path)
+                if metadata is not None:
+                    check_binding(metadata, log_binding(requests, spec.resolved_hparams), task.log_path)
             plan.append(trajectory)
         return plan
 
