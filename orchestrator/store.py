@@ -141,6 +141,16 @@ class Store:
 
     # ---- writing ----
 
+    def check_writable(self) -> None:
+        """Write and remove a hidden probe file, so that a store that cannot be written fails before
+        any actor starts, not at the first row."""
+        probe = posixpath.join(self.base, f".eac-write-probe-{os.getpid()}")
+        try:
+            storage.write_bytes(self.filesystem, probe, b"")
+            self.filesystem.delete_file(probe)
+        except OSError as exc:
+            raise StoreError(f"{self.uri}: the store cannot be written ({exc})") from exc
+
     def write(self, table: str, experiment: str, name: str, rows: Sequence[dict]) -> str:
         """Write ``rows`` as the file ``<table>/<experiment>/<name>.parquet``, atomically, replacing any
         file of that name. Rows must fit the table's schema; ``experiment`` is filled in."""
