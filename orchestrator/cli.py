@@ -122,6 +122,9 @@ def cmd_run(args) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted; `eac run {args.spec}` again resumes from the store", file=sys.stderr)
         return 130
+    except StoreError as exc:  # another run holds the experiment's lock
+        print(f"eac run: {one_line(exc)}", file=sys.stderr)
+        return 2
     print(f"\n{format_summary(result.summary)}\n({time.perf_counter() - start:.0f} s)")
     for trajectory in result.failed:
         print(f"FAILED {trajectory.spec.label}: {trajectory.status}", file=sys.stderr)

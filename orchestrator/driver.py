@@ -229,27 +229,31 @@ class Driver:
         plan = self.plan()  # raises before any actor starts
         todo = [t for t in plan if not t.finished]
         if todo:
-            started_ray = self._connect()
-            try:
-                self._execute(todo)
-                for trajectory in todo:  # every trajectory ends completed or failed; say so if not
-                    if not trajectory.finished:
-                        self._fail(trajectory, "the driver ran out of work before it finished")
-            except (KeyboardInterrupt, SystemExit) as exc:
-                # Stopped from outside (Ctrl-C, a Tune scheduler): not a failure; a re-run resumes.
-                for trajectory in todo:
-                    if not trajectory.finished:
-                        self._status(trajectory, f"{INTERRUPTED} ({type(exc).__name__})")
-                raise
-            except Exception as exc:
-                for trajectory in todo:
-                    if not trajectory.finished:
-                        self._fail(trajectory, f"the driver stopped: {type(exc).__name__}: {_first_line(exc)}")
-                raise
-            finally:
-                if started_ray:
-                    ray.shutdown()
+            with self.store.lock(self.spec.experiment):  # StoreError when another run holds it
+                self._run_todo(todo)
         return RunResult(plan, summary_table(self.store, plan))
+
+    def _run_todo(self, todo: list[Trajectory]) -> None:
+        started_ray = self._connect()
+        try:
+            self._execute(todo)
+            for trajectory in todo:  # every trajectory ends completed or failed; say so if not
+                if not trajectory.finished:
+                    self._fail(trajectory, "the driver ran out of work before it finished")
+        except (KeyboardInterrupt, SystemExit) as exc:
+            # Stopped from outside (Ctrl-C, a Tune scheduler): not a failure; a re-run resumes.
+            for trajectory in todo:
+                if not trajectory.finished:
+                    self._status(trajectory, f"{INTERRUPTED} ({type(exc).__name__})")
+            raise
+        except Exception as exc:
+            for trajectory in todo:
+                if not trajectory.finished:
+                    self._fail(trajectory, f"the driver stopped: {type(exc).__name__}: {_first_line(exc)}")
+            raise
+        finally:
+            if started_ray:
+                ray.shutdown()
 
     def _connect(self) -> bool:
         if ray.is_initialized():

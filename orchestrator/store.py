@@ -25,10 +25,13 @@ it cannot read, so no stored row is lost behind the user's back.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import posixpath
 import re
+import socket
 from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -138,6 +141,37 @@ class Store:
             target = posixpath.join(self.base, name, path.relative_to(local_dir).as_posix())
             storage.write_bytes(self.filesystem, target, path.read_bytes())
         return self.where(posixpath.join(self.base, name))
+
+    # ---- one run per experiment ----
+
+    @contextlib.contextmanager
+    def lock(self, experiment: str):
+        """Hold ``locks/<experiment>.lock`` while a run writes the experiment's rows and logs, so two
+        runs of one spec on one store do not interleave. An OS lock (``flock``), released by the
+        kernel when its process dies however it dies, so no stale lock is left to clear by hand. A
+        store on object storage has no such lock: one run per experiment is then up to the user."""
+        _check_name(experiment, "experiment")
+        if not self.is_local:
+            yield
+            return
+        path = Path(self.base) / "locks" / f"{experiment}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+", encoding="utf-8") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise StoreError(f"{path}: experiment {experiment!r} is being run into this store by {holder}; "
+                                 "wait for it to finish (or stop it) and run again") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     # ---- writing ----
 
