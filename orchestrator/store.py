@@ -252,14 +252,26 @@ class Store:
         """The table's rows (optionally of one experiment / trajectory), every file checked."""
         schema = SCHEMAS[table]
         parts = []
+        seen: dict[tuple, str] = {}  # a row's key -> the file that holds it
         for path in self.files(table, experiment, trajectory_id):
             try:
+                columns = pq.read_schema(path, filesystem=self.filesystem).names
                 part = pq.read_table(path, schema=schema, filesystem=self.filesystem)
             except (OSError, pa.ArrowException) as exc:
                 raise StoreError(f"{self.where(path)}: unreadable Parquet file in table {table!r} ({exc}). It was "
                                  "left in place; move it aside to redo the work it held, or restore it") from exc
+            missing = [name for name in schema.names if name not in columns]
+            if missing:  # reading with the schema would fill them with nulls
+                raise StoreError(f"{self.where(path)}: not a file of table {table!r} (columns {missing} missing). "
+                                 "It was left in place; move it aside")
             if trajectory_id is not None:
                 part = part.filter(ds.field("trajectory_id") == trajectory_id)
+            # A stray copy of a file (another name, the same rows) would count its rows twice.
+            for key in zip(*(part.column(name).to_pylist() for name in KEYS[table])):
+                if key in seen:
+                    raise StoreError(f"{self.where(path)}: row {dict(zip(KEYS[table], key))} of table {table!r} "
+                                     f"is also in {self.where(seen[key])}; move the stray copy aside")
+                seen[key] = path
             parts.append(part)
         return pa.concat_tables(parts) if parts else schema.empty_table()
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 import pyarrow.dataset as ds
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -171,3 +172,20 @@ def test_a_second_run_of_an_experiment_is_refused_while_the_first_holds_its_lock
     assert not (tmp_path / "store" / "trajectories").exists()  # nothing of the run was written
     with store.lock("locked"):  # released: taken again at once
         pass
+
+
+def test_a_stray_copy_or_a_foreign_file_is_refused_not_counted(store):
+    """Issue 12, item 6: a copy of an edits file under another name showed 3 edits for a 2-edit
+    trajectory; a file of another schema was read with its missing columns as nulls."""
+    import shutil
+
+    path = store.put_edits("e", "t", [edit_row({"edit_index": i, "case_id": i}) for i in range(2)])
+    shutil.copy(path, path.replace("-000000-", "-copy-"))
+    with pytest.raises(StoreError, match="is also in"):
+        store.edit_steps_done("e", "t")
+    os.remove(path.replace("-000000-", "-copy-"))
+    assert store.edit_steps_done("e", "t") == 2
+    foreign = os.path.join(store.table_dir("edits"), "e", "t-000002-000002.parquet")
+    pq.write_table(pa.table({"experiment": ["e"], "trajectory_id": ["t"], "edit_index": [2]}), foreign)
+    with pytest.raises(StoreError, match="columns .* missing"):
+        store.read("edits", "e", "t")
