@@ -103,8 +103,10 @@ def cmd_run(args) -> int:
                             every_edits=args.progress_every, every_seconds=args.progress_seconds)
         driver = Driver(spec, store, address=args.address, progress=progress)
         plan = driver.plan()  # every check that needs no actor, before any starts
+        if not args.dry_run and any(not t.finished for t in plan):
+            store.check_writable()
     except (SpecError, DataError, FileNotFoundError, StoreError, ValueError) as exc:
-        print(f"eac run: {exc}", file=sys.stderr)
+        print(f"eac run: {one_line(exc)}", file=sys.stderr)
         return 2
     if args.dry_run:
         from orchestrator.dry_run import format_dry_run
@@ -120,6 +122,9 @@ def cmd_run(args) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted; `eac run {args.spec}` again resumes from the store", file=sys.stderr)
         return 130
+    except StoreError as exc:  # another run holds the experiment's lock
+        print(f"eac run: {one_line(exc)}", file=sys.stderr)
+        return 2
     print(f"\n{format_summary(result.summary)}\n({time.perf_counter() - start:.0f} s)")
     for trajectory in result.failed:
         print(f"FAILED {trajectory.spec.label}: {trajectory.status}", file=sys.stderr)
@@ -180,6 +185,11 @@ def cmd_report(args) -> int:
         return 1
     print(f"report: {path}")
     return 0
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as the one line a user reads (messages quoting YAML or JSON may span several)."""
+    return " ".join(str(exc).split())
 
 
 def _positive_int(text: str) -> int:
@@ -247,9 +257,9 @@ def cmd_eval(args) -> int:
             fields["tasks"] = {name: int(count) for name, count in
                                (item.split("=", 1) for item in args.tasks.split(","))}
         config = EvalConfig.from_dict(fields, source="eac eval")
-        model, tokenizer = load_model(args.model)
+        log = EditLog.load(args.edit_log) if args.edit_log else None  # bad input fails before the model loads
         requests = load_edit_dataset(args.dataset)
-        log = EditLog.load(args.edit_log) if args.edit_log else None
+        model, tokenizer = load_model(args.model)
         if log is not None:
             edited = {str(case) for delta in log for case in delta.case_ids}
             requests = [r for r in requests if str(r.case_id) in edited]
@@ -259,8 +269,8 @@ def cmd_eval(args) -> int:
         rows = evaluate_checkpoint(model, tokenizer, log, requests, config,
                                    reference=ReferenceCache(args.reference_cache) if args.reference_cache else None)
     except (ValueError, FileNotFoundError, DataError) as exc:
-        print(f"eac eval: {exc}", file=sys.stderr)
-        return 1
+        print(f"eac eval: {one_line(exc)}", file=sys.stderr)
+        return 2
     print(f"{args.model}{' + ' + args.edit_log if args.edit_log else ''}: {len(requests)} edit requests, "
           f"tasks {config.tasks}, seed {config.seed}, prompt format {config.prompt_format} "
           f"({time.perf_counter() - start:.0f} s, {torch.get_num_threads()} threads)")

@@ -38,8 +38,9 @@ from orchestrator.spec import ExperimentSpec, Resources, SpecError, TrajectorySp
 from orchestrator.store import Store, edit_row
 from workers import settings
 from workers.actors import (CheckpointEvent, EditEvent, EvalActor, Replica, TrajectoryActor, TrajectoryTask,
-                            saved_log_steps)
+                            check_binding, log_binding, saved_log_steps)
 from workers.data import EditRequest, load_edit_dataset
+from workers.editing.delta import saved_log_metadata
 from workers.editing.hparams import split_method
 
 # Settings that actors on other machines of a cluster must see as the driver does; an object store's
@@ -50,6 +51,40 @@ FORWARDED_ENVIRONMENT = ("EAC_OFFLINE", "HF_HUB_OFFLINE", "EAC_CACHE_DIR", "EAC_
 COMPLETED = "completed"
 INTERRUPTED = "interrupted"
 CLUSTER_CHECK_SECONDS = 60.0  # with no event for this long, check that the cluster still has a live node
+
+
+LOOPBACK = ("127.0.0.1", "::1")
+# Ray's switch for single-node instances (what it does by default on Windows and macOS): the node's
+# address is then the loopback one, and every server of the instance (GCS, raylet, object manager,
+# workers, agents) binds to that address instead of the machine's routable one.
+SINGLE_NODE_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def init_loopback_ray(**options) -> None:
+    """Start a local Ray instance whose servers listen on the loopback interface only.
+
+    Ray has no authentication: anyone who can reach one of its ports can run code in the job, so a
+    local run must not listen on the machine's other interfaces. Ray reads the switch when it is
+    imported, so it is set for the processes the instance starts (their environment) and, during
+    ``ray.init``, in this process's copy of Ray's constants; the address the instance got is checked."""
+    from ray._private import ray_constants  # no public API sets the node address to loopback
+
+    saved_env, saved_flag = os.environ.get(SINGLE_NODE_SWITCH), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[SINGLE_NODE_SWITCH] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(**options)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(SINGLE_NODE_SWITCH, None)
+        else:
+            os.environ[SINGLE_NODE_SWITCH] = saved_env
+    address = ray.util.get_node_ip_address()
+    if address not in LOOPBACK:
+        ray.shutdown()
+        raise RuntimeError(f"the local Ray instance took the address {address}, not loopback; refusing to "
+                           "run with servers reachable from other machines (join a cluster with --address)")
 
 
 def select_requests(pool: list[EditRequest], n_edits: int, selection: str, seed: int) -> list[EditRequest]:
@@ -128,9 +163,11 @@ class Driver:
                  observer: Callable[[str, Trajectory, object], None] | None = None):
         """``progress``: a ``Progress``, or its mode (True = ``auto``: bars on a terminal, plain lines
         otherwise; False = none)."""
-        self.spec, self.store, self.address = spec, store, address
-        self.progress = progress if isinstance(progress, Progress) else Progress(resolve_mode(progress))
         self.data_root = str(settings.data_dir(data_root))
+        # The data digests in the trajectory ids are taken from the directory this run reads.
+        self.spec = dataclasses.replace(spec, data_root=self.data_root)
+        self.store, self.address = store, address
+        self.progress = progress if isinstance(progress, Progress) else Progress(resolve_mode(progress))
         self.cache_dir = str(settings.cache_dir(cache_dir))
         self.observer = observer or (lambda kind, trajectory, event: None)
         self.resources = spec.resources  # as the spec asks; adapted to the cluster when the run starts
@@ -156,6 +193,10 @@ class Driver:
                 str(self.store.log_path(spec.experiment, spec.trajectory_id)), self.cache_dir, self.data_root)
             trajectory = Trajectory(spec, task, json.dumps(spec.resolved_hparams, sort_keys=True))
             self._read_progress(trajectory)
+            if not trajectory.finished:  # its saved log will be replayed: made from these requests?
+                metadata = saved_log_metadata(task.log_path)
+                if metadata is not None:
+                    check_binding(metadata, log_binding(requests, spec.resolved_hparams), task.log_path)
             plan.append(trajectory)
         return plan
 
@@ -163,12 +204,15 @@ class Driver:
         spec = trajectory.spec
         row = self.store.trajectory(spec.experiment, spec.trajectory_id)
         trajectory.evaluated = self.store.evaluated_checkpoints(spec.experiment, spec.trajectory_id)
-        if row is not None and row["status"] == COMPLETED and trajectory.scored_all():
+        edited = self.store.edit_steps_done(spec.experiment, spec.trajectory_id)
+        # "completed" in the trajectories table is a claim; the edit rows (every step, by index) and
+        # the evaluation rows (every checkpoint) are the evidence: a file moved aside is redone.
+        if (row is not None and row["status"] == COMPLETED and trajectory.scored_all()
+                and edited == trajectory.task.n_steps):
             trajectory.status, trajectory.editing_done = COMPLETED, True
             trajectory.start_step = trajectory.steps_done = trajectory.task.n_steps
             return
-        reachable = min(self.store.edit_steps_done(spec.experiment, spec.trajectory_id),
-                        saved_log_steps(trajectory.task.log_path))
+        reachable = min(edited, saved_log_steps(trajectory.task.log_path))
         starts = [s for s in (steps_for(c, spec.batch_size) for c in spec.edit_checkpoints()) if s <= reachable]
         trajectory.start_step = trajectory.steps_done = max(starts, default=0)
         trajectory.editing_done = trajectory.start_step >= trajectory.task.n_steps
@@ -185,37 +229,41 @@ class Driver:
         plan = self.plan()  # raises before any actor starts
         todo = [t for t in plan if not t.finished]
         if todo:
-            started_ray = self._connect()
-            try:
-                self._execute(todo)
-                for trajectory in todo:  # every trajectory ends completed or failed; say so if not
-                    if not trajectory.finished:
-                        self._fail(trajectory, "the driver ran out of work before it finished")
-            except (KeyboardInterrupt, SystemExit) as exc:
-                # Stopped from outside (Ctrl-C, a Tune scheduler): not a failure; a re-run resumes.
-                for trajectory in todo:
-                    if not trajectory.finished:
-                        self._status(trajectory, f"{INTERRUPTED} ({type(exc).__name__})")
-                raise
-            except Exception as exc:
-                for trajectory in todo:
-                    if not trajectory.finished:
-                        self._fail(trajectory, f"the driver stopped: {type(exc).__name__}: {_first_line(exc)}")
-                raise
-            finally:
-                if started_ray:
-                    ray.shutdown()
+            with self.store.lock(self.spec.experiment):  # StoreError when another run holds it
+                self._run_todo(todo)
         return RunResult(plan, summary_table(self.store, plan))
+
+    def _run_todo(self, todo: list[Trajectory]) -> None:
+        started_ray = self._connect()
+        try:
+            self._execute(todo)
+            for trajectory in todo:  # every trajectory ends completed or failed; say so if not
+                if not trajectory.finished:
+                    self._fail(trajectory, "the driver ran out of work before it finished")
+        except (KeyboardInterrupt, SystemExit) as exc:
+            # Stopped from outside (Ctrl-C, a Tune scheduler): not a failure; a re-run resumes.
+            for trajectory in todo:
+                if not trajectory.finished:
+                    self._status(trajectory, f"{INTERRUPTED} ({type(exc).__name__})")
+            raise
+        except Exception as exc:
+            for trajectory in todo:
+                if not trajectory.finished:
+                    self._fail(trajectory, f"the driver stopped: {type(exc).__name__}: {_first_line(exc)}")
+            raise
+        finally:
+            if started_ray:
+                ray.shutdown()
 
     def _connect(self) -> bool:
         if ray.is_initialized():
             return False
         env = {name: os.environ[name] for name in FORWARDED_ENVIRONMENT if name in os.environ}
         options = dict(runtime_env={"env_vars": env}, logging_level="WARNING")
-        if self.address:
+        if self.address:  # the user's explicit choice: the cluster's own network settings apply
             ray.init(address=self.address, **options)
         else:
-            ray.init(include_dashboard=False, **options)
+            init_loopback_ray(include_dashboard=False, **options)
         return True
 
     def _max_parallel(self, queued: int) -> int:

@@ -42,6 +42,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -79,6 +80,12 @@ SELECTIONS = ("random", "first")
 DTYPES = ("float32", "float16", "bfloat16")
 GROUPS = ("ablation", "anchor-selection")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+MAX_NAME = 120  # experiment and variant names become file and directory names (255 bytes at most)
+# A spec is a page of YAML: anything far larger is a mistake or an attack (an alias bomb expands
+# ×10 per level from a few hundred bytes), refused before it is built into Python objects.
+MAX_SPEC_BYTES = 1 << 20
+MAX_SPEC_NODES = 100_000  # YAML nodes with every alias expanded
+MAX_CHECKPOINTS = 10_000
 
 
 class SpecError(ValueError):
@@ -153,6 +160,10 @@ class TrajectorySpec:
     evaluation: EvaluationSpec
     resources: Resources = Resources()
     dtype: str = "float32"
+    # What the trajectory edits and edits with, by content: a changed data file or other model weights
+    # make a new trajectory instead of resuming onto different requests or weights.
+    data_digest: str = ""
+    model_fingerprint: str = ""
 
     @property
     def method(self) -> str:
@@ -166,7 +177,8 @@ class TrajectorySpec:
                 "resolved_hparams": self.resolved_hparams, "dataset": self.dataset, "seed": self.seed,
                 "n_edits": self.n_edits,
                 "batch_size": self.batch_size, "checkpoints": list(self.checkpoints),
-                "selection": self.selection, "dtype": self.dtype, "evaluation": dataclasses.asdict(self.evaluation)}
+                "selection": self.selection, "dtype": self.dtype, "evaluation": dataclasses.asdict(self.evaluation),
+                "data_digest": self.data_digest, "model_fingerprint": self.model_fingerprint}
 
     @functools.cached_property
     def resolved_hparams(self) -> dict:
@@ -219,12 +231,51 @@ class ExperimentSpec:
     max_restarts: int
     dtype: str = "float32"
     source: str = "<dict>"
+    data_root: str | None = None  # None: settings.data_dir() when the digests are taken
+
+    @functools.cached_property
+    def input_digests(self) -> dict[str, str]:
+        """Each data set's file digest and each model's fingerprint, taken once per spec."""
+        root = settings.data_dir(self.data_root)
+        digests = {dataset: file_digest(root / dataset_file(dataset)) for dataset in self.datasets}
+        return {**digests, **{model: model_fingerprint(model) for model in self.models}}
 
     def trajectories(self) -> list["TrajectorySpec"]:
+        digests = self.input_digests
         return [TrajectorySpec(self.experiment, model, variant, dataset, seed, self.n_edits, self.batch_size,
-                               self.checkpoints, self.selection, self.evaluation, self.resources, self.dtype)
+                               self.checkpoints, self.selection, self.evaluation, self.resources, self.dtype,
+                               digests[dataset], digests[model])
                 for model in self.models for dataset in self.datasets for variant in self.methods
                 for seed in self.seeds]
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (read in 1 MiB blocks); "" when there is no such file."""
+    if not path.is_file():
+        return ""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def model_fingerprint(model: str) -> str:
+    """A model by content: a digest of its checkpoint files' digests (weights, config, tokenizer). A
+    tiny model is built from its name alone; a hub id, or a model this machine lacks, is its name."""
+    from workers.models import TINY_MODELS, resolve_checkpoint
+
+    if model in TINY_MODELS:
+        return f"tiny:{model}"
+    try:
+        path = Path(resolve_checkpoint(model))
+    except (FileNotFoundError, ValueError):  # not on this machine: the spec is checked without models
+        return f"absent:{model}"
+    if not path.is_dir():
+        return f"hub:{model}"
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    combined = "".join(f"{p.name}:{file_digest(p)};" for p in files)
+    return hashlib.sha256(combined.encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,13 +295,47 @@ def load_spec(path: str | Path, *, check_models: bool = True, check_data: bool =
 
 
 def read_spec_yaml(path: Path) -> Any:
-    """The parsed YAML of a spec file, or a SpecError naming the file."""
+    """The parsed YAML of a spec (or hyper-parameter) file, or a SpecError naming the file."""
     if not path.is_file():
         raise SpecError(path, "<file>", "no such file")
+    if path.stat().st_size > MAX_SPEC_BYTES:
+        raise SpecError(path, "<file>", f"{path.stat().st_size} bytes; a spec holds at most {MAX_SPEC_BYTES}")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(path, "<file>", f"not UTF-8 text (byte {exc.start})") from exc
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None and expanded_size(node) > MAX_SPEC_NODES:
+            raise SpecError(path, "<yaml>", f"more than {MAX_SPEC_NODES} values once its aliases are expanded")
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise SpecError(path, "<yaml>", str(exc)) from exc
+        raise SpecError(path, "<yaml>", " ".join(str(exc).split())) from exc
+
+
+def expanded_size(root: yaml.Node) -> int:
+    """How many nodes the YAML graph holds with every alias expanded, counted on the graph (an alias
+    is the same node object), so the count costs one visit per distinct node however large it is."""
+    sizes: dict[int, int] = {}
+    order, stack = [], [root]
+    while stack:  # depth-first, children after parents; each distinct node once
+        node = stack.pop()
+        if id(node) in sizes:
+            continue
+        sizes[id(node)] = 0
+        order.append(node)
+        stack.extend(children(node))
+    for node in reversed(order):  # children before parents; a cycle (recursive alias) counts as a leaf
+        sizes[id(node)] = min(1 + sum(sizes[id(child)] for child in children(node)), MAX_SPEC_NODES + 1)
+    return sizes[id(root)]
+
+
+def children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
 
 
 def spec_from_dict(raw: Any, *, source: str | Path = "<dict>", base_dir: str | Path | None = None,
@@ -280,6 +365,9 @@ def spec_from_dict(raw: Any, *, source: str | Path = "<dict>", base_dir: str | P
         raise SpecError(source, "selection", f"{selection!r} is not one of {list(SELECTIONS)}")
     method_hparams = v.method_hparams(raw.get("hparams", {}))
     methods = v.methods(v.required(raw, "methods"), method_hparams)
+    unused = sorted(set(method_hparams) - {variant.method for variant in methods})
+    if unused:  # an override that changes nothing is a typo or a forgotten method
+        raise SpecError(source, f"hparams.{unused[0]}", "no variant in `methods` runs this method")
     evaluation = v.evaluation(raw.get("evaluation", {}))
     resources = v.resources(raw.get("resources", {}))
     store = raw.get("store", "results")
@@ -307,7 +395,8 @@ def spec_from_dict(raw: Any, *, source: str | Path = "<dict>", base_dir: str | P
                 relpath = TASK_FILES["rte-dev"]
             v.file_present(root, relpath, f"evaluation.tasks.{task}")
     return ExperimentSpec(experiment, tuple(models), methods, datasets, seeds, n_edits, batch_size, checkpoints,
-                          selection, evaluation, resources, store, max_restarts, dtype, source=str(source))
+                          selection, evaluation, resources, store, max_restarts, dtype, source=str(source),
+                          data_root=None if data_root is None else str(data_root))
 
 
 def resolve_hparams(model: str, variant: MethodVariant):
@@ -341,6 +430,8 @@ class _Validator:
     def name(self, value, field_name: str) -> str:
         if not isinstance(value, str) or not _NAME.match(value):
             self.fail(field_name, f"{value!r} is not a name (letters, digits, '_', '.', '-')")
+        if len(value) > MAX_NAME:
+            self.fail(field_name, f"{len(value)} characters; a name has at most {MAX_NAME}")
         return value
 
     def as_list(self, value, field_name: str) -> list:
@@ -367,8 +458,8 @@ class _Validator:
         return value
 
     def number(self, value, field_name: str, *, minimum: float = 0.0) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self.fail(field_name, f"expected a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            self.fail(field_name, f"expected a finite number, got {value!r}")
         if value < minimum:
             self.fail(field_name, f"must be at least {minimum}, got {value}")
         return float(value)
@@ -384,6 +475,8 @@ class _Validator:
         if isinstance(value, dict):
             self.no_unknown(value, {"every"}, "checkpoints.")
             every = self.integer(self.required(value, "every", "checkpoints."), "checkpoints.every", minimum=1)
+            if n_edits // every + 1 > MAX_CHECKPOINTS:  # counted before the list is built
+                self.fail("checkpoints.every", f"{n_edits // every + 1} checkpoints; at most {MAX_CHECKPOINTS}")
             points = list(range(0, n_edits + 1, every))
         else:
             points = [self.integer(c, f"checkpoints[{i}]", minimum=0)
@@ -419,10 +512,7 @@ class _Validator:
         """Overrides given inline, or as a path to a YAML file of overrides (relative to the spec)."""
         if isinstance(value, str):
             path = Path(self.existing_file(value, field_name))
-            try:
-                value = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            except yaml.YAMLError as exc:
-                self.fail(field_name, f"{path}: {exc}")
+            value = read_spec_yaml(path) or {}  # the same caps as the spec; errors name that file
         value = self.mapping(value, field_name)
         for key in value:
             if not isinstance(key, str):

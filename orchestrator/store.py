@@ -25,10 +25,13 @@ it cannot read, so no stored row is lost behind the user's back.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import posixpath
 import re
+import socket
 from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -139,7 +142,48 @@ class Store:
             storage.write_bytes(self.filesystem, target, path.read_bytes())
         return self.where(posixpath.join(self.base, name))
 
+    # ---- one run per experiment ----
+
+    @contextlib.contextmanager
+    def lock(self, experiment: str):
+        """Hold ``locks/<experiment>.lock`` while a run writes the experiment's rows and logs, so two
+        runs of one spec on one store do not interleave. An OS lock (``flock``), released by the
+        kernel when its process dies however it dies, so no stale lock is left to clear by hand. A
+        store on object storage has no such lock: one run per experiment is then up to the user."""
+        _check_name(experiment, "experiment")
+        if not self.is_local:
+            yield
+            return
+        path = Path(self.base) / "locks" / f"{experiment}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+", encoding="utf-8") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise StoreError(f"{path}: experiment {experiment!r} is being run into this store by {holder}; "
+                                 "wait for it to finish (or stop it) and run again") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     # ---- writing ----
+
+    def check_writable(self) -> None:
+        """Write and remove a hidden probe file, so that a store that cannot be written fails before
+        any actor starts, not at the first row."""
+        probe = posixpath.join(self.base, f".eac-write-probe-{os.getpid()}")
+        try:
+            storage.write_bytes(self.filesystem, probe, b"")
+            self.filesystem.delete_file(probe)
+        except OSError as exc:
+            raise StoreError(f"{self.uri}: the store cannot be written ({exc})") from exc
 
     def write(self, table: str, experiment: str, name: str, rows: Sequence[dict]) -> str:
         """Write ``rows`` as the file ``<table>/<experiment>/<name>.parquet``, atomically, replacing any
@@ -208,14 +252,26 @@ class Store:
         """The table's rows (optionally of one experiment / trajectory), every file checked."""
         schema = SCHEMAS[table]
         parts = []
+        seen: dict[tuple, str] = {}  # a row's key -> the file that holds it
         for path in self.files(table, experiment, trajectory_id):
             try:
+                columns = pq.read_schema(path, filesystem=self.filesystem).names
                 part = pq.read_table(path, schema=schema, filesystem=self.filesystem)
             except (OSError, pa.ArrowException) as exc:
                 raise StoreError(f"{self.where(path)}: unreadable Parquet file in table {table!r} ({exc}). It was "
                                  "left in place; move it aside to redo the work it held, or restore it") from exc
+            missing = [name for name in schema.names if name not in columns]
+            if missing:  # reading with the schema would fill them with nulls
+                raise StoreError(f"{self.where(path)}: not a file of table {table!r} (columns {missing} missing). "
+                                 "It was left in place; move it aside")
             if trajectory_id is not None:
                 part = part.filter(ds.field("trajectory_id") == trajectory_id)
+            # A stray copy of a file (another name, the same rows) would count its rows twice.
+            for key in zip(*(part.column(name).to_pylist() for name in KEYS[table])):
+                if key in seen:
+                    raise StoreError(f"{self.where(path)}: row {dict(zip(KEYS[table], key))} of table {table!r} "
+                                     f"is also in {self.where(seen[key])}; move the stray copy aside")
+                seen[key] = path
             parts.append(part)
         return pa.concat_tables(parts) if parts else schema.empty_table()
 

@@ -250,3 +250,16 @@ def test_dry_run_lists_the_plan_what_the_store_holds_and_the_cost_and_starts_not
     assert costed[("tiny-gpt2", "rome")] == pytest.approx(8 * measured.mean())
     assert costed[["tiny-llama"]].isna().all() and set(table["store"]) == {"to run"}
     assert {p: p.stat().st_mtime_ns for p in store_root.rglob("*")} == before  # nothing written
+
+
+@pytest.mark.parametrize("table, pattern", [("edits", "*-000000-*.parquet"), ("evaluations", "*-at-000002.parquet")])
+def test_rows_moved_aside_from_a_completed_trajectory_are_redone(uninterrupted, tmp_path, table, pattern):
+    directory, _ = uninterrupted
+    shutil.copytree(directory / "store", tmp_path / "store")
+    lost = sorted((tmp_path / "store" / table / "mini-demo").glob(pattern))[0]
+    lost.rename(tmp_path / lost.name)  # what a StoreError message advises for an unreadable file
+    result = run(directory / "spec.yaml", tmp_path / "store")
+    assert result.exit_code == 0 and lost.is_file()
+    uninterrupted_tables, redone = tables(directory / "store"), tables(tmp_path / "store")
+    for name in uninterrupted_tables:
+        assert_frame_equal(uninterrupted_tables[name], redone[name], check_exact=True)

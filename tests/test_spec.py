@@ -1,6 +1,7 @@
 """Experiment specs: validated at the door, errors name the file and the field; stable trajectory ids."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -198,3 +199,28 @@ def test_edit_sample_follows_one_order_across_checkpoints(data_root):
     assert trajectory.evaluated_requests(60) == spec.trajectories()[0].evaluated_requests(60)  # seeded
     other_seed = [t for t in spec.trajectories() if t.seed == 1][0]
     assert other_seed.evaluated_requests(60) != trajectory.evaluated_requests(60)
+
+
+def test_trajectory_ids_follow_the_data_file_and_the_model_by_content(tmp_path):
+    """Issue 12, item 1: ids hashed the data set's and model's names only, so a changed data file or
+    re-converted weights resumed onto the old trajectory's rows and log."""
+    from orchestrator.spec import model_fingerprint
+
+    records = [{"case_id": i, "prompt": "The capital of France is", "subject": "France", "target_new": "Rome",
+                "ground_truth": "Paris", "rephrase_prompt": "France's capital is",
+                "locality_prompt": "Spain's capital is", "locality_ground_truth": "Madrid"} for i in range(2)]
+    data = tmp_path / "edits.json"
+    raw = {"experiment": "x", "models": ["tiny-gpt2"], "methods": ["rome"], "datasets": [str(data)], "n_edits": 1}
+    data.write_text(json.dumps(records))
+    first = spec_from_dict(raw, check_data=False).trajectories()[0]
+    records[1]["target_new"] = "Berlin"
+    data.write_text(json.dumps(records))
+    changed = spec_from_dict(raw, check_data=False).trajectories()[0]
+    assert first.trajectory_id != changed.trajectory_id and first.data_digest != changed.data_digest
+    assert first.config()["data_digest"] == first.data_digest
+
+    for name, weights in (("a", b"\0" * 64), ("b", b"\0" * 63 + b"\1")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(weights)
+        (tmp_path / name / "config.json").write_text("{}")
+    assert model_fingerprint(str(tmp_path / "a")) != model_fingerprint(str(tmp_path / "b"))

@@ -1,11 +1,13 @@
 """The Parquet store: readable by pyarrow and pandas, idempotent, atomic, loud about corrupt files."""
 
 import math
+import os
 from pathlib import Path
 from dataclasses import dataclass, field
 
 import pandas as pd
 import pyarrow.dataset as ds
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -150,3 +152,40 @@ def test_edit_row_of_a_batch_and_of_a_skipped_step():
     row = edit_row(FakeRecord(3, [7, "a8"], "memit", {"total": 2.5}, skipped=True, error="singular solve"))
     assert row["case_id"] == "7,a8" and row["n_requests"] == 2 and row["seconds_total"] == 2.5
     assert row["skipped"] is True and row["error"] == "singular solve" and math.isnan(row["loss"])
+
+
+def test_a_second_run_of_an_experiment_is_refused_while_the_first_holds_its_lock(tmp_path, capsys):
+    """Issue 12, item 8: two runs of one spec on one store wrote the same files at once."""
+    import yaml
+
+    from orchestrator import cli
+
+    store = Store(tmp_path / "store")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"experiment": "locked", "models": ["tiny-gpt2"], "methods": ["rome"],
+                                    "datasets": ["counterfact"], "n_edits": 1}))
+    with store.lock("locked"):
+        code = cli.main(["run", str(spec), "--store", str(tmp_path / "store"), "--no-progress", "--no-report"])
+        error = capsys.readouterr().err.strip()
+    assert code == 2 and len(error.splitlines()) == 1
+    assert "locked.lock" in error and f"pid {os.getpid()}" in error
+    assert not (tmp_path / "store" / "trajectories").exists()  # nothing of the run was written
+    with store.lock("locked"):  # released: taken again at once
+        pass
+
+
+def test_a_stray_copy_or_a_foreign_file_is_refused_not_counted(store):
+    """Issue 12, item 6: a copy of an edits file under another name showed 3 edits for a 2-edit
+    trajectory; a file of another schema was read with its missing columns as nulls."""
+    import shutil
+
+    path = store.put_edits("e", "t", [edit_row({"edit_index": i, "case_id": i}) for i in range(2)])
+    shutil.copy(path, path.replace("-000000-", "-copy-"))
+    with pytest.raises(StoreError, match="is also in"):
+        store.edit_steps_done("e", "t")
+    os.remove(path.replace("-000000-", "-copy-"))
+    assert store.edit_steps_done("e", "t") == 2
+    foreign = os.path.join(store.table_dir("edits"), "e", "t-000002-000002.parquet")
+    pq.write_table(pa.table({"experiment": ["e"], "trajectory_id": ["t"], "edit_index": [2]}), foreign)
+    with pytest.raises(StoreError, match="columns .* missing"):
+        store.read("edits", "e", "t")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch
 from workers.data import EditRequest
 from workers.editing import EditLog, Editor, load_hparams
 from workers.editing.delta import saved_log_metadata
-from workers.models import load_model
+from workers.models import load_model, weights_fingerprint
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,53 @@ def log_prefix(log: EditLog, steps: int) -> EditLog:
     return log[: sum(1 for step in delta_steps if step < steps)]
 
 
+class LogMismatch(ValueError):
+    """An edit log made from other base weights, requests or hyper-parameters than it is used with."""
+
+
+def requests_digest(requests: Sequence[EditRequest]) -> str:
+    """A digest of the requests, every field, in order."""
+    canonical = json.dumps([dataclasses.asdict(r) for r in requests], sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def hparams_digest(hparams: dict) -> str:
+    """A digest of the resolved hyper-parameters (their fields as a dict)."""
+    return hashlib.sha256(json.dumps(hparams, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def log_binding(requests: Sequence[EditRequest], hparams: dict, base_fingerprint: str | None = None) -> dict:
+    """What an edit log is made from; saved in its metadata, compared whenever it is used. The base
+    fingerprint is left out where no model is loaded (the driver's check before any actor starts)."""
+    binding = {"case_ids": [str(r.case_id) for r in requests], "requests_digest": requests_digest(requests),
+               "hparams_digest": hparams_digest(hparams)}
+    if base_fingerprint is not None:
+        binding["base_fingerprint"] = base_fingerprint
+    return binding
+
+
+def check_binding(metadata: dict, expected: dict, location: str | Path) -> None:
+    """Refuse a log whose binding differs from ``expected`` (the fields ``expected`` holds), saying which."""
+    saved = metadata.get("binding")
+    if not isinstance(saved, dict):
+        raise LogMismatch(f"edit log {location}: it records no base model, requests or hyper-parameters; "
+                          "move it aside to redo its edits")
+    differences = []
+    for name, value in expected.items():
+        if name == "case_ids":
+            theirs = saved.get(name) or []
+            first = next((i for i, (a, b) in enumerate(zip(theirs, value)) if a != b), None)
+            if first is not None or len(theirs) != len(value):
+                at = first if first is not None else min(len(theirs), len(value))
+                differences.append(f"case ids (request {at}: log {theirs[at] if at < len(theirs) else None!r}, "
+                                   f"trajectory {value[at] if at < len(value) else None!r})")
+        elif saved.get(name) != value:
+            differences.append(f"{name.replace('_', ' ')} (log {saved.get(name)!r}, now {value!r})")
+    if differences:
+        raise LogMismatch(f"edit log {location} was made from other inputs: {'; '.join(differences)}; "
+                          "move it aside to redo its edits")
+
+
 def saved_log_steps(location: str | Path) -> int:
     """How many edit steps the log saved at ``location`` (a path or store URI) holds; 0 when none."""
     metadata = saved_log_metadata(location)
@@ -120,6 +168,8 @@ class TrajectoryRunner:
         self.model, self.tokenizer = load_replica(task.replica)
         hparams = load_hparams(task.method, task.replica.model, overrides=task.hparams_overrides or None,
                                path=task.hparams_file)
+        # The base weights' fingerprint, once per trajectory, before any edit touches them.
+        self.binding = log_binding(task.requests, dataclasses.asdict(hparams), weights_fingerprint(self.model))
         # Statistics and context templates are computed on the base weights here, before any edit.
         self.editor = Editor(self.model, self.tokenizer, task.method, hparams, cache_dir=task.cache_dir,
                              data_root=task.data_root)
@@ -129,6 +179,7 @@ class TrajectoryRunner:
         delta_steps: list[int] = []
         if start_step:
             saved = EditLog.load(task.log_path)
+            check_binding(saved.metadata, self.binding, task.log_path)
             resumed = log_prefix(saved, start_step)
             delta_steps = list(saved.metadata["delta_steps"][: len(resumed)])
             self.editor.resume(resumed)
@@ -144,7 +195,8 @@ class TrajectoryRunner:
             if done in task.checkpoints:
                 log = self.editor.log
                 log.metadata.update({"trajectory_id": task.trajectory_id, "steps_done": step + 1,
-                                     "requests_done": done, "delta_steps": list(delta_steps)})
+                                     "requests_done": done, "delta_steps": list(delta_steps),
+                                     "binding": self.binding})
                 log.save(task.log_path)
                 yield CheckpointEvent(done, step + 1, task.log_path)
 
@@ -157,7 +209,7 @@ class CheckpointEvaluator:
 
         self.data_root, self.use_accelerator, self.num_threads = data_root, use_accelerator, num_threads
         self.reference = ReferenceCache(Path(cache_dir) / "reference")
-        self._replica: tuple[Replica, object, object, str] | None = None
+        self._replica: tuple[Replica, object, object, str, str] | None = None
         self._suites: dict[str, object] = {}
 
     def _base(self, replica: Replica):
@@ -166,7 +218,7 @@ class CheckpointEvaluator:
         if self._replica is None or self._replica[0] != replica:
             self._replica, self._suites = None, {}  # one base model in memory at a time
             model, tokenizer = load_replica(replica, role="evaluation")
-            self._replica = (replica, model, tokenizer, model_key(model, tokenizer))
+            self._replica = (replica, model, tokenizer, model_key(model, tokenizer), weights_fingerprint(model))
         return self._replica[1:]
 
     def evaluate(self, model: str, dtype: str, log_path: str | None, steps: int,
@@ -176,14 +228,18 @@ class CheckpointEvaluator:
         from workers.evaluation.scoring import context_length
 
         replica = Replica(model, dtype, self.use_accelerator, self.num_threads)
-        base, tokenizer, base_key = self._base(replica)
+        base, tokenizer, base_key, fingerprint = self._base(replica)
         config = EvalConfig.from_dict({**eval_fields, "progress": False}, source="evaluation")
         # Samples and perplexity windows depend on the tokenizer and context: keyed by model too.
         digest = (base_key, config.digest())
         if digest not in self._suites:
             self._suites[digest] = TaskSuite.load(tokenizer, config, self.data_root,
                                                   context_length=context_length(base))
-        log = log_prefix(EditLog.load(log_path), steps) if steps else EditLog()
+        log = EditLog()
+        if steps:
+            saved = EditLog.load(log_path)
+            check_binding(saved.metadata, {"base_fingerprint": fingerprint}, log_path)
+            log = log_prefix(saved, steps)
         rows = evaluate_checkpoint(base, tokenizer, log, list(requests), config, reference=self.reference,
                                    tasks=self._suites[digest], base_key=base_key, data_root=self.data_root)
         return [row.as_dict() for row in rows]

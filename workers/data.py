@@ -162,6 +162,8 @@ def _read_json_records(path: Path) -> list[dict]:
         records = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise DataError(path, f"line {exc.lineno}", "<json>", str(exc)) from exc
+    except UnicodeDecodeError as exc:
+        raise DataError(path, "<file>", "<encoding>", f"not UTF-8 text (byte {exc.start})") from exc
     if not isinstance(records, list):
         raise DataError(path, "<top level>", "<json>", "expected a list of records")
     return records
@@ -176,6 +178,46 @@ def _text(record: dict, key: str, path: Path, record_id: Any) -> str:
     if not value.strip():
         raise DataError(path, record_id, key, "empty")
     return value
+
+
+def _texts(record: dict, key: str, path: Path, record_id: Any) -> tuple[str, ...]:
+    """A list of prompts (absent: none). A string is refused: iterating it would give its characters."""
+    value = record.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise DataError(path, record_id, key, f"expected a list of texts, got {type(value).__name__}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not item.strip():
+            raise DataError(path, record_id, f"{key}[{i}]", f"expected non-empty text, got {item!r}")
+    return tuple(value)
+
+
+def _object(record: dict, key: str, path: Path, record_id: Any) -> dict:
+    value = record.get(key)
+    if not isinstance(value, dict):
+        raise DataError(path, record_id, key, f"expected an object, got {type(value).__name__}")
+    return value
+
+
+def _case_id(record: dict, index: int, path: Path) -> int | str:
+    """The record's ``case_id`` (its index when absent): an integer or a non-empty text."""
+    if "case_id" not in record:
+        return index
+    value = record["case_id"]
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and not value.strip()):
+        raise DataError(path, index, "case_id", f"expected an integer or text, got {value!r}")
+    return value
+
+
+def _unique_case_ids(path: Path, requests: list[EditRequest]) -> list[EditRequest]:
+    # Edit rows, logs and evaluations are keyed by case id: two requests with one id would merge.
+    seen: set[str] = set()
+    for request in requests:
+        if str(request.case_id) in seen:
+            raise DataError(path, request.case_id, "case_id", "used by an earlier record too")
+        seen.add(str(request.case_id))
+    return requests
 
 
 def _collect(path: Path, records: Iterable[Any], parse: Callable[[Any, int], Any], skip_invalid: bool,
@@ -225,21 +267,21 @@ def load_counterfact(split: str = "edit", data_root: str | Path | None = None, *
     path = Path(path)
 
     def parse(record: dict, index: int) -> EditRequest:
-        case_id = record.get("case_id", index)
+        case_id = _case_id(record, index, path)
         if "requested_rewrite" in record:
-            rewrite = record["requested_rewrite"]
-            if not isinstance(rewrite, dict):
-                raise DataError(path, case_id, "requested_rewrite", "expected an object")
+            rewrite = _object(record, "requested_rewrite", path, case_id)
             template = _text(rewrite, "prompt", path, case_id)
             subject = _text(rewrite, "subject", path, case_id)
             if "{}" not in template:
                 raise DataError(path, case_id, "requested_rewrite.prompt", "has no {} slot for the subject")
-            target_new = _text(rewrite.get("target_new") or {}, "str", path, case_id)
-            target_true = (rewrite.get("target_true") or {}).get("str")
-            neighbours = tuple(record.get("neighborhood_prompts") or ())
+            target_new = _text(_object(rewrite, "target_new", path, case_id), "str", path, case_id)
+            target_true = None
+            if rewrite.get("target_true") is not None:
+                target_true = _text(_object(rewrite, "target_true", path, case_id), "str", path, case_id)
+            neighbours = _texts(record, "neighborhood_prompts", path, case_id)
             return _edit_request(path, case_id, template.format(subject), subject, target_new,
                                  target_true=target_true,
-                                 rephrase_prompts=tuple(record.get("paraphrase_prompts") or ()),
+                                 rephrase_prompts=_texts(record, "paraphrase_prompts", path, case_id),
                                  locality_prompts=neighbours,
                                  locality_answers=(target_true,) * len(neighbours) if target_true else ())
         prompt = _text(record, "prompt", path, case_id)
@@ -253,7 +295,7 @@ def load_counterfact(split: str = "edit", data_root: str | Path | None = None, *
                              rephrase_prompts=(rephrase,), locality_prompts=(loc_prompt,),
                              locality_answers=(loc_answer,))
 
-    return _collect(path, _read_json_records(path), parse, skip_invalid, report)
+    return _unique_case_ids(path, _collect(path, _read_json_records(path), parse, skip_invalid, report))
 
 
 def load_zsre(split: str = "eval", data_root: str | Path | None = None, *, path: str | Path | None = None,
@@ -268,16 +310,19 @@ def load_zsre(split: str = "eval", data_root: str | Path | None = None, *, path:
     path = Path(path)
 
     def parse(record: dict, index: int) -> EditRequest:
-        case_id = record.get("case_id", index)
-        answers = record.get("answers") or []
+        case_id = _case_id(record, index, path)
+        answers = _texts(record, "answers", path, case_id)  # a string would give its first character
+        pred = record.get("pred")
+        if pred is not None and not isinstance(pred, str):
+            raise DataError(path, case_id, "pred", f"expected text, got {type(pred).__name__}")
         return _edit_request(
             path, case_id, _text(record, "src", path, case_id), _text(record, "subject", path, case_id),
-            _text(record, "alt", path, case_id), target_true=answers[0] if answers else record.get("pred"),
+            _text(record, "alt", path, case_id), target_true=answers[0] if answers else pred,
             rephrase_prompts=(_text(record, "rephrase", path, case_id),),
             locality_prompts=(_text(record, "loc", path, case_id),),
             locality_answers=(_text(record, "loc_ans", path, case_id),))
 
-    return _collect(path, _read_json_records(path), parse, skip_invalid, report)
+    return _unique_case_ids(path, _collect(path, _read_json_records(path), parse, skip_invalid, report))
 
 
 def load_edit_dataset(name: str, data_root: str | Path | None = None, **kwargs) -> list[EditRequest]:
@@ -290,7 +335,7 @@ def load_edit_dataset(name: str, data_root: str | Path | None = None, **kwargs) 
     path = Path(name)
     if path.is_file():
         first = _read_json_records(path)[:1]
-        loader = load_zsre if first and "src" in first[0] else load_counterfact
+        loader = load_zsre if first and isinstance(first[0], dict) and "src" in first[0] else load_counterfact
         return loader(path=path, **kwargs)
     raise ValueError(f"unknown edit data set {name!r}; known: {sorted(loaders)} or a JSON file path")
 

@@ -21,7 +21,17 @@ from typing import Iterator, Sequence
 
 import torch
 
-from workers.models import arch_spec, get_module
+from workers.models import arch_spec, get_module, num_layers
+
+
+class DeltaError(ValueError):
+    """A delta that must not touch the model: another module, a wrong shape, non-finite values."""
+
+
+def edited_projections(model) -> set[str]:
+    """The modules any editing method may rewrite: the MLP output projection of every layer."""
+    spec = arch_spec(model)
+    return {spec.mlp_out_name(layer) for layer in range(num_layers(model))}
 
 
 def edited_weight(model, module_name: str) -> torch.Tensor:
@@ -43,8 +53,19 @@ class LayerDelta:
     def apply(self, model) -> None:
         """W += ΔW, materialised in float32 and added in the weight's dtype — the only way any
         delta is ever applied, so that replays reproduce the weights exactly."""
+        # A log is data from a file: it may name any module (embeddings, attention) or carry a tensor
+        # that would broadcast or hold NaN; nothing is added unless it is an edit of an edited matrix.
+        if self.module not in edited_projections(model):
+            raise DeltaError(f"delta for module {self.module!r}: not an MLP output projection of this model "
+                             f"(what the editing methods rewrite, e.g. {arch_spec(model).mlp_out_name(0)!r})")
         weight = edited_weight(model, self.module)
-        weight.add_(self.dense().to(device=weight.device).to(weight.dtype))
+        update = self.dense()
+        if tuple(update.shape) != tuple(weight.shape):
+            raise DeltaError(f"delta for module {self.module!r}: update of shape {tuple(update.shape)}, but the "
+                             f"weight is {tuple(weight.shape)} (out, in)")
+        if not torch.isfinite(update).all():
+            raise DeltaError(f"delta for module {self.module!r}: the update holds non-finite values")
+        weight.add_(update.to(device=weight.device).to(weight.dtype))
 
     def dense(self) -> torch.Tensor:
         update = self.left.float() if self.right is None else self.left.float() @ self.right.float().T
@@ -167,6 +188,7 @@ class EditLog:
 
     @classmethod
     def load(cls, location: str | Path, device: str | torch.device = "cpu") -> "EditLog":
+        from safetensors import SafetensorError
         from safetensors.torch import load
 
         from workers import storage
@@ -175,15 +197,22 @@ class EditLog:
         header = safetensors_metadata(data, location)
         if header.get("format") != "eac-edit-log/1":
             raise ValueError(f"{location}: not an eac edit log (format {header.get('format')!r})")
-        tensors = load(data)
-        deltas = []
-        for i, entry in enumerate(json.loads(header["edits"])):
-            layers = []
-            for j, module in enumerate(entry["modules"]):
-                optional = {part: tensors.get(f"{i}.{j}.{part}") for part in OPTIONAL_PARTS}
-                layers.append(LayerDelta(module, tensors[f"{i}.{j}.left"], **optional))
-            deltas.append(WeightDelta(layers, entry["case_ids"], entry["method"]).to(device))
-        return cls(deltas, json.loads(header.get("metadata", "{}")))
+        # A truncated or hand-made file fails here with its name, not deep inside a replay.
+        try:
+            tensors = load(data)
+            deltas = []
+            for i, entry in enumerate(json.loads(header["edits"])):
+                layers = []
+                for j, module in enumerate(entry["modules"]):
+                    optional = {part: tensors.get(f"{i}.{j}.{part}") for part in OPTIONAL_PARTS}
+                    layers.append(LayerDelta(str(module), tensors[f"{i}.{j}.left"], **optional))
+                deltas.append(WeightDelta(layers, list(entry["case_ids"]), str(entry["method"])).to(device))
+            metadata = json.loads(header.get("metadata", "{}"))
+        except (SafetensorError, ValueError, KeyError, TypeError, AttributeError) as exc:  # the file's fault
+            raise ValueError(f"{location}: unreadable edit log ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(metadata, dict):
+            raise ValueError(f"{location}: unreadable edit log (metadata is not a mapping)")
+        return cls(deltas, metadata)
 
 
 def saved_log_metadata(location: str | Path) -> dict | None:

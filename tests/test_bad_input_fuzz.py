@@ -1,0 +1,209 @@
+"""Issue 12: every bad input of `eac run` — spec, edit data file, saved edit log — is one line on
+stderr naming the file, exit status 2, before Ray starts and with nothing written to the store.
+Seeded: each case draws its malformation (which field, which bytes, where a file is cut) from its
+own seed, so a failure names a case that replays exactly."""
+
+import json
+import random
+
+import pytest
+import yaml
+
+from orchestrator import cli
+from orchestrator import driver as driver_module
+from orchestrator.driver import Driver
+from orchestrator.spec import load_spec
+from orchestrator.store import Store
+from workers.editing.delta import EditLog
+
+N_CASES = 60
+RECORD = {"prompt": "The capital of France is", "subject": "France", "target_new": "Rome",
+          "ground_truth": "Paris", "rephrase_prompt": "France's capital is", "locality_prompt": "Spain's capital is",
+          "locality_ground_truth": "Madrid"}
+SPEC = {"experiment": "fuzz", "models": ["tiny-gpt2"], "methods": ["rome"], "datasets": ["edits.json"],
+        "n_edits": 2, "checkpoints": [0, 1, 2], "selection": "first", "evaluation": {"tasks": {"wikitext": 1}},
+        "resources": {"trajectory": {"num_cpus": 1}, "evaluation": {"num_cpus": 1, "actors": 1}}}
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+    f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+    for i in range(8))
+
+
+def records(n=3):
+    return [{"case_id": i, **RECORD} for i in range(n)]
+
+
+# ---- spec malformations: (rng) -> the spec file's bytes ----
+
+def bad_value(rng):
+    field, values = rng.choice([
+        ("n_edits", [-1, 0, "two", 2.5, float("nan"), 10**9]), ("batch_size", [0, -3, "1", 3]),
+        ("seeds", [[1, 1], [-1], ["a"]]), ("dtype", ["int8", 3]), ("selection", ["all", None]),
+        ("checkpoints", [{"every": 0}, [5], [-1], {"each": 1}, {"every": 1, "x": 2}]),
+        ("models", [[], [""], ["tiny-gpt2", "tiny-gpt2"], ["no-such-model"]]),
+        ("methods", [["rome-eca"], [{"method": "rome", "name": "../up"}], [{"name": "x"}]]),
+        ("experiment", ["../escape", "a" * 300, "", "a/b", 7]),
+        ("resources", [{"trajectory": {"num_cpus": float("nan")}}, {"trajectory": {"num_cpus": -1}},
+                       {"evaluation": {"actors": 0}}, {"gpus": 1}]),
+        ("evaluation", [{"tasks": {"wikitext": 0}}, {"tasks": {"nope": 1}}, {"edit_sample": -1}, {"bogus": 1}]),
+        ("hparams", [{"memit": {"layers": [1]}}, {"rome": {"no_such_field": 1}}, {"nope": {}}]),
+        ("max_restarts", [-1, "x"]), ("store", ["", 5]),
+    ])
+    return yaml.safe_dump({**SPEC, field: rng.choice(values)}).encode()
+
+
+def huge_checkpoint_list(rng):
+    return yaml.safe_dump({**SPEC, "n_edits": 10**12, "checkpoints": {"every": rng.randint(1, 1000)}}).encode()
+
+
+def unknown_field(rng):
+    return yaml.safe_dump({**SPEC, f"field{rng.randint(0, 99)}": 1}).encode()
+
+
+def alias_bomb(rng):
+    return (yaml.safe_dump(SPEC) + "hparams:\n  rome:\n" + "".join(
+        "    " + line + "\n" for line in ALIAS_BOMB.splitlines())).encode()
+
+
+def not_utf8(rng):
+    text = yaml.safe_dump(SPEC).encode()
+    at = rng.randrange(len(text))
+    return text[:at] + bytes([rng.randint(0x80, 0xff)]) + b"\xfe" + text[at:]
+
+
+def cut_yaml(rng):
+    return rng.choice([b"experiment: [unclosed\n", b"- a\n- b\n", b"42\n", b"key: value\n  bad indent: - x\n",
+                       b"{experiment: fuzz, models: [tiny-gpt2"])
+
+
+# ---- data-file malformations: (rng) -> the edit data file's bytes ----
+
+def data_bad_record(rng):
+    rows = records()
+    row = rows[rng.randrange(len(rows))]
+    field, value = rng.choice([("prompt", 5), ("subject", "Germany"), ("target_new", ""), ("target_new", None),
+                               ("case_id", None), ("case_id", True), ("case_id", [1]), ("ground_truth", 3.5)])
+    row[field] = value
+    return json.dumps(rows).encode()
+
+
+def data_duplicate_ids(rng):
+    rows = records()
+    rows[2]["case_id"] = rows[rng.randrange(2)]["case_id"]
+    return json.dumps(rows).encode()
+
+
+def data_rome_schema(rng):
+    rewrite = {"prompt": "The capital of {} is", "subject": "France", "target_new": {"str": "Rome"},
+               "target_true": {"str": "Paris"}}
+    change = rng.choice([("target_new", "Rome"), ("target_true", "Paris"), ("prompt", "no slot")])
+    row = {"case_id": 0, "requested_rewrite": {**rewrite, change[0]: change[1]},
+           "paraphrase_prompts": ["France's capital is"], "neighborhood_prompts": ["Spain's capital is"]}
+    if rng.random() < 0.5:
+        row = {"case_id": 0, "requested_rewrite": rewrite, rng.choice(["paraphrase_prompts", "neighborhood_prompts"]):
+               rng.choice(["a string, not a list", [1, 2], [""]])}
+    return json.dumps([row, row | {"case_id": 1}, row | {"case_id": 2}]).encode()
+
+
+def data_zsre_answers(rng):
+    row = {"src": "When was France founded?", "subject": "France", "alt": "1998", "rephrase": "France founded in?",
+           "loc": "nq question: who?", "loc_ans": "me", "answers": rng.choice(["1998", [1998], [None]])}
+    return json.dumps([{**row, "case_id": i} for i in range(3)]).encode()
+
+
+def data_not_records(rng):
+    return rng.choice([b"[1, 2, 3]", b"{\"a\": 1}", b"[\"x\", \"y\", \"z\"]", b"[[1], [2], [3]]", b"\"text\""])
+
+
+def data_broken_bytes(rng):
+    text = json.dumps(records()).encode()
+    if rng.random() < 0.5:
+        return text[: rng.randrange(1, len(text) - 1)]  # cut short
+    at = rng.randrange(len(text))
+    return text[:at] + b"\xff\xfe" + text[at:]
+
+
+# ---- saved edit logs: (rng, the log's valid bytes) -> the log's bytes ----
+
+def log_garbage(rng, valid):
+    return bytes(rng.randrange(256) for _ in range(rng.randint(0, 64)))
+
+
+def log_truncated(rng, valid):
+    return valid[: rng.randrange(1, len(valid) - 1)]
+
+
+def log_header_lies(rng, valid):
+    size = int.from_bytes(valid[:8], "little")
+    return (size + rng.randint(1, 10**6)).to_bytes(8, "little") + valid[8:]
+
+
+def log_other_requests(rng, valid):
+    return None  # built in the test: a well-formed log bound to other requests
+
+
+SPEC_CASES = [bad_value, bad_value, bad_value, huge_checkpoint_list, unknown_field, alias_bomb, not_utf8, cut_yaml]
+DATA_CASES = [data_bad_record, data_duplicate_ids, data_rome_schema, data_zsre_answers, data_not_records,
+              data_broken_bytes]
+LOG_CASES = [log_garbage, log_truncated, log_header_lies, log_other_requests]
+ALL = SPEC_CASES + DATA_CASES + LOG_CASES
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    for name in ("init", "remote"):
+        monkeypatch.setattr(driver_module.ray, name, lambda *a, **k: pytest.fail("Ray was used"), raising=False)
+    monkeypatch.setattr(driver_module.TrajectoryActor, "options", lambda **kw: pytest.fail("an actor started"))
+    monkeypatch.setattr(driver_module.EvalActor, "options", lambda **kw: pytest.fail("an actor started"))
+
+
+def valid_log(spec_path, store_root, data_root) -> tuple[str, bytes]:
+    """Where the plan's one trajectory keeps its log, and a well-formed log of one step for it."""
+    driver = Driver(load_spec(spec_path), Store(store_root), progress=False, data_root=data_root)
+    (trajectory,) = driver.plan()
+    from workers.actors import log_binding
+
+    binding = log_binding(trajectory.task.requests, trajectory.spec.resolved_hparams)
+    log = EditLog(metadata={"steps_done": 1, "delta_steps": [], "binding": binding})
+    return trajectory.task.log_path, log
+
+
+@pytest.mark.parametrize("seed", range(N_CASES))
+def test_bad_input_is_one_line_naming_the_file_exit_2_before_ray(seed, tmp_path, data_root, no_ray, capsys):
+    rng = random.Random(seed)
+    malform = ALL[seed % len(ALL)]
+    spec_path, data_path, store = tmp_path / "spec.yaml", tmp_path / "edits.json", tmp_path / "store"
+    spec_path.write_text(yaml.safe_dump(SPEC))
+    data_path.write_text(json.dumps(records()))
+    named, placed = None, set()
+    if malform in SPEC_CASES:
+        spec_path.write_bytes(malform(rng))
+        named = spec_path
+    elif malform in DATA_CASES:
+        data_path.write_bytes(malform(rng))
+        named = data_path
+    else:
+        log_path, log = valid_log(spec_path, store, data_root)
+        if malform is log_other_requests:
+            from workers.actors import log_binding
+
+            from workers.data import EditRequest
+
+            others = [EditRequest(i, RECORD["prompt"], RECORD["subject"], "Berlin") for i in range(rng.randint(1, 3))]
+            log.metadata["binding"] = log_binding(others, {"x": rng.random()})
+            log.save(log_path)
+        else:
+            log.save(log_path)
+            with open(log_path, "rb") as handle:
+                valid = handle.read()
+            with open(log_path, "wb") as handle:
+                handle.write(malform(rng, valid))
+        named = log_path
+        placed = {p for p in store.rglob("*")}
+    code = cli.main(["run", str(spec_path), "--store", str(store), "--no-report", "--no-progress"])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2, (malform.__name__, captured.err)
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    assert str(named) in lines[0], (malform.__name__, lines[0])
+    assert {p for p in store.rglob("*")} == placed if store.exists() else not placed
