@@ -40,7 +40,7 @@ from workers import settings
 from workers.actors import (CheckpointEvent, EditEvent, EvalActor, Replica, TrajectoryActor, TrajectoryTask,
                             saved_log_steps)
 from workers.data import EditRequest, load_edit_dataset
-from workers.editing.hparams import split_method
+from workers.editing.methods import split_method
 
 # Settings that actors on other machines of a cluster must see as the driver does; an object store's
 # endpoint and region too (its credentials stay out of the job's runtime_env, which the dashboard
