@@ -456,7 +456,7 @@ class EvalPool:
 def summary_table(store: Store, plan: list[Trajectory]) -> pd.DataFrame:
     """One line per trajectory, from the store: edits, seconds per edit, the editing metrics at the
     last checkpoint, the mean retention of the general tasks, and the status."""
-    from experiments.figures import task_retention
+    from workers.evaluation.metrics import task_retention
 
     rows = []
     for trajectory in plan:
