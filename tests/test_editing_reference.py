@@ -1,5 +1,5 @@
 """Where the editing core must match the reference code (ROME, MEMIT, AlphaEdit, the EAC authors'
-code and the EAC paper), issue 17 items 1–8. Each test fails on the code before that issue's fixes."""
+code and the EAC paper). Each test failed on the code before the fix it covers."""
 
 from pathlib import Path
 
