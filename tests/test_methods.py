@@ -6,10 +6,9 @@ import dataclasses
 import torch
 
 from workers.data import EditRequest
-from workers.editing import Editor, load_hparams
-from workers.editing import methods
+from workers.editing import Editor, load_hparams, methods
 from workers.editing.context import StepInfo
-from workers.editing.delta import LayerDelta, WeightDelta
+from workers.editing.delta import LayerDelta, WeightDelta, edited_weight
 from workers.models import arch_spec, load_model
 
 REQUEST = EditRequest(0, "The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", "French")
@@ -22,7 +21,7 @@ def test_an_entry_of_the_registry_is_all_the_editor_reads(tmp_path, monkeypatch)
 
     def step(model, tokenizer, requests, hparams, ctx, method):
         module = arch_spec(model).mlp_out_name(hparams.layer)
-        layer_delta = LayerDelta(module, torch.full_like(model.get_submodule(module).weight, 1e-3))
+        layer_delta = LayerDelta(module, torch.full_like(edited_weight(model, module), 1e-3))
         layer_delta.apply(model)
         calls["steps"].append(method)
         return WeightDelta([layer_delta], [r.case_id for r in requests], method), StepInfo(loss=0.5, steps=1)
