@@ -12,7 +12,6 @@ each λ / threshold, which is exact: z does not depend on the spreading.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 

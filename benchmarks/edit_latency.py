@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from workers.data import load_counterfact
 from workers.editing import Editor, load_hparams
-from workers.editing.hparams import split_method
+from workers.editing.methods import split_method
 from workers.editing.targets import TargetProblem
 from workers.hooks import add_to_output
 from workers.models import arch_spec, load_model

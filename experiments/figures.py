@@ -24,22 +24,17 @@ from pathlib import Path
 import pandas as pd
 
 from orchestrator.store import Store
+from workers.editing.methods import split_method
+from workers.evaluation.metrics import TASK_METRICS
 
-# The scores each general task is plotted by; the first is its headline score (the paper's protocol).
-# Classification tasks also show the label log-likelihood accuracy, which stays informative for small
-# models whose greedy answers are rarely a label word. Other metrics stay in the store.
-TASK_METRICS = {"nli": ("accuracy_all", "label_ll_accuracy"), "sst2": ("accuracy_all", "label_ll_accuracy"),
-                "nq": ("exact_match", "contains_answer"), "samsum": ("rouge_mean",),
-                "mmlu": ("accuracy_letter", "accuracy_cloze"), "wikitext": ("perplexity",)}
-HEADLINE = {task: metrics[0] for task, metrics in TASK_METRICS.items()}
 TASK_TITLES = {"nli": "NLI (RTE)", "sst2": "Sentiment (SST-2)", "nq": "Open-domain QA (NQ)",
                "samsum": "Summarisation (SAMSum)", "mmlu": "MMLU", "wikitext": "WikiText perplexity"}
 EDIT_PREFIX = "edit/"
 # Paper figure numbers per edit data set: (editing metrics, general tasks).
 PAPER_FIGURES = {"zsre": ("Fig. 5", "Fig. 6"), "counterfact": ("Fig. 9", "Fig. 10")}
-# The constraint suffix of a method name (workers.editing.hparams.CONSTRAINTS) -> its line style;
-# the base method itself is dashed.
-CONSTRAINT_LINESTYLES = {"-eac": "-", "-prune": "-.", "-rect": ":"}
+# A method's constraint (workers.editing.methods.CONSTRAINTS) -> its line style; the base method
+# itself is dashed.
+CONSTRAINT_LINESTYLES = {"eac": "-", "prune": "-.", "rect": ":"}
 BASE_LINESTYLE = "--"
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
 
@@ -79,14 +74,11 @@ def load_frames(store: Store, experiment: str) -> Frames:
 
 
 def base_method(method: str) -> str:
-    for suffix in CONSTRAINT_LINESTYLES:
-        if method.endswith(suffix):
-            return method[: -len(suffix)]
-    return method
+    return split_method(method)[0]
 
 
 def linestyle(method: str) -> str:
-    return CONSTRAINT_LINESTYLES.get(method[len(base_method(method)):], BASE_LINESTYLE)
+    return CONSTRAINT_LINESTYLES.get(split_method(method)[1], BASE_LINESTYLE)
 
 
 def general_tasks(evaluations: pd.DataFrame) -> list[str]:
@@ -98,19 +90,6 @@ def task_metrics(evaluations: pd.DataFrame, task: str) -> list[str]:
     """The plotted metrics of ``task`` that the rows hold, in ``TASK_METRICS`` order."""
     present = set(evaluations.loc[evaluations["task"] == task, "metric"])
     return [metric for metric in TASK_METRICS.get(task, ()) if metric in present]
-
-
-def task_retention(rows: pd.DataFrame) -> dict[str, tuple[str, float]]:
-    """Per task, (metric, edited / unedited) for the first plotted metric that has a retention row
-    (an unedited score of 0 has none) — from the rows of one checkpoint of one trajectory."""
-    out = {}
-    for task, metrics in TASK_METRICS.items():
-        for metric in metrics:
-            found = rows.loc[(rows["task"] == task) & (rows["metric"] == f"retention/{metric}"), "value"]
-            if len(found) and not math.isnan(found.iloc[0]):
-                out[task] = (metric, float(found.iloc[0]))
-                break
-    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from workers.actors import (CheckpointEvent, EditEvent, EvalActor, Replica, Traj
                             check_binding, log_binding, saved_log_steps)
 from workers.data import EditRequest, load_edit_dataset
 from workers.editing.delta import saved_log_metadata
-from workers.editing.hparams import split_method
+from workers.editing.methods import split_method
 
 # Settings that actors on other machines of a cluster must see as the driver does; an object store's
 # endpoint and region too (its credentials stay out of the job's runtime_env, which the dashboard
@@ -504,7 +504,7 @@ class EvalPool:
 def summary_table(store: Store, plan: list[Trajectory]) -> pd.DataFrame:
     """One line per trajectory, from the store: edits, seconds per edit, the editing metrics at the
     last checkpoint, the mean retention of the general tasks, and the status."""
-    from experiments.figures import task_retention
+    from workers.evaluation.metrics import task_retention
 
     rows = []
     for trajectory in plan:

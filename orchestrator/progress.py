@@ -154,7 +154,7 @@ class Progress:
 
 def headline_metric(task: str, scores: dict) -> str | None:
     """The task's headline metric (the report's), else its first metric by name."""
-    from experiments.figures import HEADLINE
+    from workers.evaluation.metrics import HEADLINE
 
     if task in HEADLINE:
         return HEADLINE[task]

@@ -16,7 +16,7 @@ atomic (``workers.storage.write_bytes``: a hidden temporary file renamed into pl
 the final name at once on an object store, whose PUT is atomic), so a reader (and ``pyarrow.dataset``,
 which skips names starting with '.') sees either the old file or the new one, never half of one.
 Each table has a fixed schema, so ``pyarrow.dataset.dataset(root / "edits")`` and
-``pandas.read_parquet(root / "edits")`` (or ``Store(uri).dataset("edits")``) read every experiment's
+``pandas.read_parquet(root / "edits")`` read every experiment's
 files as one table; every file carries its ``experiment`` column.
 
 A file that cannot be read raises ``StoreError`` naming it; the store never deletes or rewrites a file
@@ -32,9 +32,9 @@ import os
 import posixpath
 import re
 import socket
-from dataclasses import asdict, fields, is_dataclass
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -280,11 +280,6 @@ class Store:
         frame = self.read(table, experiment, trajectory_id).to_pandas()
         return frame.sort_values(list(KEYS[table]), ignore_index=True)
 
-    def dataset(self, table: str) -> ds.Dataset:
-        """The whole table as a pyarrow dataset (no per-file checks: see ``read``)."""
-        return ds.dataset(self.table_dir(table), format="parquet", schema=SCHEMAS[table],
-                          filesystem=self.filesystem)
-
     def experiments(self) -> list[str]:
         """Experiments with a trajectory row (their names, from the trajectories table's files)."""
         return sorted({posixpath.basename(posixpath.dirname(path)) for path in self.files("trajectories")})
@@ -328,15 +323,6 @@ def edit_row(record: Any) -> dict:
     row["error"] = data.pop("error", None)
     row["extra"] = json.dumps(data, sort_keys=True, default=str) if data else None
     return row
-
-
-def dataclass_row(obj: Any, columns: Iterable[str]) -> dict:
-    """The named fields of a dataclass instance (e.g. an evaluation's MetricRow) as a dict."""
-    names = {f.name for f in fields(obj)}
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise StoreError(f"{type(obj).__name__} has no field(s) {missing}")
-    return {c: getattr(obj, c) for c in columns}
 
 
 def _check_name(value: str, what: str) -> None:

@@ -126,7 +126,7 @@ class Objective:
     def _retention_terms(self, values: Mapping[tuple[str, str], float]) -> tuple[tuple[str, str], ...]:
         if self.retention is not None:
             return self.retention
-        from experiments.figures import HEADLINE
+        from workers.evaluation.metrics import HEADLINE
 
         return tuple((task, f"retention/{metric}") for task, metric in HEADLINE.items()
                      if (task, f"retention/{metric}") in values)

@@ -7,7 +7,7 @@ import pytest
 
 from workers import data
 
-# Record counts from ../shared/data/README.md.
+# Record counts of the shared data files (as their providers publish them).
 EXPECTED_COUNTS = {
     "counterfact-edit": (lambda: data.load_counterfact("edit"), 10_000),
     "counterfact-val": (lambda: data.load_counterfact("val"), 1_919),

@@ -3,11 +3,12 @@
 import pytest
 import torch
 
+from orchestrator.store import edit_row
 from workers.data import EditRequest
 from workers.editing import EditLog, Editor, load_hparams
 from workers.editing.alphaedit import apply_alphaedit
 from workers.editing.context import EditContext
-from workers.editing.delta import WeightSnapshot, edited_weight
+from workers.editing.delta import edited_weight
 from workers.editing.hparams import with_overrides
 from workers.editing.keys import at_subject, template_weights
 from workers.editing.memit import apply_memit
@@ -147,8 +148,8 @@ def test_edit_records_measure_the_change(tmp_path):
     assert record.relative_l1[module] == pytest.approx(
         float(edited_weight(model, module).double().abs().sum() / original.double().abs().sum()), rel=1e-9)
     assert record.seconds["total"] >= record.seconds["targets"] > 0
-    row = record.as_row()
-    assert row["case_ids"] == ["0"] and "seconds_targets" in row
+    row = edit_row(record)
+    assert row["case_id"] == "0" and "targets" in row["seconds"]
 
 
 @pytest.mark.parametrize("bad", [

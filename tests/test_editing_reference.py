@@ -1,5 +1,5 @@
 """Where the editing core must match the reference code (ROME, MEMIT, AlphaEdit, the EAC authors'
-code and the EAC paper), issue 17 items 1–8. Each test fails on the code before that issue's fixes."""
+code and the EAC paper). Each test failed on the code before the fix it covers."""
 
 from pathlib import Path
 
@@ -16,7 +16,6 @@ from workers.editing.delta import edited_weight
 from workers.editing.eac import optimise_with_anchors
 from workers.editing.hparams import EACHParams, RomeHParams, authors_eac_overrides, with_overrides
 from workers.editing.keys import at_subject, template_weights
-from workers.editing.memit import apply_memit
 from workers.editing.rome import apply_rome
 from workers.editing.targets import EditFailure, TargetProblem
 from workers.models import arch_spec, get_module, load_model

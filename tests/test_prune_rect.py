@@ -10,7 +10,8 @@ import torch
 from tests.test_editing import REQUESTS, moments
 from workers.editing import METHODS, EditLog, Editor, load_hparams
 from workers.editing.delta import LayerDelta, WeightDelta, WeightSnapshot, edited_weight
-from workers.editing.hparams import PruneHParams, RectHParams, split_method
+from workers.editing.hparams import PruneHParams, RectHParams
+from workers.editing.methods import split_method
 from workers.editing.prune import PruneRestraint, log_restraint
 from workers.editing.rect import RectSparsifier, relative_change_mask
 from workers.models import arch_spec, load_model

@@ -138,7 +138,7 @@ def test_eac_report_command(tmp_path, capsys):
 def test_task_retention_falls_back_to_the_next_plotted_metric():
     import pandas as pd
 
-    from experiments.figures import task_retention
+    from workers.evaluation.metrics import task_retention
 
     rows = pd.DataFrame([  # the unedited model never answered "True"/"False": no ratio for accuracy_all
         {"task": "nli", "metric": "accuracy_all", "value": 0.0},

@@ -451,9 +451,6 @@ def text_paragraphs(text: str, min_chars: int = 1) -> list[str]:
     return [line for line in lines if len(line) >= min_chars and not (line.startswith("=") and line.endswith("="))]
 
 
-TASK_LOADERS = {"rte": load_rte, "sst2": load_sst2, "samsum": load_samsum, "nq": load_nq, "mmlu": load_mmlu}
-
-
 # --------------------------------------------------------------------------------------------
 # Hub exports for online users: write the hub's copy in the same file format as the shared data.
 

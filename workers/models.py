@@ -55,8 +55,6 @@ class ArchSpec:
     family: str
     layers: str  # e.g. "model.layers.{}"
     mlp_out: str  # e.g. "model.layers.{}.mlp.down_proj"
-    embed: str
-    final_norm: str
     weight_transposed: bool
 
     def layer_name(self, layer: int) -> str:
@@ -67,11 +65,9 @@ class ArchSpec:
 
 
 ARCH_SPECS: dict[str, ArchSpec] = {
-    "gpt2": ArchSpec("gpt2", "transformer.h.{}", "transformer.h.{}.mlp.c_proj", "transformer.wte",
-                     "transformer.ln_f", weight_transposed=True),
+    "gpt2": ArchSpec("gpt2", "transformer.h.{}", "transformer.h.{}.mlp.c_proj", weight_transposed=True),
     # LLaMA-2/3, SmolLM2, Mistral and Qwen2 share the LLaMA layout.
-    **{family: ArchSpec(family, "model.layers.{}", "model.layers.{}.mlp.down_proj", "model.embed_tokens",
-                        "model.norm", weight_transposed=False)
+    **{family: ArchSpec(family, "model.layers.{}", "model.layers.{}.mlp.down_proj", weight_transposed=False)
        for family in ("llama", "mistral", "qwen2")},
 }
 

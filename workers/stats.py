@@ -74,7 +74,7 @@ class StatsConfig:
     # A name in workers.data.TEXT_FILES, or a path to a text file. Not wikitext-test: that is the
     # evaluation's perplexity text (see workers.evaluation.prompts.check_statistics_text).
     corpus: str = "wikitext-valid"
-    # Counted tokens (see the module docstring). 50k, measured on SmolLM2-135M (issue 3): ROME's
+    # Counted tokens (see the module docstring). 50k, measured on SmolLM2-135M: ROME's
     # direction C⁻¹k is within cosine 0.92 of the one from all 293k tokens of wikitext-test (10k:
     # 0.79, 30k: 0.90, 100k: 0.96) and within 0.89 of the one from all of wikitext-valid, where all
     # of wikitext-test itself reaches only 0.94: beyond this the choice of text matters about as

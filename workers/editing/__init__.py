@@ -2,6 +2,6 @@
 
 from workers.editing.delta import EditLog, LayerDelta, WeightDelta, applied
 from workers.editing.editor import EditRecord, Editor
-from workers.editing.hparams import METHODS, load_hparams
+from workers.editing.methods import METHODS, load_hparams
 
 __all__ = ["EditLog", "EditRecord", "Editor", "LayerDelta", "METHODS", "WeightDelta", "applied", "load_hparams"]

@@ -27,10 +27,6 @@ def alphaedit_right_factor(hparams: AlphaEditHParams):
     return right
 
 
-def alphaedit_layers(hparams: AlphaEditHParams) -> list[int]:
-    return list(hparams.layers)
-
-
 def apply_alphaedit(model, tokenizer, requests, hparams: AlphaEditHParams, ctx: EditContext,
                     method: str = "alphaedit"):
     delta, info = spread_over_layers(model, tokenizer, requests, hparams, ctx, alphaedit_right_factor(hparams),

@@ -125,4 +125,4 @@ class EditContext:
             return optimise_delta(problem), {}
         from workers.editing.eac import optimise_with_anchors
 
-        return optimise_with_anchors(problem, hparams.eac, self.model.config)
+        return optimise_with_anchors(problem, hparams.eac)

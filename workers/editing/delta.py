@@ -110,11 +110,6 @@ class WeightSnapshot:
     def modules(self) -> list[str]:
         return list(self._saved)
 
-    def add(self, model, modules: Sequence[str]) -> None:
-        for name in modules:
-            if name not in self._saved:
-                self._saved[name] = edited_weight(model, name).detach().clone()
-
     @torch.no_grad()
     def restore(self, model) -> None:
         for name, saved in self._saved.items():

@@ -90,7 +90,7 @@ def plan_anchors(vector: torch.Tensor, gradient: torch.Tensor, eac: EACHParams) 
     return mask, alpha
 
 
-def optimise_with_anchors(problem: TargetProblem, eac: EACHParams, model_config=None) -> tuple[OptimisationResult, dict]:
+def optimise_with_anchors(problem: TargetProblem, eac: EACHParams) -> tuple[OptimisationResult, dict]:
     """Both EAC phases for one request; returns the final optimisation and what the record reports."""
     if eac.score_vector not in ("v_star", "delta"):
         raise ValueError(f"score_vector must be v_star or delta, got {eac.score_vector!r}")

@@ -23,30 +23,11 @@ from typing import Callable, Sequence
 import torch
 
 from workers.data import EditRequest
-from workers.editing.alphaedit import alphaedit_layers, apply_alphaedit, remember_keys
 from workers.editing.context import EditContext
 from workers.editing.delta import EditLog, WeightDelta, WeightSnapshot, edited_weight
-from workers.editing.ft import apply_ft, ft_layers
-from workers.editing.hparams import FTHParams, split_method
-from workers.editing.memit import apply_memit, memit_layers
-from workers.editing.prune import PruneRestraint
-from workers.editing.rect import RectSparsifier
-from workers.editing.rome import apply_rome, rome_layers
+from workers.editing.methods import BASES, CONSTRAINTS, split_method
 from workers.editing.targets import EditFailure
 from workers.models import arch_spec
-
-# method -> (edited layers of its hyper-parameters, the function that makes one edit step)
-METHOD_IMPLEMENTATIONS = {
-    "rome": (rome_layers, apply_rome),
-    "memit": (memit_layers, apply_memit),
-    "alphaedit": (alphaedit_layers, apply_alphaedit),
-    "ft-l": (ft_layers, apply_ft),
-    "ft-m": (ft_layers, apply_ft),
-}
-# constraint -> what rewrites a step's update after the base method wrote it, built per editor from
-# (its hyper-parameter section, the base weights) and called as (model, delta, pre-step weights) -> delta.
-# (EAC acts inside the target optimisation instead: EditContext.optimise.)
-WEIGHT_CONSTRAINTS = {"prune": PruneRestraint, "rect": RectSparsifier}
 
 
 @dataclass
@@ -66,42 +47,32 @@ class EditRecord:
     skipped: bool = False
     error: str | None = None
 
-    def as_row(self) -> dict:
-        """A flat dict for the Parquet ``edits`` table (timings as ``seconds_<phase>``)."""
-        row = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("seconds", "relative_l1")}
-        row["case_ids"] = [str(c) for c in self.case_ids]
-        for phase, seconds in self.seconds.items():
-            row[f"seconds_{phase}"] = seconds
-        row["relative_l1_max"] = max(self.relative_l1.values()) if self.relative_l1 else float("nan")
-        row["relative_l1"] = dict(self.relative_l1)
-        return row
-
 
 class Editor:
     def __init__(self, model, tokenizer, method: str, hparams, *, cache_dir: str | Path | None = None,
                  data_root=None, second_moments: dict[int, torch.Tensor] | None = None, on_error: str = "skip"):
-        base, constraint = split_method(method)
+        base_name, constraint_name = split_method(method)
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
-        if constraint in WEIGHT_CONSTRAINTS and getattr(hparams, constraint, None) is None:
-            raise ValueError(f"method {method} needs hyper-parameters with a '{constraint}' section "
+        base, constraint = BASES[base_name], CONSTRAINTS.get(constraint_name)
+        rewrites = constraint is not None and constraint.rewrite is not None
+        if rewrites and getattr(hparams, constraint_name, None) is None:
+            raise ValueError(f"method {method} needs hyper-parameters with a '{constraint_name}' section "
                              f"(load_hparams({method!r}, model))")
         self.model, self.tokenizer, self.method, self.hparams = model, tokenizer, method, hparams
         self.on_error = on_error
-        layers_of, self._step = METHOD_IMPLEMENTATIONS[base]
-        self.layers = layers_of(hparams)
+        self._base_method = base
+        self.layers = base.layers(hparams)
         spec = arch_spec(model)
         self.modules = [spec.mlp_out_name(layer) for layer in self.layers]
         self.ctx = EditContext(model, tokenizer, cache_dir=cache_dir, data_root=data_root, second_moments=second_moments)
-        if not isinstance(hparams, FTHParams):
-            # Statistics of the unedited model, computed (or loaded) once, before any edit.
-            needs_c = base != "rome" or hparams.mom2_adjustment
-            if needs_c:
-                self.ctx.prepare_second_moments(self.layers, hparams)
+        # Statistics of the unedited model, computed (or loaded) once, before any edit.
+        if base.second_moments(hparams):
+            self.ctx.prepare_second_moments(self.layers, hparams)
+        if base.context_templates:
             self.ctx.context_templates(hparams)
         self.base = WeightSnapshot(model, self.modules)
-        self._restrain = (WEIGHT_CONSTRAINTS[constraint](getattr(hparams, constraint), self.base)
-                          if constraint in WEIGHT_CONSTRAINTS else None)
+        self._restrain = constraint.rewrite(getattr(hparams, constraint_name), self.base) if rewrites else None
         self._base_l1 = {m: float(self.base.original(m).double().abs().sum()) for m in self.modules}
         self.log = EditLog(metadata={"method": method, "hparams": dataclasses.asdict(hparams)})
         self.records: list[EditRecord] = []
@@ -125,7 +96,8 @@ class Editor:
         state = self.ctx.edit_state()
         start = time.perf_counter()
         try:
-            delta, info = self._step(self.model, self.tokenizer, requests, self.hparams, self.ctx, self.method)
+            delta, info = self._base_method.apply(self.model, self.tokenizer, requests, self.hparams, self.ctx,
+                                                  self.method)
             if self._restrain is not None:
                 restrain_start = time.perf_counter()
                 delta = self._restrain(self.model, delta, snapshot)
@@ -177,7 +149,8 @@ class Editor:
         """Replay ``log`` onto the base weights and continue editing after it."""
         self.revert()
         log.replay(self.model)
-        for delta in log:
-            remember_keys(self.ctx, delta)
+        if self._base_method.on_resume is not None:
+            for delta in log:
+                self._base_method.on_resume(self.ctx, delta)
         self.log = EditLog(log.deltas, {**self.log.metadata, **log.metadata})
         self.records = [EditRecord(edit_index=i, case_ids=list(d.case_ids), method=d.method) for i, d in enumerate(log)]

@@ -25,10 +25,6 @@ from workers.editing.targets import EditFailure, check_length, right_padded, tar
 from workers.models import arch_spec
 
 
-def ft_layers(hparams: FTHParams) -> list[int]:
-    return [hparams.layer]
-
-
 def _batch(tokenizer, requests, objective: str, device):
     sequences, rows, positions, tokens = [], [], [], []
     for row, request in enumerate(requests):

@@ -1,4 +1,5 @@
-"""Typed hyper-parameters per (method, model), loaded from YAML under ``workers/hparams/``.
+"""Typed hyper-parameters per (method, model), loaded from YAML under ``workers/hparams/``
+(``methods.load_hparams``; the registry of methods and constraints is ``methods.py``).
 
 Layout: ``workers/hparams/<method>/<model>.yaml`` for the base methods (rome, memit, alphaedit,
 ft-l, ft-m) and ``workers/hparams/<constraint>/<base>/<model>.yaml`` for the settings that a
@@ -21,6 +22,18 @@ from typing import Any
 import yaml
 
 from workers.editing.targets import TargetConfig
+
+
+def section(settings: type):
+    """The field of a base method's hyper-parameters that holds a constraint's settings (``eac``,
+    ``prune``, ``rect``): None unless the method is ``<base>-<constraint>``. Loading converts a YAML
+    mapping under the field's name to ``settings``."""
+    return field(default=None, metadata={"section": settings})
+
+
+def sections(cls) -> dict[str, type]:
+    """The constraint sections of a hyper-parameter class: field name -> its settings class."""
+    return {f.name: f.metadata["section"] for f in dataclasses.fields(cls) if "section" in f.metadata}
 
 
 @dataclass(frozen=True)
@@ -59,7 +72,7 @@ class EACHParams:
 
 def authors_eac_overrides(base: str) -> dict[str, Any]:
     """Dotted overrides (``eac.*``) that make an EAC variant run as the authors' released code
-    (anchors.md): δ ⊙ mean ∇L, a top-k of the scores, an Adam update at every step; ROME warm-starts
+    (ROME and MEMIT with EAC): δ ⊙ mean ∇L, a top-k of the scores, an Adam update at every step; ROME warm-starts
     the retrain from the probe and never adds its elastic net to the loss, MEMIT retrains from zero.
     AlphaEdit, which the authors did not release with EAC, follows MEMIT. The paper-model YAMLs
     follow the paper instead (v* ⊙ ∇L at the last step, the percentile rule, the shared loop, the
@@ -114,9 +127,9 @@ class LocateEditHParams:
     stats_corpus: str = "wikitext-valid"
     stats_token_budget: int = 50_000
     stats_max_length: int = 256
-    eac: EACHParams | None = None
-    prune: PruneHParams | None = None
-    rect: RectHParams | None = None
+    eac: EACHParams | None = section(EACHParams)
+    prune: PruneHParams | None = section(PruneHParams)
+    rect: RectHParams | None = section(RectHParams)
 
     def target_config(self) -> TargetConfig:
         """The shared optimiser's view: TargetConfig's fields, read off these hyper-parameters."""
@@ -157,34 +170,15 @@ class FTHParams:
     # target (FT-M): teacher-forced NLL on the target tokens only.
     objective: str = "prompt_last"
     early_stop_loss: float = 1e-2
-    eac: EACHParams | None = None  # only l1_weight / l2_weight / epsilon apply (Appendix E)
+    eac: EACHParams | None = section(EACHParams)  # only l1_weight / l2_weight / epsilon apply (Appendix E)
 
 
-BASE_CLASSES = {"rome": RomeHParams, "memit": MemitHParams, "alphaedit": AlphaEditHParams,
-                "ft-l": FTHParams, "ft-m": FTHParams}
-# constraint -> (its section of the hyper-parameters, the base methods it combines with); the method
-# ``<base>-<constraint>`` reads the section from workers/hparams/<constraint>/<base>/<model>.yaml.
-CONSTRAINTS = {"eac": (EACHParams, tuple(BASE_CLASSES)),
-               "prune": (PruneHParams, ("rome", "memit", "alphaedit")),
-               "rect": (RectHParams, ("rome", "memit", "alphaedit"))}
-METHODS = tuple(BASE_CLASSES) + tuple(f"{base}-{constraint}" for constraint, (_, bases) in CONSTRAINTS.items()
-                                      for base in bases)
 HPARAMS_DIR = Path(str(importlib.resources.files("workers") / "hparams"))
 
 MODEL_KEYS = {  # substring of the model name (lower case) -> hparams file key
     "gpt2-xl": "gpt2-xl", "llama-3-8b": "llama3-8b", "llama3-8b": "llama3-8b", "llama-2-13b": "llama2-13b",
     "llama2-13b": "llama2-13b", "smollm2-135m": "smollm2-135m", "tiny-gpt2": "tiny", "tiny-llama": "tiny",
 }
-
-
-def split_method(method: str) -> tuple[str, str | None]:
-    """``"memit-rect"`` -> ``("memit", "rect")``; a base method -> ``(method, None)``."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
-    for constraint in CONSTRAINTS:
-        if method.endswith("-" + constraint):
-            return method[: -len(constraint) - 1], constraint
-    return method, None
 
 
 def model_key(model_or_name) -> str:
@@ -197,15 +191,18 @@ def model_key(model_or_name) -> str:
                      f"Pass hparams_path= / a YAML file of your own.")
 
 
-def _from_dict(cls, values: dict, source: str):
+def from_dict(cls, values: dict, source: str):
+    """An instance of ``cls`` from a YAML mapping; ``source`` (a file, or "overrides") names the
+    input in every error."""
     names = {f.name: f for f in dataclasses.fields(cls)}
+    section_classes = sections(cls)
     unknown = set(values) - set(names)
     if unknown:
         raise ValueError(f"{source}: unknown field(s) {sorted(unknown)} for {cls.__name__}; known: {sorted(names)}")
     converted = {}
     for key, value in values.items():
-        if key in CONSTRAINTS and value is not None and not isinstance(value, CONSTRAINTS[key][0]):
-            value = _from_dict(CONSTRAINTS[key][0], value, f"{source}: {key}")
+        if key in section_classes and value is not None and not isinstance(value, section_classes[key]):
+            value = from_dict(section_classes[key], value, f"{source}: {key}")
         elif isinstance(value, list):
             value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
         converted[key] = value
@@ -216,16 +213,16 @@ def _from_dict(cls, values: dict, source: str):
 
 
 def base_changes(values, cls, source: Path) -> dict:
-    """An EAC YAML's ``base:`` section: fields of the base method that the EAC variant sets."""
+    """A constraint YAML's ``base:`` section (EAC's): fields of the base method that the EAC variant sets."""
     if not isinstance(values, dict):
         raise ValueError(f"{source}: base: expected a mapping of {cls.__name__} fields")
-    unknown = set(values) - ({f.name for f in dataclasses.fields(cls)} - {"eac"})
+    unknown = set(values) - ({f.name for f in dataclasses.fields(cls)} - set(sections(cls)))
     if unknown:
         raise ValueError(f"{source}: base: unknown field(s) {sorted(unknown)} for {cls.__name__}")
     return values
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -243,7 +240,7 @@ def with_overrides(hparams, overrides: dict[str, Any] | None):
     nested: dict[str, dict[str, Any]] = {}
     for key, value in overrides.items():
         section, _, name = key.partition(".")
-        if name and section in CONSTRAINTS:
+        if name and section in sections(type(hparams)):
             nested.setdefault(section, {})[name] = value
         else:
             top[key] = value
@@ -254,37 +251,4 @@ def with_overrides(hparams, overrides: dict[str, Any] | None):
             names = sorted(f"{section}.{name}" for name in fields)
             raise ValueError(f"overrides {names} need a {section} method")
         values[section] = {**dataclasses.asdict(getattr(hparams, section)), **fields}
-    return _from_dict(type(hparams), values, "overrides")
-
-
-def load_hparams(method: str, model=None, *, overrides: dict | None = None, path: str | Path | None = None):
-    """Hyper-parameters of ``method`` for ``model`` (a loaded model or a model name/key)."""
-    base, constraint = split_method(method)
-    cls = BASE_CLASSES[base]
-    if path is not None:
-        source = Path(path)
-        values = _read_yaml(source)
-    else:
-        key = model if isinstance(model, str) and model in set(MODEL_KEYS.values()) else model_key(model)
-        source = HPARAMS_DIR / base / f"{key}.yaml"
-        if not source.exists():
-            raise ValueError(f"no {base} hyper-parameters for {key!r} ({source} is missing)")
-        values = _read_yaml(source)
-        if constraint is not None:
-            section_file = HPARAMS_DIR / constraint / base / f"{key}.yaml"
-            if not section_file.exists():
-                raise ValueError(f"no {constraint} hyper-parameters for {base} on {key!r} ({section_file} is missing)")
-            section_values = _read_yaml(section_file)
-            if constraint == "eac":  # EAC YAMLs may set base-method fields for the EAC variant only
-                values.update(base_changes(section_values.pop("base", None) or {}, cls, section_file))
-            values[constraint] = section_values
-    if constraint is not None and values.get(constraint) is None:
-        raise ValueError(f"{source}: method {method} needs the '{constraint}' section")
-    for other in CONSTRAINTS:  # a method runs with its own constraint's section only
-        if other != constraint:
-            values.pop(other, None)
-    return with_overrides(_from_dict(cls, values, str(source)), overrides)
-
-
-def as_dict(hparams) -> dict:
-    return dataclasses.asdict(hparams)
+    return from_dict(type(hparams), values, "overrides")

@@ -106,9 +106,5 @@ def spread_over_layers(model, tokenizer, requests: list[EditRequest], hparams, c
     return WeightDelta(layer_deltas, [r.case_id for r in requests], method), info
 
 
-def memit_layers(hparams: MemitHParams) -> list[int]:
-    return list(hparams.layers)
-
-
 def apply_memit(model, tokenizer, requests, hparams: MemitHParams, ctx: EditContext, method: str = "memit"):
     return spread_over_layers(model, tokenizer, requests, hparams, ctx, memit_right_factor(hparams), method)

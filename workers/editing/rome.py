@@ -33,10 +33,6 @@ from workers.editing.targets import EditFailure, TargetProblem
 from workers.models import arch_spec, get_module
 
 
-def rome_layers(hparams: RomeHParams) -> list[int]:
-    return [hparams.layer]
-
-
 def apply_rome(model, tokenizer, requests: list[EditRequest], hparams: RomeHParams, ctx: EditContext,
                method: str = "rome") -> tuple[WeightDelta, StepInfo]:
     """Edit each request in turn (ROME is a single-fact method), apply in place, return the delta."""

@@ -6,7 +6,7 @@ layer's output equals adding it to that layer's MLP output (the residual sum is 
 same code serves ROME (δ on the MLP output of the edited layer, v_init = that MLP output) and MEMIT
 (δ on the residual stream after the last edited layer, v_init = that residual).
 
-Loss (ROME Eq. 9 / anchors.md), per step:
+Loss (ROME Eq. 9, as the ROME code computes it), per step:
     L(δ) = mean_prompts[ mean_target_tokens −log P(o* | x_j + p) ]
            + kl_factor · KL(P_δ(· | p') ‖ P_0(· | p'))                 at the KL prompt's subject token
            + weight_decay · ‖δ‖₂ / ‖v_init‖₂²

@@ -1,5 +1,5 @@
 """Context templates: ``["{}", "<prefix>. {}", ...]``, short random prefixes that ROME and MEMIT
-average keys and rewriting prompts over (anchors.md: "generated once and reused for all edits").
+average keys and rewriting prompts over (in the ROME code: generated once, reused for all edits).
 
 They are generated once per trajectory from the *unedited* model: the caller passes the base
 model's fingerprint, computed once before any edit (``EditContext``), and the templates are then

@@ -46,7 +46,7 @@ import torch
 from workers.data import EditRequest
 from workers.editing.delta import EditLog, applied
 from workers.evaluation.config import GENERAL_TASKS, EvalConfig, MetricRow
-from workers.evaluation.deviation import PCAView, last_token_states, pca_view, snapshot_deviations
+from workers.evaluation.deviation import last_token_states, pca_view, snapshot_deviations
 from workers.evaluation.edit_metrics import edit_metric_rows, unedited_locality_argmax
 from workers.evaluation.prompts import TaskSuite
 from workers.evaluation.reference import ReferenceCache, model_key, text_key
@@ -167,14 +167,3 @@ def evaluate_checkpoint(model, tokenizer, edit_log: EditLog | None, requests: Se
                                               add_special_tokens=suite.format.add_special_tokens, **batching)
             rows += pca_view(unedited_states, edited_states, folds=config.pca_folds, seed=config.seed).rows()
     return rows
-
-
-def checkpoint_pca_view(model, tokenizer, edit_log: EditLog, prompts: Sequence[str], *, folds: int = 5,
-                        seed: int = 0, batch_size: int = 16, add_special_tokens: bool = True) -> PCAView:
-    """The Fig. 3 view (points to plot and separability) of base model vs base model + ``edit_log``."""
-    original = last_token_states(model, tokenizer, list(prompts), batch_size=batch_size,
-                                 add_special_tokens=add_special_tokens)
-    with applied(model, edit_log):
-        edited = last_token_states(model, tokenizer, list(prompts), batch_size=batch_size,
-                                   add_special_tokens=add_special_tokens)
-    return pca_view(original, edited, folds=folds, seed=seed)

@@ -45,7 +45,7 @@ def _default_tasks() -> dict[str, int]:
 
 
 def _default_max_new_tokens() -> dict[str, int]:
-    # NLI: one token (the EAC authors' setting); QA: up to 20; SAMSum: up to 25 (anchors.md).
+    # NLI: one token; QA: up to 20; SAMSum: up to 25 (the EAC authors' evaluation settings).
     # SST-2: two, so that a label split in two tokens (e.g. after a chat template) is still read.
     return {"nli": 1, "sst2": 2, "nq": 20, "samsum": 25}
 

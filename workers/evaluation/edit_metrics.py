@@ -1,6 +1,6 @@
 """Editing metrics for sequential editing, over every request edited so far.
 
-Three families, each reported under its own task name (anchors.md, "Evaluation protocols"):
+Three families, each reported under its own task name:
 
 - ``edit/toolkit`` — the token-level protocol of the editing toolkits, which the EAC paper reports
   (its Eqs. 10-12): feed ``prompt + " " + target`` teacher-forced; a request's score is the share of

@@ -22,7 +22,7 @@ from workers.stats import load_corpus
 
 logger = logging.getLogger(__name__)
 
-# The EAC authors' prompts (paper Table 4; anchors.md "Evaluation protocols").
+# The EAC authors' prompts (paper Table 4 and their evaluation scripts), greedy decoding.
 NLI_PROMPT = "{sentence1} entails the {sentence2}. True or False? answer:"
 SST2_PROMPT = ("For each snippet of text, label the sentiment of the text as positive or negative. "
                "The answer should be exact 'positive' or 'negative'. text: {text} answer:")
