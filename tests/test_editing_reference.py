@@ -18,7 +18,8 @@ from workers.editing.hparams import EACHParams, RomeHParams, authors_eac_overrid
 from workers.editing.keys import at_subject, template_weights
 from workers.editing.memit import apply_memit
 from workers.editing.rome import apply_rome
-from workers.editing.targets import EditFailure, TargetProblem
+from workers.editing.errors import EditFailure
+from workers.editing.targets import TargetProblem
 from workers.models import arch_spec, get_module, load_model
 
 from test_editing import REQUESTS, context, moments

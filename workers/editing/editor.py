@@ -32,7 +32,7 @@ from workers.editing.memit import apply_memit, memit_layers
 from workers.editing.prune import PruneRestraint
 from workers.editing.rect import RectSparsifier
 from workers.editing.rome import apply_rome, rome_layers
-from workers.editing.targets import EditFailure
+from workers.editing.errors import EditFailure
 from workers.models import arch_spec
 
 # method -> (edited layers of its hyper-parameters, the function that makes one edit step)
