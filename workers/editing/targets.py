@@ -125,7 +125,8 @@ def optimise_delta(problem: TargetProblem, *, num_steps: int | None = None, lr: 
     with respect to θ at every evaluated step (with no mask and no penalty: ∇L(δ), as EAC's probe needs).
     compute_v makes no update after its last evaluation (num_steps − 1 updates); ``update_last``
     makes one there too (num_steps updates, as the EAC authors' loops do), so the returned δ is one
-    step past the last reported loss. An early stop never updates.
+    step past the last reported loss. An early stop (the plain loss ``problem.loss(δ).total`` below
+    ``early_stop_loss``, whatever the penalty) never updates.
     """
     config = problem.config
     num_steps = config.num_steps if num_steps is None else num_steps
@@ -151,7 +152,9 @@ def optimise_delta(problem: TargetProblem, *, num_steps: int | None = None, lr: 
             raise EditFailure(f"the target loss became {value} at step {step}")
         result.steps, result.loss, result.nll = step + 1, value, float(parts.nll.detach())
         result.losses.append(value)
-        stop = value < config.early_stop_loss or (step == num_steps - 1 and not update_last)
+        # The stopping rule reads the plain target loss, not the penalty (EAC's elastic net), so a
+        # constrained run stops exactly when its base would.
+        stop = float(parts.total.detach()) < config.early_stop_loss or (step == num_steps - 1 and not update_last)
         if stop and not record_gradients:
             break
         total.backward()
