@@ -128,3 +128,19 @@ def test_rome_eac_reports_anchor_counts(tiny_problem):
     delta, info = apply_rome(model, tokenizer, [REQUESTS[1]], hp, ctx, method="rome-eac")
     assert info.anchors is not None and info.delta_norm_before is not None
     assert delta.method == "rome-eac"
+
+
+def test_retrain_stops_early_on_the_plain_loss_like_the_base(tiny_problem):
+    """The elastic net is part of the retrain's objective but not of the stopping rule: once the plain
+    target loss is below early_stop_loss the retrain stops, as the base optimiser would."""
+    _, _, hp, _, problem = tiny_problem
+    from workers.editing.targets import optimise_delta
+
+    start = torch.full_like(problem.v_init, 1e-3)
+    plain = float(problem.loss(start).total)
+    problem.config = dataclasses.replace(problem.config, early_stop_loss=plain * 2)
+    heavy = elastic_net(torch.full_like(problem.v_init, 1e9), l1_weight=1.0, l2_weight=0.0)
+    result = optimise_delta(problem, num_steps=5, init=start, penalty=heavy)
+    assert result.steps == 1
+    assert result.losses[0] > problem.config.early_stop_loss  # the objective itself is far above it
+    torch.testing.assert_close(result.delta, start)  # an early stop makes no update

@@ -17,7 +17,8 @@ from workers.editing.eac import optimise_with_anchors
 from workers.editing.hparams import EACHParams, RomeHParams, authors_eac_overrides, with_overrides
 from workers.editing.keys import at_subject, template_weights
 from workers.editing.rome import apply_rome
-from workers.editing.targets import EditFailure, TargetProblem
+from workers.editing.errors import EditFailure
+from workers.editing.targets import TargetProblem
 from workers.models import arch_spec, get_module, load_model
 
 from test_editing import REQUESTS, context, moments

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from workers.editing.targets import EditFailure, OptimisationResult, TargetProblem, optimise_delta
+from workers.editing.errors import EditFailure
+from workers.editing.targets import OptimisationResult, TargetProblem, optimise_delta
 from workers.editing.templates import ContextTemplates
 from workers.models import weights_fingerprint
 

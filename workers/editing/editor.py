@@ -25,8 +25,8 @@ import torch
 from workers.data import EditRequest
 from workers.editing.context import EditContext
 from workers.editing.delta import EditLog, WeightDelta, WeightSnapshot, edited_weight
+from workers.editing.errors import EditFailure
 from workers.editing.methods import BASES, CONSTRAINTS, split_method
-from workers.editing.targets import EditFailure
 from workers.models import arch_spec
 
 

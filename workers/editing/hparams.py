@@ -21,7 +21,22 @@ from typing import Any
 
 import yaml
 
-from workers.editing.targets import TargetConfig
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """The shared target optimiser's settings (targets.py). ``LocateEditHParams`` extends it, so a
+    method's YAML sets these fields at its top level."""
+
+    num_steps: int = 20
+    lr: float = 0.5
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    early_stop_loss: float = 5e-2
+    # True: cache the keys/values before the subject's last token once and run only the suffix at each
+    # step (same losses up to float round-off, fewer tokens per step); False: every token every step.
+    prefix_reuse: bool = True
 
 
 def section(settings: type):
@@ -111,15 +126,9 @@ class RectHParams:
 
 
 @dataclass(frozen=True)
-class LocateEditHParams:
-    """Shared by ROME, MEMIT and AlphaEdit: the target optimiser and the statistics."""
+class LocateEditHParams(TargetConfig):
+    """Shared by ROME, MEMIT and AlphaEdit: the target optimiser (TargetConfig's fields) and the statistics."""
 
-    num_steps: int = 20
-    lr: float = 0.5
-    weight_decay: float = 0.5
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    early_stop_loss: float = 5e-2
     context_template_lengths: tuple = ((5, 10), (10, 10))
     context_seed: int = 0
     # Disjoint from the perplexity text (wikitext-test): second moments estimated on the text perplexity

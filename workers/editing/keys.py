@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from workers.data import EditRequest
-from workers.editing.targets import check_length, right_padded, subject_last_token_index
+from workers.editing.tokens import check_length, right_padded, subject_last_token_index
 from workers.hooks import Trace
 
 

@@ -24,7 +24,8 @@ from workers.editing.context import EditContext, StepInfo
 from workers.editing.delta import LayerDelta, WeightDelta
 from workers.editing.hparams import MemitHParams
 from workers.editing.keys import at_subject, template_weights
-from workers.editing.targets import EditFailure, TargetProblem
+from workers.editing.errors import EditFailure
+from workers.editing.targets import TargetProblem
 from workers.models import arch_spec
 
 # (ctx, layer, keys K (d_in × n, float64)) -> A (d_in × n, float64) such that ΔW = R Aᵀ

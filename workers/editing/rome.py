@@ -29,7 +29,8 @@ from workers.editing.context import EditContext, StepInfo
 from workers.editing.delta import LayerDelta, WeightDelta, edited_weight
 from workers.editing.hparams import RomeHParams
 from workers.editing.keys import at_subject
-from workers.editing.targets import EditFailure, TargetProblem
+from workers.editing.errors import EditFailure
+from workers.editing.targets import TargetProblem
 from workers.models import arch_spec, get_module
 
 

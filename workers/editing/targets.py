@@ -13,111 +13,31 @@ Loss (ROME Eq. 9, as the ROME code computes it), per step:
 Adam (lr), at most ``num_steps`` steps, stop as soon as L < early_stop_loss, no update after the last
 evaluation, and after every step ‖δ‖ ≤ clamp_norm_factor · ‖v_init‖.
 
-Work the loss does not need is not done (the two reasons this beats the naive loop):
+Work the loss does not need is not done (why this beats the naive loop):
 - the hidden state entering layer ``layer + 1`` does not depend on δ except through δ itself, so it
   is computed once; during optimisation layers 0..layer are replaced by a replay of that cache;
+- with ``prefix_reuse`` (default), the positions before the subject's last token do not depend on δ
+  in any layer (causal attention), so their keys/values are cached once and each step runs the
+  upper layers on the suffix only (prefix.py); ``prefix_reuse: false`` runs every token (prefix.FullRun);
 - logits are needed only at the target positions and the KL position, so the LM head runs there only.
+Tokenisation of the request is in tokens.py; the settings (TargetConfig) in hparams.py.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from workers.batching import pad_right
 from workers.data import EditRequest
-from workers.hooks import Trace
-from workers.models import arch_spec
-
-
-class EditFailure(RuntimeError):
-    """An edit that cannot be made (bad input or a numerical fault); the model is left untouched."""
-
-
-# --------------------------------------------------------------------------------------------
-# Tokenisation of requests
-
-
-def target_token_ids(tokenizer, target: str) -> list[int]:
-    """Token ids of the target with one leading space and no special tokens (no BOS: a known bug of
-    the released MEMIT code keeps LLaMA's BOS inside the target)."""
-    ids = tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"] if target.strip() else []
-    if not ids:
-        raise EditFailure(f"target {target!r} tokenises to nothing")
-    return ids
-
-
-def subject_last_token_index(tokenizer, text: str, subject: str) -> int:
-    """Index of the subject's last token in ``tokenizer(text)`` (its last occurrence), special tokens
-    included — ROME's "subject_last" lookup."""
-    end = text.rindex(subject) + len(subject)
-    return len(tokenizer(text[:end])["input_ids"]) - 1
-
-
-def check_length(model, n_tokens: int, what: str) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if limit is not None and n_tokens > limit:
-        raise EditFailure(f"{what} is {n_tokens} tokens, longer than the model's context ({limit})")
-
-
-@dataclass
-class PromptBatch:
-    """Right-padded token ids with the positions the loss and the injection need."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    lookup: torch.Tensor  # (rows,) subject-last-token position per row
-
-
-def right_padded(tokenizer, sequences: Sequence[list[int]], lookup: Sequence[int], device) -> PromptBatch:
-    ids, mask = pad_right(sequences, tokenizer.pad_token_id, device)
-    return PromptBatch(ids, mask, torch.tensor(list(lookup), device=device))
-
-
-# --------------------------------------------------------------------------------------------
-# Running the model from a cached hidden state
-
-
-class _Passthrough(torch.nn.Module):
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
-
-
-class _Replay(torch.nn.Module):
-    """Stands in for decoder layer ``layer``: returns its cached output with δ added at the lookups."""
-
-    def __init__(self, cached: torch.Tensor, tuple_output: bool, inject: Callable[[torch.Tensor], torch.Tensor]):
-        super().__init__()
-        self.cached, self.tuple_output, self.inject = cached, tuple_output, inject
-
-    def forward(self, hidden_states, *args, **kwargs):
-        out = self.inject(self.cached)
-        return (out,) if self.tuple_output else out
-
-
-@contextmanager
-def layers_replaced(model, layer: int, replacement: torch.nn.Module):
-    """Within the block, decoder layers 0..layer-1 pass their input through and layer ``layer`` is
-    ``replacement``; the original modules are put back on exit, whatever happens."""
-    container = model.get_submodule(arch_spec(model).layers.rsplit(".", 1)[0])
-    originals = [container[i] for i in range(layer + 1)]
-    try:
-        for i in range(layer):
-            container[i] = _Passthrough()
-        container[layer] = replacement
-        yield
-    finally:
-        for i, module in enumerate(originals):
-            container[i] = module
-
-
-# --------------------------------------------------------------------------------------------
-# The optimisation problem for one request
+from workers.editing.errors import EditFailure
+from workers.editing.hparams import TargetConfig
+from workers.editing.prefix import FullRun, SuffixRun
+from workers.editing.tokens import (aligned_on_lookup, check_length, rewriting_prompts, right_padded,
+                                    target_token_ids)
 
 
 @dataclass
@@ -128,48 +48,25 @@ class LossParts:
     weight_decay: torch.Tensor
 
 
-@dataclass
-class TargetConfig:
-    """The shared optimiser's settings (a view of a method's hyper-parameters)."""
-
-    num_steps: int = 20
-    lr: float = 0.5
-    weight_decay: float = 0.5
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    early_stop_loss: float = 5e-2
-
-
 class TargetProblem:
-    """Everything that stays fixed while δ is optimised for one request at one layer."""
+    """Everything that stays fixed while δ is optimised for one request at one layer.
+
+    ``batch`` is the right-padded rewriting batch (KL prompt last) and ``target_rows``/``target_pos``
+    /``target_tok`` the loss positions in each row's own sequence, whichever way ``run`` computes them.
+    """
 
     def __init__(self, model, tokenizer, request: EditRequest, layer: int, context_templates: Sequence[str],
                  *, init_from: str, config: TargetConfig):
         if init_from not in ("mlp", "residual"):
             raise ValueError(f"init_from must be 'mlp' or 'residual', got {init_from!r}")
         self.model, self.layer, self.config = model, layer, config
-        spec = arch_spec(model)
         self.device = next(model.parameters()).device
-        self.layer_name = spec.layer_name(layer)
         target_ids = target_token_ids(tokenizer, request.target_new)
         self.target_ids = torch.tensor(target_ids, device=self.device)
-
-        # Rewriting prompts: template ∘ prompt, then the target tokens except the last (token ids are
-        # concatenated, not re-tokenised, so the target is exactly what the loss scores).
-        texts = [template.format(request.prompt_template).format(request.subject) for template in context_templates]
-        sequences, lookups = [], []
-        for text in texts:
-            ids = tokenizer(text)["input_ids"]
-            sequences.append(ids + target_ids[:-1])
-            lookups.append(subject_last_token_index(tokenizer, text, request.subject))
-        kl_text = f"{request.subject} is a"
-        sequences.append(tokenizer(kl_text)["input_ids"])
-        lookups.append(subject_last_token_index(tokenizer, kl_text, request.subject))
+        sequences, lookups = rewriting_prompts(tokenizer, request, context_templates, target_ids)
         check_length(model, max(len(s) for s in sequences), f"case {request.case_id}'s longest rewriting prompt")
         self.batch = right_padded(tokenizer, sequences, lookups, self.device)
-        self.n_rewrite = len(texts)
-        rows = len(sequences)
-        self.rows = torch.arange(rows, device=self.device)
+        self.n_rewrite = len(sequences) - 1
 
         # Loss positions: logits at position p predict token p + 1.
         n_target = len(target_ids)
@@ -179,41 +76,29 @@ class TargetProblem:
         self.target_rows = torch.arange(self.n_rewrite, device=self.device).repeat_interleave(n_target)
         self.target_pos = (first.unsqueeze(1) + offsets).reshape(-1)
         self.target_tok = self.target_ids.repeat(self.n_rewrite)
-        self.kl_row, self.kl_pos = rows - 1, self.batch.lookup[-1]
+        self.kl_row, self.kl_pos = len(sequences) - 1, self.batch.lookup[-1]
 
         # One forward pass with the original weights: the cached output of ``layer``, v_init, and the
         # reference next-token distribution at the KL position.
-        mlp_name = spec.mlp_out_name(layer)
-        with torch.no_grad(), Trace(model, [self.layer_name, mlp_name], outputs=True) as trace:
-            hidden = model.base_model(input_ids=self.batch.input_ids,
-                                      attention_mask=self.batch.attention_mask).last_hidden_state
-        self.tuple_output = trace.tuple_outputs[self.layer_name]
-        self.cached_hidden = trace.outputs[self.layer_name]
-        source = trace.outputs[mlp_name] if init_from == "mlp" else trace.outputs[self.layer_name]
+        self.run = (SuffixRun(model, layer, aligned_on_lookup(sequences, lookups, tokenizer.pad_token_id, self.device))
+                    if config.prefix_reuse else FullRun(model, layer, self.batch))
+        self.target_cols = self.target_pos - self.run.offset[self.target_rows]
+        self.kl_col = self.kl_pos - self.run.offset[self.kl_row]
+        setup = self.run.setup
+        source = setup.mlp_out if init_from == "mlp" else setup.layer_out
         # ROME/MEMIT take v_init from the first rewriting prompt (the bare "{}" template).
-        self.v_init = source[0, self.batch.lookup[0]].detach().float().clone()
+        self.v_init = source[0, self.batch.lookup[0] - self.run.offset[0]].detach().float().clone()
         lm_head = model.get_output_embeddings()
-        self.kl_reference = F.log_softmax(lm_head(hidden[self.kl_row, self.kl_pos]).float(), dim=-1).detach()
-
-    def _inject(self, delta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        def inject(cached: torch.Tensor) -> torch.Tensor:
-            update = torch.zeros_like(cached)
-            update = update.index_put((self.rows, self.batch.lookup), delta.to(cached.dtype).expand(len(self.rows), -1))
-            return cached + update
-        return inject
+        self.kl_reference = F.log_softmax(lm_head(setup.final[self.kl_row, self.kl_col]).float(), dim=-1).detach()
 
     def loss(self, delta: torch.Tensor) -> LossParts:
-        model = self.model
-        replay = _Replay(self.cached_hidden, self.tuple_output, self._inject(delta))
-        with layers_replaced(model, self.layer, replay):
-            hidden = model.base_model(input_ids=self.batch.input_ids,
-                                      attention_mask=self.batch.attention_mask).last_hidden_state
-        lm_head = model.get_output_embeddings()
-        target_logits = lm_head(hidden[self.target_rows, self.target_pos]).float()
+        hidden = self.run.final_hidden(delta)
+        lm_head = self.model.get_output_embeddings()
+        target_logits = lm_head(hidden[self.target_rows, self.target_cols]).float()
         token_nll = -F.log_softmax(target_logits, dim=-1).gather(1, self.target_tok.unsqueeze(1)).squeeze(1)
         # Mean over each prompt's target tokens, then over prompts (all prompts have the same count).
         nll = token_nll.view(self.n_rewrite, -1).mean(dim=1).mean()
-        kl_logprobs = F.log_softmax(lm_head(hidden[self.kl_row, self.kl_pos]).float(), dim=-1)
+        kl_logprobs = F.log_softmax(lm_head(hidden[self.kl_row, self.kl_col]).float(), dim=-1)
         kl = self.config.kl_factor * F.kl_div(self.kl_reference, kl_logprobs, log_target=True, reduction="sum")
         weight_decay = self.config.weight_decay * (delta.norm() / self.v_init.norm() ** 2)
         return LossParts(nll + kl + weight_decay, nll, kl, weight_decay)
@@ -240,7 +125,8 @@ def optimise_delta(problem: TargetProblem, *, num_steps: int | None = None, lr: 
     with respect to θ at every evaluated step (with no mask and no penalty: ∇L(δ), as EAC's probe needs).
     compute_v makes no update after its last evaluation (num_steps − 1 updates); ``update_last``
     makes one there too (num_steps updates, as the EAC authors' loops do), so the returned δ is one
-    step past the last reported loss. An early stop never updates.
+    step past the last reported loss. An early stop (the plain loss ``problem.loss(δ).total`` below
+    ``early_stop_loss``, whatever the penalty) never updates.
     """
     config = problem.config
     num_steps = config.num_steps if num_steps is None else num_steps
@@ -266,7 +152,9 @@ def optimise_delta(problem: TargetProblem, *, num_steps: int | None = None, lr: 
             raise EditFailure(f"the target loss became {value} at step {step}")
         result.steps, result.loss, result.nll = step + 1, value, float(parts.nll.detach())
         result.losses.append(value)
-        stop = value < config.early_stop_loss or (step == num_steps - 1 and not update_last)
+        # The stopping rule reads the plain target loss, not the penalty (EAC's elastic net), so a
+        # constrained run stops exactly when its base would.
+        stop = float(parts.total.detach()) < config.early_stop_loss or (step == num_steps - 1 and not update_last)
         if stop and not record_gradients:
             break
         total.backward()
