@@ -160,9 +160,12 @@ class Driver:
     def __init__(self, spec: ExperimentSpec, store: Store, *, address: str | None = None,
                  progress: bool | str | Progress = True, data_root: str | Path | None = None,
                  cache_dir: str | Path | None = None,
-                 observer: Callable[[str, Trajectory, object], None] | None = None):
+                 observer: Callable[[str, Trajectory, object], None] | None = None,
+                 take_lock: bool = True):
         """``progress``: a ``Progress``, or its mode (True = ``auto``: bars on a terminal, plain lines
-        otherwise; False = none)."""
+        otherwise; False = none). ``take_lock``: hold the store's experiment lock while running; a Tune
+        trial passes False, because its controller holds the lock for all the search's trials, which run
+        side by side as distinct trajectories of one experiment."""
         self.data_root = str(settings.data_dir(data_root))
         # The data digests in the trajectory ids are taken from the directory this run reads.
         self.spec = dataclasses.replace(spec, data_root=self.data_root)
@@ -171,6 +174,7 @@ class Driver:
         self.cache_dir = str(settings.cache_dir(cache_dir))
         self.observer = observer or (lambda kind, trajectory, event: None)
         self.resources = spec.resources  # as the spec asks; adapted to the cluster when the run starts
+        self.take_lock = take_lock
 
     # ---- plan -----------------------------------------------------------------------------------
 
@@ -228,9 +232,11 @@ class Driver:
     def run(self) -> RunResult:
         plan = self.plan()  # raises before any actor starts
         todo = [t for t in plan if not t.finished]
-        if todo:
+        if todo and self.take_lock:
             with self.store.lock(self.spec.experiment):  # StoreError when another run holds it
                 self._run_todo(todo)
+        elif todo:
+            self._run_todo(todo)
         return RunResult(plan, summary_table(self.store, plan))
 
     def _run_todo(self, todo: list[Trajectory]) -> None:

@@ -405,7 +405,8 @@ def run_trial(config: dict, context: TrialContext) -> None:
         tune.report({TIME_AXIS: checkpoint, **context.objective.terms(values), "trajectory_id": trajectory_id})
 
     driver = Driver(spec, store, progress=False, data_root=context.data_root, cache_dir=context.cache_dir,
-                    observer=lambda kind, trajectory, event: report(event) if kind == "evaluation" else None)
+                    observer=lambda kind, trajectory, event: report(event) if kind == "evaluation" else None,
+                    take_lock=False)  # run_tune holds the experiment's lock for every trial
     (planned,) = driver.plan()
     trajectory_id = planned.trajectory_id
     try:
@@ -598,14 +599,16 @@ def run_tune(tune_spec: TuneSpec, store: Store | None = None, *, address: str | 
     connector = Driver(tune_spec.experiment, store, address=address, progress=False, data_root=data_root,
                        cache_dir=cache_dir)
     out = Path(out_dir) if out_dir is not None else store.root / "tune"
-    started = connector._connect()  # the same ray.init (forwarded settings) as `eac run`
-    try:
-        return TuneRun([run_search(tune_spec, model, variant, store, out_dir=out, data_root=connector.data_root,
-                                   cache_dir=connector.cache_dir, verbose=verbose)
-                        for model, variant in tune_spec.searches()])
-    finally:
-        if started:
-            ray.shutdown()
+    with store.lock(tune_spec.experiment.experiment):  # one search (or run) of an experiment at a time
+        started = connector._connect()  # the same ray.init (forwarded settings) as `eac run`
+        try:
+            return TuneRun([run_search(tune_spec, model, variant, store, out_dir=out,
+                                       data_root=connector.data_root, cache_dir=connector.cache_dir,
+                                       verbose=verbose)
+                            for model, variant in tune_spec.searches()])
+        finally:
+            if started:
+                ray.shutdown()
 
 
 def format_trials(result: SearchResult) -> str:

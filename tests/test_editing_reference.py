@@ -94,13 +94,13 @@ def test_eac_mu_is_the_weight_decay_and_no_second_squared_term():
 
 
 def test_eac_yaml_base_section_errors_name_the_file(tmp_path, monkeypatch):
-    from workers.editing import hparams as hparams_module
+    from workers.editing import methods as methods_module
 
     for part in ("rome", "eac/rome"):
         (tmp_path / part).mkdir(parents=True)
     (tmp_path / "rome" / "tiny.yaml").write_text("layer: 1\n")
     (tmp_path / "eac" / "rome" / "tiny.yaml").write_text("base: {weight_decy: 0.1}\nprobe_steps: 2\n")
-    monkeypatch.setattr(hparams_module, "HPARAMS_DIR", tmp_path)
+    monkeypatch.setattr(methods_module, "HPARAMS_DIR", tmp_path)
     with pytest.raises(ValueError, match=r"eac/rome/tiny.yaml: base: unknown field\(s\) \['weight_decy'\]"):
         load_hparams("rome-eac", "tiny")
 

@@ -143,7 +143,10 @@ def test_tiny_search_stores_its_trials_and_its_best_config_runs_with_eac_run(loc
     completed = trials[trials["status"] == "completed"]
     stopped = trials[trials["status"].str.startswith("stopped: early stopping")]
     assert len(completed) + len(stopped) == 4 and len(completed) >= 1
-    assert len(stopped) >= 1  # ASHA (reduction factor 2, trials in a fixed order) cut a trial at 2 edits
+    # ASHA (reduction factor 2, trials in a fixed order) cuts a trial at 2 edits when its objective is
+    # below the rung's median. Since μ is searched as weight_decay the four trials' 2-edit objectives
+    # are near-tied on tiny-gpt2 (toolkit means 0.32-0.33), and whether one is cut varied between runs;
+    # what must hold either way is that every trial is completed or stopped with its rows (below).
     for tid in completed["trajectory_id"]:
         assert set(scores[tid]) == {2, 4}
         assert store.edit_steps_done("tiny-tune", tid) == 4
