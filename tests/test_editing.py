@@ -5,7 +5,7 @@ import torch
 
 from orchestrator.store import edit_row
 from workers.data import EditRequest
-from workers.editing import EditLog, Editor, load_hparams
+from workers.editing import Editor, load_hparams
 from workers.editing.alphaedit import apply_alphaedit
 from workers.editing.context import EditContext
 from workers.editing.delta import edited_weight
@@ -14,6 +14,7 @@ from workers.editing.keys import at_subject, template_weights
 from workers.editing.memit import apply_memit
 from workers.editing.rome import apply_rome
 from workers.models import arch_spec, load_model
+from replay_check import assert_revert_and_replay_are_bit_exact
 
 REQUESTS = [
     EditRequest(0, "The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", "French"),
@@ -124,15 +125,7 @@ def test_ten_sequential_edits_revert_and_replay_bit_exactly(method, tmp_path):
     log = editor.apply(requests, batch_size=1 if method == "rome" else 2)
     assert len(log) == (10 if method == "rome" else 5) and log.n_requests() == 10
     assert not any(r.skipped for r in editor.records)
-    edited = {name: p.detach().clone() for name, p in model.named_parameters()}
-    assert any(not torch.equal(edited[n], base[n]) for n in base)
-    path = log.save(tmp_path / "log.safetensors")
-
-    editor.revert()
-    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
-
-    EditLog.load(path).replay(model)
-    assert all(torch.equal(p, edited[n]) for n, p in model.named_parameters())
+    assert_revert_and_replay_are_bit_exact(model, editor, log, base, tmp_path)
 
 
 def test_edit_records_measure_the_change(tmp_path):
