@@ -168,11 +168,11 @@ class TrajectoryRunner:
         self.model, self.tokenizer = load_replica(task.replica)
         hparams = load_hparams(task.method, task.replica.model, overrides=task.hparams_overrides or None,
                                path=task.hparams_file)
-        # The base weights' fingerprint, once per trajectory, before any edit touches them.
-        self.binding = log_binding(task.requests, dataclasses.asdict(hparams), weights_fingerprint(self.model))
-        # Statistics and context templates are computed on the base weights here, before any edit.
+        # Statistics, context templates and the base weights' fingerprint are computed here, on the
+        # base weights, before any edit; the log binding reuses the editor's fingerprint (one hash).
         self.editor = Editor(self.model, self.tokenizer, task.method, hparams, cache_dir=task.cache_dir,
                              data_root=task.data_root)
+        self.binding = log_binding(task.requests, dataclasses.asdict(hparams), self.editor.ctx.base_fingerprint)
 
     def run(self, start_step: int = 0) -> Iterator[EditEvent | CheckpointEvent]:
         task = self.task
