@@ -93,6 +93,7 @@ def cmd_run(args) -> int:
     from orchestrator.driver import Driver, format_summary
     from orchestrator.progress import Progress, resolve_mode
     from orchestrator.spec import SpecError, load_spec
+    from orchestrator.status import status_text
     from orchestrator.store import Store, StoreError
     from workers.data import DataError
 
@@ -127,7 +128,8 @@ def cmd_run(args) -> int:
         return 2
     print(f"\n{format_summary(result.summary)}\n({time.perf_counter() - start:.0f} s)")
     for trajectory in result.failed:
-        print(f"FAILED {trajectory.spec.label}: {trajectory.status}", file=sys.stderr)
+        print(f"FAILED {trajectory.spec.label}: {status_text(trajectory.status, trajectory.reason)}",
+              file=sys.stderr)
     if not args.no_report:
         from experiments.figures import build_report
 
@@ -139,10 +141,11 @@ def cmd_tune(args) -> int:
     """Ray Tune search over EAC's hyper-parameters; trials in the store, the best as a hparams YAML."""
     import dataclasses
 
-    from orchestrator.driver import Driver
+    from orchestrator.driver import plan_trajectories
     from orchestrator.spec import SpecError
     from orchestrator.store import Store, StoreError
-    from orchestrator.tuning import format_trials, load_tune_spec, run_tune
+    from orchestrator.tune_spec import load_tune_spec
+    from orchestrator.tuning import format_trials, run_tune
     from workers.data import DataError
 
     try:
@@ -151,7 +154,7 @@ def cmd_tune(args) -> int:
             spec = dataclasses.replace(spec, search=dataclasses.replace(spec.search, num_samples=args.num_samples))
         store = Store(args.store or spec.experiment.store)
         store.root  # Ray Tune's trial files and the best-config YAMLs need a POSIX path: fail before any trial
-        Driver(spec.experiment, store, progress=False).plan()  # data and hparams checked before any trial
+        plan_trajectories(spec.experiment, store)  # data and hparams checked before any trial
     except (SpecError, DataError, FileNotFoundError, StoreError) as exc:
         print(f"eac tune: {exc}", file=sys.stderr)
         return 2

@@ -15,7 +15,11 @@
    when its last edit is stored and every checkpoint is scored.
 3. **Failures**: a trajectory actor that dies is started again (up to ``max_restarts``) and resumes
    from the store exactly as a re-run would; an error inside the editor or the evaluation fails the
-   trajectory, with the reason in ``trajectories.status``.
+   trajectory, with its reason in ``trajectories.reason``.
+
+What else drives trajectories (``orchestrator/tuning.py``: a Tune trial is one trajectory) uses the
+same steps without a whole ``Driver``: ``connect`` (the Ray instance), ``plan_trajectories`` (what the
+store says is done), ``write_status`` (the trajectory's row) and ``first_line`` (an error as a reason).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import pandas as pd
 import ray
 from orchestrator.progress import Progress, resolve_mode
 from orchestrator.spec import ExperimentSpec, Resources, SpecError, TrajectorySpec
+from orchestrator.status import Status, status_text
 from orchestrator.store import Store, edit_row
 from workers import settings
 from workers.actors import (CheckpointEvent, EditEvent, EvalActor, Replica, TrajectoryActor, TrajectoryTask,
@@ -48,8 +53,6 @@ from workers.editing.methods import split_method
 # shows: nodes take theirs from their own environment or instance role).
 FORWARDED_ENVIRONMENT = ("EAC_OFFLINE", "HF_HUB_OFFLINE", "EAC_CACHE_DIR", "EAC_DATA_DIR", "AWS_ENDPOINT_URL",
                          "AWS_REGION", "AWS_DEFAULT_REGION")
-COMPLETED = "completed"
-INTERRUPTED = "interrupted"
 CLUSTER_CHECK_SECONDS = 60.0  # with no event for this long, check that the cluster still has a live node
 
 
@@ -95,6 +98,20 @@ def select_requests(pool: list[EditRequest], n_edits: int, selection: str, seed:
     return [pool[i] for i in sorted(random.Random(seed).sample(range(len(pool)), n_edits))]
 
 
+def connect(address: str | None = None) -> bool:
+    """Join the Ray cluster at ``address``, or start a loopback-only local instance; forward the
+    settings actors must see. False when Ray was already initialised (the caller's to shut down)."""
+    if ray.is_initialized():
+        return False
+    env = {name: os.environ[name] for name in FORWARDED_ENVIRONMENT if name in os.environ}
+    options = dict(runtime_env={"env_vars": env}, logging_level="WARNING")
+    if address:  # the user's explicit choice: the cluster's own network settings apply
+        ray.init(address=address, **options)
+    else:
+        init_loopback_ray(include_dashboard=False, **options)
+    return True
+
+
 def steps_for(requests: int, batch_size: int) -> int:
     return math.ceil(requests / batch_size)
 
@@ -121,7 +138,8 @@ class Trajectory:
     hparams_json: str
     start_step: int = 0
     evaluated: set[int] = field(default_factory=set)
-    status: str = "pending"
+    status: Status = Status.PENDING
+    reason: str | None = None  # why it failed, was interrupted or stopped
     restarts: int = 0
     actor: object = None
     generator: object = None
@@ -136,7 +154,7 @@ class Trajectory:
 
     @property
     def finished(self) -> bool:
-        return self.status == COMPLETED or self.status.startswith("failed")
+        return self.status.finished
 
     def scored_all(self) -> bool:
         return set(self.spec.checkpoints) <= self.evaluated
@@ -149,11 +167,78 @@ class RunResult:
 
     @property
     def failed(self) -> list[Trajectory]:
-        return [t for t in self.trajectories if t.status.startswith("failed")]
+        return [t for t in self.trajectories if t.status == Status.FAILED]
 
     @property
     def exit_code(self) -> int:
         return 1 if self.failed else 0
+
+
+
+def plan_trajectories(spec: ExperimentSpec, store: Store, *, data_root: str | Path | None = None,
+                      cache_dir: str | Path | None = None) -> list[Trajectory]:
+    """The spec's trajectories with their requests, hyper-parameters and what the store says is done,
+    the data read from ``data_root`` (its digests are in the trajectory ids). Raises before any actor
+    starts: a data set too small, a saved edit log made from other requests."""
+    data_root, cache_dir = str(settings.data_dir(data_root)), str(settings.cache_dir(cache_dir))
+    spec = dataclasses.replace(spec, data_root=data_root)
+    pools = {}
+    for dataset in spec.datasets:
+        pools[dataset] = load_edit_dataset(dataset, data_root)
+        if spec.n_edits > len(pools[dataset]):
+            raise SpecError(spec.source, "n_edits", f"{spec.n_edits} edits asked for, but {dataset} "
+                                                    f"holds {len(pools[dataset])} requests")
+    plan = []
+    for one in spec.trajectories():
+        requests = select_requests(pools[one.dataset], one.n_edits, one.selection, one.seed)
+        res = one.resources.trajectory
+        task = TrajectoryTask(
+            one.trajectory_id, Replica(one.model, one.dtype, res.num_gpus > 0, max(1, int(res.num_cpus))),
+            one.method, dict(one.variant.hparams), one.variant.hparams_file, tuple(requests),
+            one.batch_size, one.edit_checkpoints(), one.seed,
+            str(store.log_path(one.experiment, one.trajectory_id)), cache_dir, data_root)
+        trajectory = Trajectory(one, task, json.dumps(one.resolved_hparams, sort_keys=True))
+        read_progress(store, trajectory)
+        if not trajectory.finished:  # its saved log will be replayed: made from these requests?
+            metadata = saved_log_metadata(task.log_path)
+            if metadata is not None:
+                check_binding(metadata, log_binding(requests, one.resolved_hparams), task.log_path)
+        plan.append(trajectory)
+    return plan
+
+
+def read_progress(store: Store, trajectory: Trajectory) -> None:
+    """Where the trajectory stands in the store: completed, or the step to resume from."""
+    spec = trajectory.spec
+    row = store.trajectory(spec.experiment, spec.trajectory_id)
+    trajectory.evaluated = store.evaluated_checkpoints(spec.experiment, spec.trajectory_id)
+    edited = store.edit_steps_done(spec.experiment, spec.trajectory_id)
+    # "completed" in the trajectories table is a claim; the edit rows (every step, by index) and
+    # the evaluation rows (every checkpoint) are the evidence: a file moved aside is redone.
+    if (row is not None and row["status"] == Status.COMPLETED and trajectory.scored_all()
+            and edited == trajectory.task.n_steps):
+        trajectory.status, trajectory.reason, trajectory.editing_done = Status.COMPLETED, None, True
+        trajectory.start_step = trajectory.steps_done = trajectory.task.n_steps
+        return
+    reachable = min(edited, saved_log_steps(trajectory.task.log_path))
+    starts = [s for s in (steps_for(c, spec.batch_size) for c in spec.edit_checkpoints()) if s <= reachable]
+    trajectory.start_step = trajectory.steps_done = max(starts, default=0)
+    trajectory.editing_done = trajectory.start_step >= trajectory.task.n_steps
+    trajectory.buffer = []
+
+
+def write_status(store: Store, trajectory: Trajectory, status: Status, reason: str | None = None) -> None:
+    """Set the trajectory's status (and why) and write its row of the trajectories table."""
+    trajectory.status, trajectory.reason = status, reason
+    spec = trajectory.spec
+    store.put_trajectory({
+        "experiment": spec.experiment, "trajectory_id": spec.trajectory_id, "model": spec.model,
+        "method": spec.method, "variant": spec.variant.name, "group": spec.variant.group,
+        "dataset": spec.dataset, "seed": spec.seed, "n_edits": spec.n_edits, "batch_size": spec.batch_size,
+        "hparams": trajectory.hparams_json, "config": json.dumps(spec.config(), sort_keys=True, default=str),
+        "status": status.value, "reason": reason, "edits_done": trajectory.task.requests_after(
+            store.edit_steps_done(spec.experiment, spec.trajectory_id)),
+        "updated_at": datetime.now(timezone.utc)})
 
 
 class Driver:
@@ -180,47 +265,7 @@ class Driver:
 
     def plan(self) -> list[Trajectory]:
         """The trajectories with their requests, hyper-parameters and what the store says is done."""
-        pools = {}
-        for dataset in self.spec.datasets:
-            pools[dataset] = load_edit_dataset(dataset, self.data_root)
-            if self.spec.n_edits > len(pools[dataset]):
-                raise SpecError(self.spec.source, "n_edits", f"{self.spec.n_edits} edits asked for, but {dataset} "
-                                                             f"holds {len(pools[dataset])} requests")
-        plan = []
-        for spec in self.spec.trajectories():
-            requests = select_requests(pools[spec.dataset], spec.n_edits, spec.selection, spec.seed)
-            res = spec.resources.trajectory
-            task = TrajectoryTask(
-                spec.trajectory_id, Replica(spec.model, spec.dtype, res.num_gpus > 0, max(1, int(res.num_cpus))),
-                spec.method, dict(spec.variant.hparams), spec.variant.hparams_file, tuple(requests),
-                spec.batch_size, spec.edit_checkpoints(), spec.seed,
-                str(self.store.log_path(spec.experiment, spec.trajectory_id)), self.cache_dir, self.data_root)
-            trajectory = Trajectory(spec, task, json.dumps(spec.resolved_hparams, sort_keys=True))
-            self._read_progress(trajectory)
-            if not trajectory.finished:  # its saved log will be replayed: made from these requests?
-                metadata = saved_log_metadata(task.log_path)
-                if metadata is not None:
-                    check_binding(metadata, log_binding(requests, spec.resolved_hparams), task.log_path)
-            plan.append(trajectory)
-        return plan
-
-    def _read_progress(self, trajectory: Trajectory) -> None:
-        spec = trajectory.spec
-        row = self.store.trajectory(spec.experiment, spec.trajectory_id)
-        trajectory.evaluated = self.store.evaluated_checkpoints(spec.experiment, spec.trajectory_id)
-        edited = self.store.edit_steps_done(spec.experiment, spec.trajectory_id)
-        # "completed" in the trajectories table is a claim; the edit rows (every step, by index) and
-        # the evaluation rows (every checkpoint) are the evidence: a file moved aside is redone.
-        if (row is not None and row["status"] == COMPLETED and trajectory.scored_all()
-                and edited == trajectory.task.n_steps):
-            trajectory.status, trajectory.editing_done = COMPLETED, True
-            trajectory.start_step = trajectory.steps_done = trajectory.task.n_steps
-            return
-        reachable = min(edited, saved_log_steps(trajectory.task.log_path))
-        starts = [s for s in (steps_for(c, spec.batch_size) for c in spec.edit_checkpoints()) if s <= reachable]
-        trajectory.start_step = trajectory.steps_done = max(starts, default=0)
-        trajectory.editing_done = trajectory.start_step >= trajectory.task.n_steps
-        trajectory.buffer = []
+        return plan_trajectories(self.spec, self.store, data_root=self.data_root, cache_dir=self.cache_dir)
 
     def scorable_now(self, trajectory: Trajectory) -> list[int]:
         """Checkpoints not yet scored that the saved log (or the base model, at 0) already covers."""
@@ -240,7 +285,7 @@ class Driver:
         return RunResult(plan, summary_table(self.store, plan))
 
     def _run_todo(self, todo: list[Trajectory]) -> None:
-        started_ray = self._connect()
+        started_ray = connect(self.address)
         try:
             self._execute(todo)
             for trajectory in todo:  # every trajectory ends completed or failed; say so if not
@@ -250,27 +295,16 @@ class Driver:
             # Stopped from outside (Ctrl-C, a Tune scheduler): not a failure; a re-run resumes.
             for trajectory in todo:
                 if not trajectory.finished:
-                    self._status(trajectory, f"{INTERRUPTED} ({type(exc).__name__})")
+                    write_status(self.store, trajectory, Status.INTERRUPTED, type(exc).__name__)
             raise
         except Exception as exc:
             for trajectory in todo:
                 if not trajectory.finished:
-                    self._fail(trajectory, f"the driver stopped: {type(exc).__name__}: {_first_line(exc)}")
+                    self._fail(trajectory, f"the driver stopped: {type(exc).__name__}: {first_line(exc)}")
             raise
         finally:
             if started_ray:
                 ray.shutdown()
-
-    def _connect(self) -> bool:
-        if ray.is_initialized():
-            return False
-        env = {name: os.environ[name] for name in FORWARDED_ENVIRONMENT if name in os.environ}
-        options = dict(runtime_env={"env_vars": env}, logging_level="WARNING")
-        if self.address:  # the user's explicit choice: the cluster's own network settings apply
-            ray.init(address=self.address, **options)
-        else:
-            init_loopback_ray(include_dashboard=False, **options)
-        return True
 
     def _max_parallel(self, queued: int) -> int:
         resources = self.resources
@@ -300,7 +334,7 @@ class Driver:
         pool = EvalPool(self.spec, self.resources, self.cache_dir, self.data_root)
         self.progress.open([(t.trajectory_id, t.spec.label, t.task.n_steps, t.start_step) for t in todo])
         for trajectory in todo:
-            self._status(trajectory, "pending")
+            write_status(self.store, trajectory, Status.PENDING)
             for checkpoint in self.scorable_now(trajectory):
                 pool.submit(trajectory, checkpoint)
         queue = [t for t in todo if not t.editing_done]
@@ -368,7 +402,7 @@ class Driver:
             trajectory.start_step)
         trajectory.setting_up = True
         trajectory.buffer = []
-        self._status(trajectory, "running")
+        write_status(self.store, trajectory, Status.RUNNING)
 
     def _advance(self, trajectory: Trajectory, pool: "EvalPool") -> str:
         """Take the next event of a running trajectory; say whether it still runs."""
@@ -383,7 +417,7 @@ class Driver:
             self._release(trajectory)
             if trajectory.restarts < self.spec.max_restarts and "creation task" not in str(exc):
                 trajectory.restarts += 1
-                self._read_progress(trajectory)  # resume as a re-run would: from the store
+                read_progress(self.store, trajectory)  # resume as a re-run would: from the store
                 self.progress.restarted(trajectory.trajectory_id, trajectory.start_step,
                                         f"actor died; restart {trajectory.restarts} of {self.spec.max_restarts} "
                                         f"from step {trajectory.start_step}")
@@ -391,7 +425,7 @@ class Driver:
                     if not pool.has(trajectory, checkpoint):
                         pool.submit(trajectory, checkpoint)
                 return "restart"
-            self._fail(trajectory, f"actor died: {_first_line(exc)}")
+            self._fail(trajectory, f"actor died: {first_line(exc)}")
             return "failed"
         except ray.exceptions.RayTaskError as exc:  # an exception inside the editor
             self._release(trajectory)
@@ -406,7 +440,7 @@ class Driver:
             if trajectory.buffer:
                 self.store.put_edits(spec.experiment, spec.trajectory_id, trajectory.buffer)
                 trajectory.buffer = []
-            self._status(trajectory, "running")
+            write_status(self.store, trajectory, Status.RUNNING)
             if event.requests_done not in trajectory.evaluated and not pool.has(trajectory, event.requests_done):
                 pool.submit(trajectory, event.requests_done)
         self.observer("checkpoint" if isinstance(event, CheckpointEvent) else "edit", trajectory, event)
@@ -429,8 +463,8 @@ class Driver:
 
     def _maybe_complete(self, trajectory: Trajectory) -> None:
         if trajectory.editing_done and trajectory.scored_all() and not trajectory.finished:
-            self._status(trajectory, COMPLETED)
-            self.progress.finished(trajectory.trajectory_id, COMPLETED)
+            write_status(self.store, trajectory, Status.COMPLETED)
+            self.progress.finished(trajectory.trajectory_id, Status.COMPLETED)
 
     def _release(self, trajectory: Trajectory) -> None:
         if trajectory.actor is not None:
@@ -438,20 +472,8 @@ class Driver:
         trajectory.actor = trajectory.generator = None
 
     def _fail(self, trajectory: Trajectory, reason: str) -> None:
-        self._status(trajectory, f"failed: {reason}")
-        self.progress.message(f"{trajectory.spec.label}: {trajectory.status}")
-
-    def _status(self, trajectory: Trajectory, status: str) -> None:
-        trajectory.status = status
-        spec = trajectory.spec
-        self.store.put_trajectory({
-            "experiment": spec.experiment, "trajectory_id": spec.trajectory_id, "model": spec.model,
-            "method": spec.method, "variant": spec.variant.name, "group": spec.variant.group,
-            "dataset": spec.dataset, "seed": spec.seed, "n_edits": spec.n_edits, "batch_size": spec.batch_size,
-            "hparams": trajectory.hparams_json, "config": json.dumps(spec.config(), sort_keys=True, default=str),
-            "status": status, "edits_done": trajectory.task.requests_after(self.store.edit_steps_done(
-                spec.experiment, spec.trajectory_id)),
-            "updated_at": datetime.now(timezone.utc)})
+        write_status(self.store, trajectory, Status.FAILED, reason)
+        self.progress.message(f"{trajectory.spec.label}: {status_text(trajectory.status, reason)}")
 
 
 class EvalPool:
@@ -494,7 +516,7 @@ class EvalPool:
             if attempt < self.spec.max_restarts:  # an evaluation only reads: running it again is safe
                 self.submit(trajectory, checkpoint, attempt + 1)
                 return trajectory, checkpoint, None, None
-            return trajectory, checkpoint, None, f"evaluation actor died: {_first_line(exc)}"
+            return trajectory, checkpoint, None, f"evaluation actor died: {first_line(exc)}"
         except ray.exceptions.RayTaskError as exc:
             return trajectory, checkpoint, None, _reason(exc)
 
@@ -532,7 +554,7 @@ def summary_table(store: Store, plan: list[Trajectory]) -> pd.DataFrame:
                      "generalisation": value("edit/toolkit", "generalisation"),
                      "locality": value("edit/toolkit", "locality"),
                      "retention": sum(retention) / len(retention) if retention else math.nan,
-                     "status": trajectory.status})
+                     "status": status_text(trajectory.status, trajectory.reason)})
     return pd.DataFrame(rows)
 
 
@@ -543,10 +565,11 @@ def format_summary(summary: pd.DataFrame) -> str:
 def _reason(exc: Exception) -> str:
     cause = getattr(exc, "cause", None)
     if cause is not None:
-        return f"{type(cause).__name__}: {_first_line(cause)}"
-    return _first_line(exc)
+        return f"{type(cause).__name__}: {first_line(cause)}"
+    return first_line(exc)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An error's first non-blank line (at most 300 characters), as a status reason."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return (lines[0] if lines else type(exc).__name__)[:300]

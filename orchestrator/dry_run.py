@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from orchestrator.driver import COMPLETED, Trajectory
+from orchestrator.driver import Trajectory
 from orchestrator.spec import Resources
+from orchestrator.status import Status
 from orchestrator.store import Store
 
 COST_KEYS = ["model", "method", "batch_size"]
@@ -42,7 +43,7 @@ def plan_table(store: Store, plan: list[Trajectory]) -> pd.DataFrame:
     for trajectory in plan:
         spec, task = trajectory.spec, trajectory.task
         left = task.n_steps - trajectory.start_step
-        if trajectory.status == COMPLETED:
+        if trajectory.status == Status.COMPLETED:
             state, left = "complete", 0
         elif trajectory.start_step:
             state = f"resumes at {task.requests_after(trajectory.start_step)}/{spec.n_edits}"

@@ -342,7 +342,7 @@ def spec_from_dict(raw: Any, *, source: str | Path = "<dict>", base_dir: str | P
                    check_models: bool = True, check_data: bool = True,
                    data_root: str | Path | None = None) -> ExperimentSpec:
     """Validate a spec given as data (what the YAML holds). ``base_dir`` resolves relative paths."""
-    v = _Validator(source, Path(base_dir) if base_dir is not None else Path.cwd())
+    v = SpecValidator(source, Path(base_dir) if base_dir is not None else Path.cwd())
     if not isinstance(raw, dict):
         raise SpecError(source, "<top level>", "expected a mapping of fields")
     v.no_unknown(raw, TOP_LEVEL, "")
@@ -410,7 +410,10 @@ def dataset_file(dataset: str) -> str:
     return DATASET_FILES.get(dataset, dataset)
 
 
-class _Validator:
+class SpecValidator:
+    """Checks a spec's fields: each method returns the checked value or raises ``SpecError`` naming the
+    file and field. The tune spec's ``SearchValidator`` (``orchestrator/tune_spec.py``) extends it."""
+
     def __init__(self, source, base_dir: Path):
         self.source, self.base_dir = source, base_dir
 

@@ -41,6 +41,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from orchestrator.status import split_statuses
 from workers import storage
 
 SECONDS = pa.map_(pa.string(), pa.float64())
@@ -52,7 +53,8 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("seed", pa.int64()), ("n_edits", pa.int64()), ("batch_size", pa.int64()),
         ("hparams", pa.string()),  # the full hyper-parameters the editor ran with, as JSON
         ("config", pa.string()),  # the trajectory's spec (what its id hashes), as JSON
-        ("status", pa.string()),  # pending | running | completed | interrupted (...) | "failed: <reason>"
+        ("status", pa.string()),  # an ``orchestrator.status.Status``: pending | running | completed | ...
+        ("reason", pa.string()),  # why it failed, was interrupted or stopped; null otherwise
         ("edits_done", pa.int64()), ("updated_at", pa.timestamp("us", tz="UTC")),
     ]),
     "edits": pa.schema([
@@ -78,6 +80,8 @@ TABLES = tuple(SCHEMAS)
 KEYS = {"trajectories": ("experiment", "trajectory_id"),
         "edits": ("experiment", "trajectory_id", "edit_index"),
         "evaluations": ("experiment", "trajectory_id", "n_edits", "task", "metric")}
+# Columns that stores written by earlier versions lack; read as nulls (and filled in: ``split_statuses``).
+ADDED_COLUMNS = {"trajectories": ("reason",)}
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -260,12 +264,17 @@ class Store:
             except (OSError, pa.ArrowException) as exc:
                 raise StoreError(f"{self.where(path)}: unreadable Parquet file in table {table!r} ({exc}). It was "
                                  "left in place; move it aside to redo the work it held, or restore it") from exc
-            missing = [name for name in schema.names if name not in columns]
+            missing = [name for name in schema.names if name not in columns + list(ADDED_COLUMNS.get(table, ()))]
             if missing:  # reading with the schema would fill them with nulls
                 raise StoreError(f"{self.where(path)}: not a file of table {table!r} (columns {missing} missing). "
                                  "It was left in place; move it aside")
             if trajectory_id is not None:
                 part = part.filter(ds.field("trajectory_id") == trajectory_id)
+            if table == "trajectories":
+                try:
+                    part = split_statuses(part)
+                except ValueError as exc:
+                    raise StoreError(f"{self.where(path)}: {exc}") from exc
             # A stray copy of a file (another name, the same rows) would count its rows twice.
             for key in zip(*(part.column(name).to_pylist() for name in KEYS[table])):
                 if key in seen:

@@ -7,22 +7,8 @@
     searches = run_tune(load_tune_spec("experiments/configs/tune-rome-eac-smollm2.yaml"))   # `eac tune SPEC`
     searches[0].best_path          # a hyper-parameter YAML that `eac run` takes as is
 
-A tune spec is an experiment spec (``orchestrator/spec.py``: models, methods, one edit data set, one
-seed, ``n_edits``, checkpoints, evaluation, resources, store) plus a ``search`` section::
-
-    search:
-      num_samples: 16                    # trials per (model, method)
-      seed: 0                            # the sampler's seed: the same spec samples the same trials
-      space:                             # dotted hyper-parameter names (default: the three below)
-        eac.gamma_percentile: {uniform: [70, 99]}
-        eac.l1_weight: {loguniform: [1.0e-8, 1.0e-5]}
-        weight_decay: {loguniform: [1.0e-4, 1.0]}   # μ
-      objective:
-        edit: [edit/toolkit:reliability, edit/toolkit:generalisation, edit/toolkit:locality]
-        retention: headline              # or a list of task:metric rows, e.g. [nli:retention/accuracy_all]
-        combine: product                 # product | edit | retention
-      scheduler: {type: asha, grace_period: 10, reduction_factor: 2}   # or {type: fifo}
-      max_concurrent_trials: null        # default: as many as the cluster's resources hold
+A tune spec (``orchestrator/tune_spec.py``) is an experiment spec plus a ``search`` section: the
+space, the number of trials, the objective and the scheduler.
 
 Every (model, method variant) gets its own search. A trial is one trajectory of that variant with the
 sampled overrides, run by the same ``Driver`` as ``eac run`` (its trajectory and evaluation actors
@@ -52,298 +38,14 @@ from typing import Any, Mapping
 import pandas as pd
 import yaml
 
-from orchestrator.spec import (ExperimentSpec, MethodVariant, SpecError, read_spec_yaml, resolve_hparams,
-                               spec_from_dict)
+from orchestrator.spec import ExperimentSpec, MethodVariant
+from orchestrator.status import Status, status_text
 from orchestrator.store import Store
-from workers import storage
+from orchestrator.tune_spec import METRIC, Objective, TuneSpec
+from workers import settings, storage
 
 TUNE_GROUP = "tune"  # the ``group`` of trial trajectories in the store (kept out of the paper figures)
 TIME_AXIS = "edits"  # what ASHA counts: requests edited when the checkpoint was scored
-METRIC = "objective"
-DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice")
-COMBINE = ("product", "edit", "retention")
-SCHEDULERS = ("asha", "fifo")
-HEADLINE_RETENTION = "headline"
-
-
-# --------------------------------------------------------------------------------------------
-# Typed tune spec
-
-
-@dataclass(frozen=True)
-class Dimension:
-    """One searched hyper-parameter: its dotted name and distribution (``uniform``/``loguniform``:
-    (low, high); ``quniform``: (low, high, q); ``randint``: (low, high), high exclusive; ``choice``:
-    the values)."""
-
-    name: str
-    distribution: str
-    values: tuple
-
-    def domain(self):
-        from ray import tune
-
-        if self.distribution == "choice":
-            return tune.choice(list(self.values))
-        return getattr(tune, self.distribution)(*self.values)
-
-    def example(self):
-        """A value in the domain (its lower bound or first choice), to check the name resolves."""
-        return self.values[0]
-
-
-DEFAULT_SPACE = (Dimension("eac.gamma_percentile", "uniform", (70.0, 99.0)),  # P70–P99 (Table 2: P80–P95)
-                 Dimension("eac.l1_weight", "loguniform", (1e-8, 1e-5)),  # λ (C.5: 5e-7)
-                 Dimension("weight_decay", "loguniform", (1e-4, 1.0)))  # μ (C.5: 0.5 GPT-2 XL, 1e-3 LLaMA-3)
-
-DEFAULT_EDIT_TERMS = (("edit/toolkit", "reliability"), ("edit/toolkit", "generalisation"),
-                      ("edit/toolkit", "locality"))
-
-
-@dataclass(frozen=True)
-class Objective:
-    """What a trial maximises, from the rows of one checkpoint.
-
-    ``edit``: (task, metric) rows averaged into the editing score. ``retention``: (task, metric) rows
-    averaged into the retention, or ``None`` for the headline retention of every general task that has
-    a row (a task whose unedited score is 0 has no retention row). ``combine``: ``product`` (editing
-    score × retention), ``edit`` or ``retention`` alone."""
-
-    edit: tuple[tuple[str, str], ...] = DEFAULT_EDIT_TERMS
-    retention: tuple[tuple[str, str], ...] | None = None
-    combine: str = "product"
-
-    def terms(self, values: Mapping[tuple[str, str], float]) -> dict[str, float]:
-        """``{"edit_score": .., "retention": .., "objective": ..}`` from ``{(task, metric): value}``."""
-        out = {}
-        if self.combine in ("product", "edit"):
-            out["edit_score"] = _mean_of(values, self.edit, "edit")
-        if self.combine in ("product", "retention"):
-            out["retention"] = _mean_of(values, self._retention_terms(values), "retention")
-        out[METRIC] = math.prod(out.values())
-        return out
-
-    def _retention_terms(self, values: Mapping[tuple[str, str], float]) -> tuple[tuple[str, str], ...]:
-        if self.retention is not None:
-            return self.retention
-        from workers.evaluation.metrics import HEADLINE
-
-        return tuple((task, f"retention/{metric}") for task, metric in HEADLINE.items()
-                     if (task, f"retention/{metric}") in values)
-
-
-def _mean_of(values: Mapping[tuple[str, str], float], terms, what: str) -> float:
-    missing = [f"{task}:{metric}" for task, metric in terms if (task, metric) not in values]
-    if missing or not terms:
-        raise ValueError(f"objective: the checkpoint has no {what} row(s) {missing or '(none configured)'}; "
-                         f"rows present: {sorted(f'{t}:{m}' for t, m in values)[:40]}")
-    picked = [values[term] for term in terms]
-    if any(math.isnan(v) for v in picked):
-        raise ValueError(f"objective: {what} row(s) {[f'{t}:{m}' for t, m in terms]} hold NaN: {picked}")
-    return sum(picked) / len(picked)
-
-
-@dataclass(frozen=True)
-class SchedulerSpec:
-    """``asha``: asynchronous successive halving on the ``edits`` axis, from ``grace_period`` edits (default:
-    the first checkpoint after an edit) up to ``n_edits``, keeping 1 / ``reduction_factor`` of the trials
-    at each rung; ``fifo``: every trial runs to the end."""
-
-    type: str = "asha"
-    grace_period: int | None = None
-    reduction_factor: float = 2.0
-
-
-@dataclass(frozen=True)
-class SearchSpec:
-    space: tuple[Dimension, ...] = DEFAULT_SPACE
-    num_samples: int = 8
-    seed: int = 0
-    objective: Objective = Objective()
-    scheduler: SchedulerSpec = SchedulerSpec()
-    max_concurrent_trials: int | None = None
-
-
-@dataclass(frozen=True)
-class TuneSpec:
-    experiment: ExperimentSpec  # what every trial shares (one data set, one seed)
-    search: SearchSpec
-    source: str = "<dict>"
-
-    def searches(self) -> list[tuple[str, MethodVariant]]:
-        """One search per (model, method variant)."""
-        return [(model, variant) for model in self.experiment.models for variant in self.experiment.methods]
-
-
-# --------------------------------------------------------------------------------------------
-# Loading and validation
-
-
-def load_tune_spec(path: str | Path, *, check_models: bool = True, check_data: bool = True,
-                   data_root: str | Path | None = None) -> TuneSpec:
-    path = Path(path)
-    return tune_spec_from_dict(read_spec_yaml(path), source=path, base_dir=path.parent, check_models=check_models,
-                               check_data=check_data, data_root=data_root)
-
-
-def tune_spec_from_dict(raw: Any, *, source: str | Path = "<dict>", base_dir: str | Path | None = None,
-                        check_models: bool = True, check_data: bool = True,
-                        data_root: str | Path | None = None) -> TuneSpec:
-    """The experiment part is validated by ``spec_from_dict``; the ``search`` section here."""
-    if not isinstance(raw, dict):
-        raise SpecError(source, "<top level>", "expected a mapping of fields")
-    raw = dict(raw)
-    search_raw = raw.pop("search", {})
-    experiment = spec_from_dict(raw, source=source, base_dir=base_dir, check_models=check_models,
-                                check_data=check_data, data_root=data_root)
-    for name in ("datasets", "seeds"):
-        if len(getattr(experiment, name)) != 1:
-            raise SpecError(source, name, f"a trial is one trajectory: give one entry, not "
-                                          f"{list(getattr(experiment, name))} (a search per entry: one spec each)")
-    v = _SearchValidator(source)
-    search = v.search(search_raw, experiment)
-    for model, variant in ((m, var) for m in experiment.models for var in experiment.methods):
-        v.space_resolves(search.space, model, variant)
-    return TuneSpec(experiment, search, str(source))
-
-
-class _SearchValidator:
-    def __init__(self, source):
-        self.source = source
-
-    def fail(self, field_name: str, problem: str):
-        raise SpecError(self.source, field_name, problem)
-
-    def mapping(self, value, where: str) -> dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            self.fail(where, f"expected a mapping, got {type(value).__name__}")
-        return value
-
-    def known(self, raw: dict, known: set, prefix: str) -> None:
-        unknown = sorted(set(raw) - known, key=str)
-        if unknown:
-            self.fail(prefix + str(unknown[0]), f"unknown field; known: {sorted(known)}")
-
-    def integer(self, value, where: str, minimum: int) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            self.fail(where, f"expected an integer >= {minimum}, got {value!r}")
-        return value
-
-    def search(self, raw, experiment: ExperimentSpec) -> SearchSpec:
-        raw = self.mapping(raw, "search")
-        self.known(raw, {"space", "num_samples", "seed", "objective", "scheduler", "max_concurrent_trials"},
-                   "search.")
-        space = self.space(raw["space"]) if raw.get("space") is not None else DEFAULT_SPACE
-        concurrent = raw.get("max_concurrent_trials")
-        return SearchSpec(
-            space=space,
-            num_samples=self.integer(raw.get("num_samples", SearchSpec.num_samples), "search.num_samples", 1),
-            seed=self.integer(raw.get("seed", 0), "search.seed", 0),
-            objective=self.objective(raw.get("objective"), experiment),
-            scheduler=self.scheduler(raw.get("scheduler"), experiment),
-            max_concurrent_trials=None if concurrent is None else self.integer(
-                concurrent, "search.max_concurrent_trials", 1))
-
-    def space(self, raw) -> tuple[Dimension, ...]:
-        raw = self.mapping(raw, "search.space")
-        if not raw:
-            self.fail("search.space", "no hyper-parameter to search")
-        dimensions = []
-        for name, spec in raw.items():
-            where = f"search.space.{name}"
-            spec = self.mapping(spec, where)
-            if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-                self.fail(where, f"expected one of {{{' | '.join(DISTRIBUTIONS)}: [...]}}, got {spec!r}")
-            (distribution, values), = spec.items()
-            if not isinstance(values, list) or not values:
-                self.fail(where, f"{distribution}: expected a list, got {values!r}")
-            if distribution != "choice":
-                arity = 3 if distribution == "quniform" else 2
-                if len(values) != arity or not all(_is_number(x) for x in values):
-                    self.fail(where, f"{distribution}: expected {arity} numbers, got {values!r}")
-                if not values[0] < values[1]:
-                    self.fail(where, f"{distribution}: the lower bound {values[0]} is not below {values[1]}")
-                if distribution == "loguniform" and values[0] <= 0:
-                    self.fail(where, f"loguniform: bounds must be positive, got {values!r}")
-                if distribution == "randint" and not all(isinstance(x, int) for x in values):
-                    self.fail(where, f"randint: expected integers, got {values!r}")
-            dimensions.append(Dimension(str(name), distribution, tuple(values)))
-        return tuple(dimensions)
-
-    def term(self, value, where: str) -> tuple[str, str]:
-        if not isinstance(value, str) or value.count(":") != 1 or not all(value.split(":")):
-            self.fail(where, f"expected 'task:metric' (e.g. edit/toolkit:reliability), got {value!r}")
-        task, metric = value.split(":")
-        return task, metric
-
-    def terms(self, raw, where: str) -> tuple[tuple[str, str], ...]:
-        if not isinstance(raw, list) or not raw:
-            self.fail(where, f"expected a non-empty list of 'task:metric', got {raw!r}")
-        return tuple(self.term(item, f"{where}[{i}]") for i, item in enumerate(raw))
-
-    def objective(self, raw, experiment: ExperimentSpec) -> Objective:
-        from workers.evaluation import EvalConfig
-        from workers.evaluation.config import GENERAL_TASKS
-
-        raw = self.mapping(raw, "search.objective")
-        self.known(raw, {"edit", "retention", "combine"}, "search.objective.")
-        combine = raw.get("combine", "product")
-        if combine not in COMBINE:
-            self.fail("search.objective.combine", f"{combine!r} is not one of {list(COMBINE)}")
-        edit = self.terms(raw["edit"], "search.objective.edit") if "edit" in raw else DEFAULT_EDIT_TERMS
-        retention_raw = raw.get("retention", HEADLINE_RETENTION)
-        retention = None if retention_raw == HEADLINE_RETENTION else self.terms(retention_raw,
-                                                                                "search.objective.retention")
-        config = EvalConfig.from_dict(experiment.evaluation.config_fields(), source="evaluation")
-        if combine in ("product", "edit"):
-            for i, (task, _) in enumerate(edit):
-                family = task.removeprefix("edit/")
-                if not task.startswith("edit/") or family not in config.edit_metrics:
-                    self.fail(f"search.objective.edit[{i}]", f"{task!r} is not an editing-metric family the "
-                                                             f"evaluation computes (edit/<one of {list(config.edit_metrics)}>)")
-        if combine in ("product", "retention"):
-            evaluated = [task for task in GENERAL_TASKS if config.count(task)]
-            if not evaluated:
-                self.fail("search.objective.combine", f"{combine!r} needs general-ability retention, but "
-                                                      "evaluation.tasks names no task; add tasks or use combine: edit")
-            for i, (task, _) in enumerate(retention or ()):
-                if task not in evaluated:
-                    self.fail(f"search.objective.retention[{i}]", f"task {task!r} is not evaluated "
-                                                                  f"(evaluation.tasks: {evaluated})")
-        return Objective(edit, retention, combine)
-
-    def scheduler(self, raw, experiment: ExperimentSpec) -> SchedulerSpec:
-        raw = self.mapping(raw, "search.scheduler")
-        self.known(raw, {"type", "grace_period", "reduction_factor"}, "search.scheduler.")
-        kind = raw.get("type", "asha")
-        if kind not in SCHEDULERS:
-            self.fail("search.scheduler.type", f"{kind!r} is not one of {list(SCHEDULERS)}")
-        grace = raw.get("grace_period")
-        first = min(c for c in experiment.checkpoints if c > 0)
-        if grace is None:
-            grace = first
-        grace = self.integer(grace, "search.scheduler.grace_period", 1)
-        if grace > experiment.n_edits:
-            self.fail("search.scheduler.grace_period", f"{grace} is beyond n_edits ({experiment.n_edits})")
-        factor = raw.get("reduction_factor", 2.0)
-        if not _is_number(factor) or factor <= 1:
-            self.fail("search.scheduler.reduction_factor", f"expected a number > 1, got {factor!r}")
-        return SchedulerSpec(kind, grace, float(factor))
-
-    def space_resolves(self, space: tuple[Dimension, ...], model: str, variant: MethodVariant) -> None:
-        """Every searched name is a hyper-parameter of the variant (e.g. ``eac.*`` needs an EAC method)."""
-        for dimension in space:
-            probe = dataclasses.replace(variant, hparams={**variant.hparams, dimension.name: dimension.example()})
-            try:
-                resolve_hparams(model, probe)
-            except (TypeError, ValueError) as exc:
-                self.fail(f"search.space.{dimension.name}", f"{variant.name} on {model}: {exc}")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,8 +124,8 @@ def run_trial(config: dict, context: TrialContext) -> None:
         settle_status(context, spec, error=exc, replace_failure=True)
         raise
     (trajectory,) = result.trajectories
-    if trajectory.status.startswith("failed"):
-        raise RuntimeError(f"{trajectory.spec.label}: {trajectory.status}")
+    if trajectory.status == Status.FAILED:
+        raise RuntimeError(f"{trajectory.spec.label}: {status_text(trajectory.status, trajectory.reason)}")
 
 
 def trial_resources(experiment: ExperimentSpec):
@@ -509,32 +211,34 @@ def run_search(tune_spec: TuneSpec, model: str, variant: MethodVariant, store: S
 
 
 def settle_status(context: TrialContext, trial_spec: ExperimentSpec, error: BaseException | None, *,
-                  replace_failure: bool = False) -> str:
-    """Make a trial's ``trajectories.status`` final: ``completed`` when every edit and checkpoint is in
-    the store, ``failed: <reason>`` after an error, otherwise ``stopped: early stopping, scored at N of
-    M edits`` (the scheduler cut it). A completed trajectory keeps its status, and so does a failed one
+                  replace_failure: bool = False) -> tuple[Status, str | None]:
+    """Make a trial's status final: ``completed`` when every edit and checkpoint is in the store,
+    ``failed`` after an error (its first line the reason), otherwise ``stopped`` (the scheduler cut it;
+    reason: scored at N of M edits). A completed trajectory keeps its status, and so does a failed one
     after an error unless ``replace_failure`` (the error is the reason, not the driver's unwinding)."""
-    from orchestrator.driver import COMPLETED, Driver
-    from orchestrator.driver import _first_line as first_line
+    from orchestrator.driver import first_line, plan_trajectories, write_status
 
     store = Store(context.store_root)
-    driver = Driver(trial_spec, store, progress=False, data_root=context.data_root, cache_dir=context.cache_dir)
-    (trajectory,) = driver.plan()
+    (trajectory,) = plan_trajectories(trial_spec, store, data_root=context.data_root, cache_dir=context.cache_dir)
     spec = trajectory.spec
-    row = store.trajectory(spec.experiment, spec.trajectory_id)
-    status = row["status"] if row is not None else "pending"
-    if status == COMPLETED or (error is not None and status.startswith("failed") and not replace_failure):
-        return status  # finished, or failed with the driver's own reason
+    status, reason = stored_status(store, spec.experiment, spec.trajectory_id)
+    if status == Status.COMPLETED or (error is not None and status == Status.FAILED and not replace_failure):
+        return status, reason  # finished, or failed with the driver's own reason
     done = store.edit_steps_done(spec.experiment, spec.trajectory_id) >= trajectory.task.n_steps
     if error is not None:
-        status = f"failed: {first_line(error)}"
+        status, reason = Status.FAILED, first_line(error)
     elif done and trajectory.scored_all():
-        status = COMPLETED
+        status, reason = Status.COMPLETED, None
     else:
         scored = max((c for c in trajectory.evaluated if c > 0), default=0)
-        status = f"stopped: early stopping, scored at {scored} of {spec.n_edits} edits"
-    driver._status(trajectory, status)  # the same row an `eac run` writes
-    return status
+        status, reason = Status.STOPPED, f"early stopping, scored at {scored} of {spec.n_edits} edits"
+    write_status(store, trajectory, status, reason)  # the same row an `eac run` writes
+    return status, reason
+
+
+def stored_status(store: Store, experiment: str, trajectory_id: str) -> tuple[Status, str | None]:
+    row = store.trajectory(experiment, trajectory_id)
+    return (Status(row["status"]), row["reason"]) if row is not None else (Status.PENDING, None)
 
 
 def _trial_row(store: Store, context: TrialContext, sampled: dict, error) -> dict:
@@ -543,10 +247,9 @@ def _trial_row(store: Store, context: TrialContext, sampled: dict, error) -> dic
     trial_spec = context.trial_spec(sampled)
     (trajectory_spec,) = trial_spec.trajectories()
     experiment, trajectory_id = trial_spec.experiment, trajectory_spec.trajectory_id
-    row = store.trajectory(experiment, trajectory_id)
-    status = row["status"] if row is not None else "pending"
-    if error is not None or not (status == "completed" or status.startswith(("failed", "stopped"))):
-        status = settle_status(context, trial_spec, error)
+    status, reason = stored_status(store, experiment, trajectory_id)
+    if error is not None or status not in (Status.COMPLETED, Status.FAILED, Status.STOPPED):
+        status, reason = settle_status(context, trial_spec, error)
     scored = {c: v for c, v in checkpoint_values(store, experiment, trajectory_id).items() if c > 0}
     last = max(scored, default=0)
     objective = math.nan
@@ -556,7 +259,7 @@ def _trial_row(store: Store, context: TrialContext, sampled: dict, error) -> dic
         except ValueError:
             pass
     return {**sampled, "variant": trajectory_spec.variant.name, "trajectory_id": trajectory_id, TIME_AXIS: last,
-            METRIC: objective, "status": status}
+            METRIC: objective, "status": status_text(status, reason)}
 
 
 def write_best_hparams(path: Path, hparams: dict, about: dict) -> Path:
@@ -593,18 +296,16 @@ def run_tune(tune_spec: TuneSpec, store: Store | None = None, *, address: str | 
     """Every search of the spec, one after another, on a local Ray cluster or the one at ``address``."""
     import ray
 
-    from orchestrator.driver import Driver
+    from orchestrator.driver import connect
 
     store = store or Store(tune_spec.experiment.store)
-    connector = Driver(tune_spec.experiment, store, address=address, progress=False, data_root=data_root,
-                       cache_dir=cache_dir)
+    data_root, cache_dir = str(settings.data_dir(data_root)), str(settings.cache_dir(cache_dir))
     out = Path(out_dir) if out_dir is not None else store.root / "tune"
     with store.lock(tune_spec.experiment.experiment):  # one search (or run) of an experiment at a time
-        started = connector._connect()  # the same ray.init (forwarded settings) as `eac run`
+        started = connect(address)  # the same ray.init (forwarded settings) as `eac run`
         try:
-            return TuneRun([run_search(tune_spec, model, variant, store, out_dir=out,
-                                       data_root=connector.data_root, cache_dir=connector.cache_dir,
-                                       verbose=verbose)
+            return TuneRun([run_search(tune_spec, model, variant, store, out_dir=out, data_root=data_root,
+                                       cache_dir=cache_dir, verbose=verbose)
                             for model, variant in tune_spec.searches()])
         finally:
             if started:

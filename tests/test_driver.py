@@ -137,10 +137,12 @@ def test_killed_actor_resumes_on_rerun_with_no_row_lost_or_duplicated(uninterrup
 
     first = run(directory / "spec.yaml", tmp_path / "store", observer=kill_rome_at_step_3)
     assert killed and first.exit_code == 1
-    status = {t.spec.method: t.status for t in first.trajectories}
-    assert status["rome"].startswith("failed: actor died") and status["rome-eac"] == "completed"
+    status = {t.spec.method: (t.status, t.reason) for t in first.trajectories}
+    assert status["rome"][0] == "failed" and status["rome"][1].startswith("actor died")
+    assert status["rome-eac"] == ("completed", None)
     store = Store(tmp_path / "store")
-    assert store.trajectory("mini-demo", killed[0])["status"].startswith("failed: actor died")
+    row = store.trajectory("mini-demo", killed[0])
+    assert row["status"] == "failed" and row["reason"].startswith("actor died")
     assert store.edit_steps_done("mini-demo", killed[0]) == 2  # the unsaved edit's row was not written
 
     resumed = []

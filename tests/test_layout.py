@@ -10,13 +10,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("orchestrator", "workers", "experiments")
-# Private names still used across modules, each waiting on a change to a file other work holds
-# (issue 15 item 2: the driver's public API). The test fails when one is fixed, so the list shrinks.
-KNOWN_PRIVATE_USES = {
-    ("orchestrator/tuning.py", "orchestrator.driver._first_line"),
-    ("orchestrator/tuning.py", "connector._connect"),  # Driver._connect
-    ("orchestrator/tuning.py", "driver._status"),  # Driver._status
-}
 
 
 def sources(package: str) -> list[Path]:
@@ -119,5 +112,4 @@ def test_no_module_of_the_orchestrator_imports_the_experiments_except_the_cli():
 
 def test_no_private_name_is_used_outside_its_module():
     uses = set().union(*(private_uses(path) for package in PACKAGES for path in sources(package)))
-    assert uses - KNOWN_PRIVATE_USES == set()
-    assert KNOWN_PRIVATE_USES - uses == set(), "fixed: take it off KNOWN_PRIVATE_USES"
+    assert uses == set()

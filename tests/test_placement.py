@@ -94,7 +94,8 @@ def test_deepspeed_inference_config():
 
 
 def test_a_tune_trial_reserves_the_gpus_of_its_actors(data_root):
-    from orchestrator.tuning import trial_resources, tune_spec_from_dict
+    from orchestrator.tune_spec import tune_spec_from_dict
+    from orchestrator.tuning import trial_resources
 
     spec = tune_spec_from_dict({
         "experiment": "big", "models": ["meta-llama/Llama-2-13b-hf"], "methods": ["rome-eac"],

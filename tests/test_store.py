@@ -90,6 +90,37 @@ def test_rewriting_the_same_rows_never_duplicates(store):
     assert store.edit_steps_done("exp", "t1") == 4 and store.evaluated_checkpoints("exp", "t1") == {3}
 
 
+
+# The trajectories table before it had a ``reason`` column: the reason was inside the status string.
+OLD_TRAJECTORIES = pa.schema([f for f in store_module.SCHEMAS["trajectories"] if f.name != "reason"])
+
+
+def write_old_trajectory(store, tid, status):
+    path = store.root / "trajectories" / "exp" / f"{tid}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist([trajectory_row(tid, status)], schema=OLD_TRAJECTORIES), path)
+    return path
+
+
+def test_an_old_store_reads_as_a_status_and_a_reason(store):
+    old = {"t-failed": "failed: actor died: node lost", "t-stopped": "stopped: early stopping, scored at 2 of 4 edits",
+           "t-int": "interrupted (KeyboardInterrupt)", "t-done": "completed", "t-run": "running"}
+    for tid, status in old.items():
+        write_old_trajectory(store, tid, status)
+    store.put_trajectory({**trajectory_row("t-new", "failed"), "reason": "evaluation at 2 edits: boom"})
+    rows = {row["trajectory_id"]: (row["status"], row["reason"]) for row in store.read("trajectories").to_pylist()}
+    assert rows == {"t-failed": ("failed", "actor died: node lost"),
+                    "t-stopped": ("stopped", "early stopping, scored at 2 of 4 edits"),
+                    "t-int": ("interrupted", "KeyboardInterrupt"), "t-done": ("completed", None),
+                    "t-run": ("running", None), "t-new": ("failed", "evaluation at 2 edits: boom")}
+    assert store.trajectory("exp", "t-failed")["reason"] == "actor died: node lost"
+
+
+def test_a_status_that_is_no_status_names_its_file(store):
+    path = write_old_trajectory(store, "t1", "exploded")
+    with pytest.raises(StoreError, match=f"{path}.*'exploded' is not one of"):
+        store.read("trajectories")
+
 def test_progress_counts_only_the_contiguous_prefix(store):
     store.put_edits("exp", "t1", edits(0, 1))
     store.put_edits("exp", "t1", edits(4, 5))  # a gap: steps 2-3 were lost

@@ -13,8 +13,8 @@ import yaml
 from orchestrator import cli
 from orchestrator.spec import MethodVariant, SpecError
 from orchestrator.store import Store
-from orchestrator.tuning import (DEFAULT_SPACE, TUNE_GROUP, Objective, load_tune_spec, trial_variant,
-                                 tune_spec_from_dict)
+from orchestrator.tune_spec import DEFAULT_SPACE, Objective, load_tune_spec, tune_spec_from_dict
+from orchestrator.tuning import TUNE_GROUP, trial_variant
 from workers.editing import load_hparams
 
 CONFIGS = Path(__file__).resolve().parent.parent / "experiments" / "configs" / "tune"
