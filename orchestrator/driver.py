@@ -28,7 +28,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -47,6 +46,7 @@ from workers.actors import (CheckpointEvent, EditEvent, EvalActor, Replica, Traj
 from workers.data import EditRequest, load_edit_dataset
 from workers.editing.delta import saved_log_metadata
 from workers.editing.methods import split_method
+from workers.sampling import seeded_sample
 
 # Settings that actors on other machines of a cluster must see as the driver does; an object store's
 # endpoint and region too (its credentials stay out of the job's runtime_env, which the dashboard
@@ -95,7 +95,7 @@ def select_requests(pool: list[EditRequest], n_edits: int, selection: str, seed:
     in data-set order."""
     if selection == "first":
         return pool[:n_edits]
-    return [pool[i] for i in sorted(random.Random(seed).sample(range(len(pool)), n_edits))]
+    return [pool[i] for i in seeded_sample(len(pool), n_edits, seed)]
 
 
 def connect(address: str | None = None) -> bool:

@@ -43,7 +43,6 @@ import functools
 import hashlib
 import json
 import math
-import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +56,7 @@ from workers.editing import METHODS, load_hparams
 from workers.evaluation import EvalConfig
 from workers.evaluation.config import GENERAL_TASKS
 from workers.evaluation.prompts import check_statistics_text
+from workers.sampling import seeded_order
 
 # The data file each general-ability task (``workers.evaluation.config.GENERAL_TASKS``) reads; ``nli``
 # reads RTE's train split unless the evaluation sets ``nli_split: dev``.
@@ -209,8 +209,7 @@ class TrajectorySpec:
         sample = self.evaluation.edit_sample
         if sample is None or sample >= checkpoint:
             return list(range(checkpoint))
-        order = list(range(self.n_edits))
-        random.Random(f"{self.seed}:edit-sample").shuffle(order)
+        order = seeded_order(self.n_edits, f"{self.seed}:edit-sample")
         return sorted([i for i in order if i < checkpoint][:sample])
 
 

@@ -10,7 +10,6 @@ tokenizer's chat template (one user turn; the model answers in the assistant tur
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +17,7 @@ from typing import Sequence
 from workers import data
 from workers.evaluation.config import EvalConfig
 from workers.evaluation.scoring import EncodedPair
+from workers.sampling import seeded_order, seeded_sample
 from workers.stats import load_corpus
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def _sample_indices(size: int, count: int, seed: int, task: str, order: str = "s
     (``order="seeded"``), or the first ones (``order="first"``)."""
     if order == "first":
         return list(range(min(count, size)))
-    return sorted(random.Random(f"{seed}:{task}").sample(range(size), min(count, size)))
+    return seeded_sample(size, count, f"{seed}:{task}")
 
 
 def sample_examples(examples: Sequence, count: int, seed: int, task: str, order: str = "seeded") -> list:
@@ -97,7 +97,7 @@ def sample_fitting(examples: Sequence, count: int, seed: int, task: str, fits,
         drawn = set(first)
         rest = [i for i in range(len(examples)) if i not in drawn]
         if order != "first":
-            random.Random(f"{seed}:{task}:refill").shuffle(rest)
+            rest = [rest[j] for j in seeded_order(len(rest), f"{seed}:{task}:refill")]
         for index in rest:
             if len(kept) >= count:
                 break
@@ -161,7 +161,7 @@ def perplexity_windows(token_ids: Sequence[int], *, window: int, stride: int, co
     """
     context = window - stride
     starts = list(range(0, len(token_ids) - stride + 1, stride))
-    chosen = sorted(random.Random(f"{seed}:wikitext").sample(starts, min(count, len(starts))))
+    chosen = [starts[i] for i in seeded_sample(len(starts), count, f"{seed}:wikitext")]  # starts ascend
     pairs = []
     for start in chosen:
         history = list(prefix) + list(token_ids[max(0, start - context):start])
