@@ -34,34 +34,20 @@ def cmd_model_pull(args) -> int:
 
 
 def cmd_data_check(args) -> int:
-    """Load every data set from the data directory and print the record counts."""
+    """Load every data set of ``workers.data.DATASETS`` from the data directory and print the counts."""
     from workers import data, settings
 
     print(f"data directory: {settings.data_dir()}")
-    loaders = {
-        "counterfact (edit)": lambda r: data.load_counterfact("edit", report=r, skip_invalid=args.skip_invalid),
-        "counterfact (val)": lambda r: data.load_counterfact("val", report=r, skip_invalid=args.skip_invalid),
-        "zsre (eval)": lambda r: data.load_zsre("eval", report=r, skip_invalid=args.skip_invalid),
-        "zsre (train-1k)": lambda r: data.load_zsre("train", report=r, skip_invalid=args.skip_invalid),
-        "rte (train tsv)": lambda r: data.load_rte(report=r),
-        "rte (dev jsonl)": lambda r: data.load_rte(split="dev", report=r),
-        "sst2": lambda r: data.load_sst2(report=r),
-        "samsum": lambda r: data.load_samsum(report=r),
-        "nq": lambda r: data.load_nq(report=r),
-        "mmlu": lambda r: data.load_mmlu(report=r),
-    }
     failed = 0
-    for name, load in loaders.items():
-        report = data.LoadReport(name)
+    for name, dataset in data.DATASETS.items():
         try:
-            load(report)
+            if dataset.kind == "text":
+                print(f"  {name:20s} {len(dataset.load(None)):,} characters")
+                continue
+            report = data.LoadReport(name)
+            # Invalid records are skipped only in the edit data sets; a task file is read whole.
+            dataset.load(None, report=report, **({"skip_invalid": args.skip_invalid} if dataset.kind == "edit" else {}))
             print(f"  {name:20s} {report.summary()}")
-        except (data.DataError, FileNotFoundError) as exc:
-            failed += 1
-            print(f"  {name:20s} ERROR {exc}")
-    for name in data.TEXT_FILES:
-        try:
-            print(f"  {name:20s} {len(data.load_text(name)):,} characters")
         except (data.DataError, FileNotFoundError) as exc:
             failed += 1
             print(f"  {name:20s} ERROR {exc}")

@@ -51,31 +51,14 @@ from typing import Any
 import yaml
 
 from workers import settings
-from workers.data import COUNTERFACT_FILES, TASK_FILES, TEXT_FILES, ZSRE_FILES
+from workers.data import EDIT_DATASETS, TASK_DATASETS, edit_dataset_file, task_dataset
 from workers.editing import METHODS, load_hparams
 from workers.evaluation import EvalConfig
 from workers.evaluation.config import GENERAL_TASKS
 from workers.evaluation.prompts import check_statistics_text
 from workers.sampling import seeded_order
 
-# The data file each general-ability task (``workers.evaluation.config.GENERAL_TASKS``) reads; ``nli``
-# reads RTE's train split unless the evaluation sets ``nli_split: dev``.
-TASK_DATA: dict[str, str] = {
-    "nli": TASK_FILES["rte"],
-    "sst2": TASK_FILES["sst2"],
-    "samsum": TASK_FILES["samsum"],
-    "nq": TASK_FILES["nq"],
-    "mmlu": TASK_FILES["mmlu"],
-    "wikitext": TEXT_FILES["wikitext-test"],
-}
-assert set(TASK_DATA) == set(GENERAL_TASKS), "every general task needs its data file here"
-# Edit data sets by name (as ``workers.data.load_edit_dataset`` knows them) and their files.
-DATASET_FILES: dict[str, str] = {
-    "counterfact": COUNTERFACT_FILES["edit"],
-    "counterfact-val": COUNTERFACT_FILES["val"],
-    "zsre": ZSRE_FILES["eval"],
-    "zsre-train": ZSRE_FILES["train"],
-}
+assert set(TASK_DATASETS) == set(GENERAL_TASKS), "every general task needs its data set in workers.data"
 SELECTIONS = ("random", "first")
 DTYPES = ("float32", "float16", "bfloat16")
 GROUPS = ("ablation", "anchor-selection")
@@ -236,7 +219,7 @@ class ExperimentSpec:
     def input_digests(self) -> dict[str, str]:
         """Each data set's file digest and each model's fingerprint, taken once per spec."""
         root = settings.data_dir(self.data_root)
-        digests = {dataset: file_digest(root / dataset_file(dataset)) for dataset in self.datasets}
+        digests = {dataset: file_digest(root / edit_dataset_file(dataset)) for dataset in self.datasets}
         return {**digests, **{model: model_fingerprint(model) for model in self.models}}
 
     def trajectories(self) -> list["TrajectorySpec"]:
@@ -387,11 +370,9 @@ def spec_from_dict(raw: Any, *, source: str | Path = "<dict>", base_dir: str | P
     if check_data:
         root = settings.data_dir(data_root)
         for i, dataset in enumerate(datasets):
-            v.file_present(root, dataset_file(dataset), f"datasets[{i}]")
+            v.file_present(root, edit_dataset_file(dataset), f"datasets[{i}]")
         for task in evaluation.tasks:
-            relpath = TASK_DATA[task]
-            if task == "nli" and evaluation.options.get("nli_split") == "dev":
-                relpath = TASK_FILES["rte-dev"]
+            relpath = task_dataset(task, evaluation.options.get("nli_split", "train")).file
             v.file_present(root, relpath, f"evaluation.tasks.{task}")
     return ExperimentSpec(experiment, tuple(models), methods, datasets, seeds, n_edits, batch_size, checkpoints,
                           selection, evaluation, resources, store, max_restarts, dtype, source=str(source),
@@ -402,11 +383,6 @@ def resolve_hparams(model: str, variant: MethodVariant):
     """The typed hyper-parameters a trajectory runs with: the shipped defaults for (method, model) or
     the variant's ``hparams_file``, with its overrides applied."""
     return load_hparams(variant.method, model, overrides=variant.hparams or None, path=variant.hparams_file)
-
-
-def dataset_file(dataset: str) -> str:
-    """The data-directory path of a named edit data set, or the data set itself when it is a file."""
-    return DATASET_FILES.get(dataset, dataset)
 
 
 class SpecValidator:
@@ -492,14 +468,14 @@ class SpecValidator:
         return tuple(sorted(set(points) | {n_edits}))
 
     def dataset(self, value: str, field_name: str) -> str:
-        if value in DATASET_FILES:
+        if value in EDIT_DATASETS:
             return value
         path = Path(value)
         if not path.is_absolute():
             path = self.base_dir / path
         if path.suffix in (".json", ".jsonl"):
             return str(path.resolve())
-        self.fail(field_name, f"{value!r} is neither a known data set {sorted(DATASET_FILES)} nor a .json file")
+        self.fail(field_name, f"{value!r} is neither a known data set {sorted(EDIT_DATASETS)} nor a .json file")
 
     def existing_file(self, value, field_name: str) -> str:
         if not isinstance(value, str) or not value.strip():
@@ -563,8 +539,8 @@ class SpecValidator:
         raw = dict(self.mapping(raw, "evaluation"))
         tasks = {}
         for task, count in self.mapping(raw.pop("tasks", {}), "evaluation.tasks").items():
-            if task not in TASK_DATA:
-                self.fail(f"evaluation.tasks.{task}", f"unknown task; known: {sorted(TASK_DATA)}")
+            if task not in TASK_DATASETS:
+                self.fail(f"evaluation.tasks.{task}", f"unknown task; known: {sorted(TASK_DATASETS)}")
             tasks[task] = self.integer(count, f"evaluation.tasks.{task}", minimum=1)
         edit_sample = raw.pop("edit_sample", None)
         if edit_sample is not None:

@@ -149,3 +149,36 @@ def test_download_when_absent_from_a_loopback_server(tmp_path, monkeypatch):
     assert request.target_new == "English" and request.target_true == "French"
     assert request.locality_prompts[1] == "The native language of Montesquieu is"
     assert request.locality_answers == ("French", "French")
+
+
+def test_one_table_of_data_sets_is_what_the_spec_the_data_check_the_tasks_and_the_driver_read(
+        tmp_path, monkeypatch, capsys, data_root, tiny_gpt2):
+    """Moving a data set in ``data.DATASETS`` moves it for every reader: the spec's file check,
+    ``eac data check``, ``TaskSuite.load`` and the edit requests the driver loads."""
+    from orchestrator import cli
+    from orchestrator.spec import SpecError, spec_from_dict
+    from workers.evaluation import EvalConfig, TaskSuite
+
+    moved = tmp_path / "three.tsv"
+    moved.write_text("sentence\tlabel\na fine film \t1\na dull film \t0\nan odd film \t1\n")
+    sst2 = data.DATASETS["sst2"]
+    monkeypatch.setitem(data.DATASETS, "sst2", data.DataSet("sst2", "tasks/moved-sst2.tsv", "task",
+                                                            functools.partial(data.load_sst2, path=moved),
+                                                            sst2.record))
+    spec = {"experiment": "e", "models": ["tiny-gpt2"], "methods": ["rome"], "datasets": ["counterfact"],
+            "n_edits": 2, "evaluation": {"tasks": {"sst2": 2}}}
+    with pytest.raises(SpecError, match="moved-sst2.tsv") as error:
+        spec_from_dict(spec, check_models=False)
+    assert error.value.field == "evaluation.tasks.sst2"
+
+    assert cli.main(["data", "check", "--skip-invalid"]) == 0
+    assert f"sst2                 {moved}: 3 of 3 records loaded" in capsys.readouterr().out
+
+    _, tokenizer = tiny_gpt2
+    suite = TaskSuite.load(tokenizer, EvalConfig(tasks={"sst2": 3}, progress=False), data_root)
+    assert [x.text for x in suite.examples["sst2"]] == ["a fine film", "a dull film", "an odd film"]
+
+    requests = [data.EditRequest(7, "The capital of X is", "X", " Y")]
+    monkeypatch.setitem(data.DATASETS, "zsre", data.DataSet("zsre", "zsre/other.json", "edit",
+                                                            lambda root, **options: requests, data.EditRequest))
+    assert data.load_edit_dataset("zsre", data_root) is requests  # what the driver's plan loads

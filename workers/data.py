@@ -13,6 +13,7 @@ are exported from the Hugging Face hub with ``datasets``).
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import urllib.request
 from dataclasses import dataclass, field
@@ -326,18 +327,20 @@ def load_zsre(split: str = "eval", data_root: str | Path | None = None, *, path:
 
 
 def load_edit_dataset(name: str, data_root: str | Path | None = None, **kwargs) -> list[EditRequest]:
-    """By name: ``counterfact`` / ``counterfact-val`` / ``zsre`` / ``zsre-train`` or a JSON file path."""
-    loaders = {"counterfact": (load_counterfact, "edit"), "counterfact-val": (load_counterfact, "val"),
-               "zsre": (load_zsre, "eval"), "zsre-train": (load_zsre, "train")}
-    if name in loaders:
-        loader, split = loaders[name]
-        return loader(split, data_root, **kwargs)
+    """By name (an edit data set of ``DATASETS``: ``counterfact``, ``zsre``, ...) or a JSON file path."""
+    if name in EDIT_DATASETS:
+        return DATASETS[name].load(data_root, **kwargs)
     path = Path(name)
     if path.is_file():
         first = _read_json_records(path)[:1]
         loader = load_zsre if first and isinstance(first[0], dict) and "src" in first[0] else load_counterfact
         return loader(path=path, **kwargs)
-    raise ValueError(f"unknown edit data set {name!r}; known: {sorted(loaders)} or a JSON file path")
+    raise ValueError(f"unknown edit data set {name!r}; known: {list(EDIT_DATASETS)} or a JSON file path")
+
+
+def edit_dataset_file(name: str) -> str:
+    """The data-directory path of a named edit data set, or the name itself when it is a file."""
+    return DATASETS[name].file if name in EDIT_DATASETS else name
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,6 +452,54 @@ def text_paragraphs(text: str, min_chars: int = 1) -> list[str]:
     """WikiText paragraphs: non-empty lines that are not section headings (`` = Title = ``)."""
     lines = (line.strip() for line in text.splitlines())
     return [line for line in lines if len(line) >= min_chars and not (line.startswith("=") and line.endswith("="))]
+
+
+# --------------------------------------------------------------------------------------------
+# The data sets: one table of every file the toolkit reads
+
+
+@dataclass(frozen=True)
+class DataSet:
+    """One data file: its name, its path under the data directory, what it is (``edit`` requests,
+    ``task`` examples or a ``text`` corpus), the loader that reads it (``load(data_root, **options)``;
+    ``skip_invalid`` and ``report`` for record files) and the record type it gives (the schema)."""
+
+    name: str
+    file: str
+    kind: str
+    load: Callable[..., Any]
+    record: type
+
+
+DATASETS: dict[str, DataSet] = {d.name: d for d in (
+    DataSet("counterfact", COUNTERFACT_FILES["edit"], "edit", functools.partial(load_counterfact, "edit"), EditRequest),
+    DataSet("counterfact-val", COUNTERFACT_FILES["val"], "edit", functools.partial(load_counterfact, "val"),
+            EditRequest),
+    DataSet("zsre", ZSRE_FILES["eval"], "edit", functools.partial(load_zsre, "eval"), EditRequest),
+    DataSet("zsre-train", ZSRE_FILES["train"], "edit", functools.partial(load_zsre, "train"), EditRequest),
+    DataSet("rte", TASK_FILES["rte"], "task", load_rte, NLIExample),
+    DataSet("rte-dev", TASK_FILES["rte-dev"], "task", functools.partial(load_rte, split="dev"), NLIExample),
+    DataSet("sst2", TASK_FILES["sst2"], "task", load_sst2, SentimentExample),
+    DataSet("samsum", TASK_FILES["samsum"], "task", load_samsum, SummaryExample),
+    DataSet("nq", TASK_FILES["nq"], "task", load_nq, QAExample),
+    DataSet("mmlu", TASK_FILES["mmlu"], "task", load_mmlu, MultipleChoiceExample),
+    DataSet("wikitext-test", TEXT_FILES["wikitext-test"], "text", functools.partial(load_text, "wikitext-test"), str),
+    DataSet("wikitext-valid", TEXT_FILES["wikitext-valid"], "text", functools.partial(load_text, "wikitext-valid"),
+            str),
+)}
+EDIT_DATASETS = tuple(name for name, d in DATASETS.items() if d.kind == "edit")  # what a spec's datasets name
+# The data set each general-ability task (``workers.evaluation.config.GENERAL_TASKS``) reads; ``nli``
+# reads RTE's train split unless the evaluation sets ``nli_split: dev``; perplexity is scored on
+# the evaluation's ``perplexity_corpus`` (WikiText-2's test split by default).
+TASK_DATASETS = {"nli": "rte", "sst2": "sst2", "samsum": "samsum", "nq": "nq", "mmlu": "mmlu",
+                 "wikitext": "wikitext-test"}
+
+
+def task_dataset(task: str, nli_split: str = "train") -> DataSet:
+    """The data set a general-ability task reads."""
+    if task not in TASK_DATASETS:
+        raise ValueError(f"unknown task {task!r}; known: {sorted(TASK_DATASETS)}")
+    return DATASETS["rte-dev" if task == "nli" and nli_split == "dev" else TASK_DATASETS[task]]
 
 
 # --------------------------------------------------------------------------------------------

@@ -261,14 +261,14 @@ class TaskSuite:
     def load(cls, tokenizer, config: EvalConfig, data_root: str | Path | None = None, *,
              context_length: int | None = None) -> "TaskSuite":
         """Load the configured tasks from the data directory and sample them (``build``)."""
-        loaders = {"nli": lambda: data.load_rte(data_root, split=config.nli_split),
-                   "sst2": lambda: data.load_sst2(data_root), "nq": lambda: data.load_nq(data_root),
-                   "samsum": lambda: data.load_samsum(data_root), "mmlu": lambda: data.load_mmlu(data_root)}
-        pools = {task: load() for task, load in loaders.items() if config.count(task)}
+        def load(task: str) -> list:
+            return data.task_dataset(task, config.nli_split).load(data_root)
+
+        pools = {task: load(task) for task in PROMPT_BUILDERS if config.count(task)}
         wikitext = load_corpus(config.perplexity_corpus, data_root) if config.count("wikitext") else None
         pca_pool = None
         if config.pca_examples:
-            pca_pool = pools.get(config.pca_task) or loaders[config.pca_task]()
+            pca_pool = pools.get(config.pca_task) or load(config.pca_task)
         return cls.build(tokenizer, config, pools, wikitext=wikitext, pca_examples=pca_pool,
                          context_length=context_length)
 
