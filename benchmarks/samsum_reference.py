@@ -22,9 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from workers.evaluation import EvalConfig, TaskSuite  # noqa: E402
-from workers.evaluation.scoring import context_length  # noqa: E402
 from workers.evaluation.tasks import general_task_rows  # noqa: E402
-from workers.models import DEFAULT_MODEL, load_model  # noqa: E402
+from workers.models import DEFAULT_MODEL, context_length, load_model  # noqa: E402
 
 
 def main() -> None:

@@ -8,12 +8,11 @@ from workers.data import EditRequest
 from workers.editing import Editor, load_hparams
 from workers.editing.alphaedit import apply_alphaedit
 from workers.editing.context import EditContext
-from workers.editing.delta import edited_weight
 from workers.editing.hparams import with_overrides
 from workers.editing.keys import at_subject, template_weights
 from workers.editing.memit import apply_memit
 from workers.editing.rome import apply_rome
-from workers.models import arch_spec, load_model
+from workers.models import arch_spec, edited_weight, load_model
 from replay_check import assert_revert_and_replay_are_bit_exact
 
 REQUESTS = [

@@ -12,14 +12,13 @@ from workers.editing import alphaedit as alphaedit_module
 from workers.editing import context as context_module
 from workers.editing import templates as templates_module
 from workers.editing.alphaedit import apply_alphaedit
-from workers.editing.delta import edited_weight
 from workers.editing.eac import optimise_with_anchors
 from workers.editing.hparams import EACHParams, RomeHParams, authors_eac_overrides, with_overrides
 from workers.editing.keys import at_subject, template_weights
 from workers.editing.rome import apply_rome
 from workers.editing.errors import EditFailure
 from workers.editing.targets import TargetProblem
-from workers.models import arch_spec, get_module, load_model
+from workers.models import arch_spec, edited_weight, get_module, load_model
 
 from test_editing import REQUESTS, context, moments
 

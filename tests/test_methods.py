@@ -8,8 +8,8 @@ import torch
 from workers.data import EditRequest
 from workers.editing import Editor, load_hparams, methods
 from workers.editing.context import StepInfo
-from workers.editing.delta import LayerDelta, WeightDelta, edited_weight
-from workers.models import arch_spec, load_model
+from workers.editing.delta import LayerDelta, WeightDelta
+from workers.models import arch_spec, edited_weight, load_model
 
 REQUEST = EditRequest(0, "The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", "French")
 

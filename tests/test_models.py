@@ -28,6 +28,33 @@ def test_mlp_out_weight_is_a_view_of_the_parameter(fixture, request):
     assert (stored[5, 3] if spec.weight_transposed else stored[3, 5]).item() == 123.0
 
 
+def test_one_context_length_one_device_one_weight_view_for_every_caller(tiny_gpt2):
+    """The editor's prompt check and the evaluation's sequence check read one context length: a
+    config that says ``n_positions`` only (GPT-2's own name) limits both. The edited weight by module
+    name is the view ``mlp_out_weight`` gives by layer."""
+    from types import SimpleNamespace
+
+    from workers.editing.errors import EditFailure
+    from workers.editing.tokens import check_length
+    from workers.evaluation.scoring import check_fits
+
+    model = torch.nn.Linear(2, 2, device="meta")
+    model.config = SimpleNamespace(n_positions=8)
+    assert models.context_length(model) == 8 and models.model_device(model) == torch.device("meta")
+    with pytest.raises(EditFailure, match=r"context \(8\)"):
+        check_length(model, 9, "a prompt")
+    with pytest.raises(ValueError, match="context is 8"):
+        check_fits(model, [8, 9])
+    model.config = SimpleNamespace()
+    assert models.context_length(model) is None
+    check_fits(model, [10**6])
+
+    gpt2, _ = tiny_gpt2
+    name = models.arch_spec(gpt2).mlp_out_name(1)
+    view = models.edited_weight(gpt2, name)
+    assert view.data_ptr() == models.mlp_out_weight(gpt2, 1).data_ptr() and view.shape == (64, 256)
+
+
 def test_unsupported_architecture_lists_supported(tiny_gpt2):
     model, _ = tiny_gpt2
     model.config.model_type = "bloom"

@@ -9,12 +9,12 @@ import torch
 
 from tests.test_editing import REQUESTS, moments
 from workers.editing import METHODS, Editor, load_hparams
-from workers.editing.delta import LayerDelta, WeightDelta, WeightSnapshot, edited_weight
+from workers.editing.delta import LayerDelta, WeightDelta, WeightSnapshot
 from workers.editing.hparams import PruneHParams, RectHParams
 from workers.editing.methods import split_method
 from workers.editing.prune import PruneRestraint, log_restraint
 from workers.editing.rect import RectSparsifier, relative_change_mask
-from workers.models import arch_spec, load_model
+from workers.models import arch_spec, edited_weight, load_model
 from replay_check import assert_revert_and_replay_are_bit_exact
 
 COMBINATIONS = [f"{base}-{constraint}" for constraint in ("prune", "rect") for base in ("rome", "memit", "alphaedit")]

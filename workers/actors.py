@@ -225,7 +225,7 @@ class CheckpointEvaluator:
                  requests: Sequence[EditRequest], eval_fields: dict) -> list[dict]:
         """Rows (``MetricRow`` as dicts) for base ``model`` + the first ``steps`` steps of the log."""
         from workers.evaluation import EvalConfig, TaskSuite, evaluate_checkpoint
-        from workers.evaluation.scoring import context_length
+        from workers.models import context_length
 
         replica = Replica(model, dtype, self.use_accelerator, self.num_threads)
         base, tokenizer, base_key, fingerprint = self._base(replica)

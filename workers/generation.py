@@ -10,6 +10,8 @@ from contextlib import contextmanager
 
 import torch
 
+from workers.models import model_device
+
 
 @contextmanager
 def padding_side(tokenizer, side: str):
@@ -20,10 +22,6 @@ def padding_side(tokenizer, side: str):
         yield tokenizer
     finally:
         tokenizer.padding_side = previous
-
-
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 @torch.no_grad()

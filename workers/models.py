@@ -92,14 +92,27 @@ def get_module(model, name: str) -> torch.nn.Module:
         raise LookupError(f"model has no module {name!r}") from exc
 
 
-def mlp_out_weight(model, layer: int) -> torch.Tensor:
-    """The edited projection's weight as an (out_features, in_features) view that shares storage.
+def edited_weight(model, module_name: str) -> torch.Tensor:
+    """A named projection's weight as an (out_features, in_features) view that shares storage (GPT-2's
+    Conv1D stores the transpose). In-place changes to it change the model, whatever the layout."""
+    weight = get_module(model, module_name).weight
+    return weight.T if arch_spec(model).weight_transposed else weight
 
-    In-place changes to the returned tensor change the model, whatever the family's layout.
-    """
-    spec = arch_spec(model)
-    weight = get_module(model, spec.mlp_out_name(layer)).weight
-    return weight.T if spec.weight_transposed else weight
+
+def mlp_out_weight(model, layer: int) -> torch.Tensor:
+    """``edited_weight`` of the MLP output projection of ``layer``."""
+    return edited_weight(model, arch_spec(model).mlp_out_name(layer))
+
+
+def model_device(model) -> torch.device:
+    """The device of the model's (first) parameters: where its inputs go."""
+    return next(model.parameters()).device
+
+
+def context_length(model) -> int | None:
+    """The longest sequence the model's positions cover (``max_position_embeddings``; GPT-2's
+    ``n_positions``), or None when its config says none."""
+    return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
 
 
 # --------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ from workers import settings
 from workers.batching import right_padded_batches
 from workers.data import TEXT_FILES, load_text, text_paragraphs
 from workers.hooks import StopForward, Trace
-from workers.models import arch_spec, mlp_out_weight, num_layers, update_digest
+from workers.models import arch_spec, mlp_out_weight, model_device, num_layers, update_digest
 
 # Bump when the way a statistic is computed changes: it is part of every cache key.
 STATS_FORMAT_VERSION = 2
@@ -182,7 +182,7 @@ def key_fingerprints(model, layers: Sequence[int]) -> dict[int, str]:
         return hook
 
     handles = [module.register_forward_pre_hook(start_hook(name)) for name, module in model.named_modules()]
-    probe = torch.zeros((1, 1), dtype=torch.long, device=_device(model))
+    probe = torch.zeros((1, 1), dtype=torch.long, device=model_device(model))
     try:
         with torch.no_grad():
             model(input_ids=probe, use_cache=False)
@@ -283,10 +283,6 @@ class SecondMomentCache:
 # Collection
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 def check_layers(model, layers: Sequence[int]) -> list[int]:
     """Sorted distinct layers, or an error naming the bad one and the valid range."""
     count = num_layers(model)
@@ -308,7 +304,7 @@ def accumulate_second_moments(model, sequences: Sequence[Sequence[int]], layers:
     """
     from tqdm.auto import tqdm
 
-    spec, device = arch_spec(model), _device(model)
+    spec, device = arch_spec(model), model_device(model)
     names = {layer: spec.mlp_out_name(layer) for layer in layers}
     sums = {}
     for layer in layers:
@@ -366,5 +362,5 @@ def second_moments(model, tokenizer, layers: Sequence[int], *, config: StatsConf
             results[layer] = second_moment.to(torch.float32)
             if cache is not None:
                 cache.save(keys[layer], results[layer])
-    device = _device(model)
+    device = model_device(model)
     return {layer: results[layer].to(device=device, dtype=torch.float32) for layer in layers}

@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from workers.models import arch_spec, get_module, num_layers
+from workers.models import arch_spec, edited_weight, num_layers
 
 
 class DeltaError(ValueError):
@@ -32,12 +32,6 @@ def edited_projections(model) -> set[str]:
     """The modules any editing method may rewrite: the MLP output projection of every layer."""
     spec = arch_spec(model)
     return {spec.mlp_out_name(layer) for layer in range(num_layers(model))}
-
-
-def edited_weight(model, module_name: str) -> torch.Tensor:
-    """The (out, in) view of a named projection's weight (GPT-2's Conv1D stores the transpose)."""
-    weight = get_module(model, module_name).weight
-    return weight.T if arch_spec(model).weight_transposed else weight
 
 
 @dataclass

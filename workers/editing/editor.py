@@ -24,10 +24,10 @@ import torch
 
 from workers.data import EditRequest
 from workers.editing.context import EditContext
-from workers.editing.delta import EditLog, WeightDelta, WeightSnapshot, edited_weight
+from workers.editing.delta import EditLog, WeightDelta, WeightSnapshot
 from workers.editing.errors import EditFailure
 from workers.editing.methods import BASES, CONSTRAINTS, split_method
-from workers.models import arch_spec
+from workers.models import arch_spec, edited_weight
 
 
 @dataclass

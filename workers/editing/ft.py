@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from workers.editing.context import EditContext, StepInfo
-from workers.editing.delta import LayerDelta, WeightDelta, edited_weight
+from workers.editing.delta import LayerDelta, WeightDelta
 from workers.editing.hparams import FTHParams
 from workers.editing.errors import EditFailure
 from workers.editing.tokens import check_length, right_padded, target_token_ids
-from workers.models import arch_spec
+from workers.models import arch_spec, edited_weight
 
 
 def _batch(tokenizer, requests, objective: str, device):

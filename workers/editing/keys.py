@@ -9,6 +9,7 @@ import torch
 from workers.data import EditRequest
 from workers.editing.tokens import check_length, right_padded, subject_last_token_index
 from workers.hooks import Trace
+from workers.models import model_device
 
 
 def template_weights(templates: Sequence[str]) -> list[float]:
@@ -39,7 +40,7 @@ def at_subject(model, tokenizer, requests: Sequence[EditRequest], module: str, t
             sequences.append(tokenizer(text)["input_ids"])
             lookups.append(subject_last_token_index(tokenizer, text, request.subject))
     check_length(model, max(len(s) for s in sequences), "a key prompt")
-    batch = right_padded(tokenizer, sequences, lookups, next(model.parameters()).device)
+    batch = right_padded(tokenizer, sequences, lookups, model_device(model))
     with Trace(model, [module], inputs=inputs, outputs=not inputs, stop_after=module) as trace:
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     values = (trace.inputs if inputs else trace.outputs)[module]

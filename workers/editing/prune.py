@@ -31,8 +31,9 @@ import math
 
 import torch
 
-from workers.editing.delta import LayerDelta, WeightDelta, WeightSnapshot, edited_weight
+from workers.editing.delta import LayerDelta, WeightDelta, WeightSnapshot
 from workers.editing.hparams import PruneHParams
+from workers.models import edited_weight
 
 
 def log_restraint(sigma: torch.Tensor, sigma_max: float, alpha: float) -> torch.Tensor:

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from workers.editing.delta import LayerDelta, WeightDelta, WeightSnapshot, edited_weight
+from workers.editing.delta import LayerDelta, WeightDelta, WeightSnapshot
 from workers.editing.hparams import RectHParams
+from workers.models import edited_weight
 
 
 def relative_change_mask(update: torch.Tensor, weight: torch.Tensor, keep_fraction: float) -> torch.Tensor:

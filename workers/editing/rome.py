@@ -26,12 +26,12 @@ import time
 
 from workers.data import EditRequest
 from workers.editing.context import EditContext, StepInfo
-from workers.editing.delta import LayerDelta, WeightDelta, edited_weight
+from workers.editing.delta import LayerDelta, WeightDelta
 from workers.editing.hparams import RomeHParams
 from workers.editing.keys import at_subject
 from workers.editing.errors import EditFailure
 from workers.editing.targets import TargetProblem
-from workers.models import arch_spec, get_module
+from workers.models import arch_spec, edited_weight, get_module
 
 
 def apply_rome(model, tokenizer, requests: list[EditRequest], hparams: RomeHParams, ctx: EditContext,

@@ -38,6 +38,7 @@ from workers.editing.hparams import TargetConfig
 from workers.editing.prefix import FullRun, SuffixRun
 from workers.editing.tokens import (aligned_on_lookup, check_length, rewriting_prompts, right_padded,
                                     target_token_ids)
+from workers.models import model_device
 
 
 @dataclass
@@ -60,7 +61,7 @@ class TargetProblem:
         if init_from not in ("mlp", "residual"):
             raise ValueError(f"init_from must be 'mlp' or 'residual', got {init_from!r}")
         self.model, self.layer, self.config = model, layer, config
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)
         target_ids = target_token_ids(tokenizer, request.target_new)
         self.target_ids = torch.tensor(target_ids, device=self.device)
         sequences, lookups = rewriting_prompts(tokenizer, request, context_templates, target_ids)

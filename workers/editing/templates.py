@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 
 from workers import settings
+from workers.models import model_device
 
 SEED_WORDS = ("The", "Therefore", "Because", "I", "You")  # ROME's starts for the sampled prefixes
 
@@ -59,7 +60,7 @@ def generate_context_templates(model, tokenizer, lengths: Sequence[tuple[int, in
     turned into ``"<text>. {}"`` (braces in the text replaced so that ``format`` stays safe)."""
     from workers.generation import padding_side
 
-    device = next(model.parameters()).device
+    device = model_device(model)
     templates: list[str] = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)

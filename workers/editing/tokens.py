@@ -18,6 +18,7 @@ import torch
 from workers.batching import pad_right
 from workers.data import EditRequest
 from workers.editing.errors import EditFailure
+from workers.models import context_length
 
 
 def target_token_ids(tokenizer, target: str) -> list[int]:
@@ -37,7 +38,7 @@ def subject_last_token_index(tokenizer, text: str, subject: str) -> int:
 
 
 def check_length(model, n_tokens: int, what: str) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    limit = context_length(model)
     if limit is not None and n_tokens > limit:
         raise EditFailure(f"{what} is {n_tokens} tokens, longer than the model's context ({limit})")
 

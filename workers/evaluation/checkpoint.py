@@ -50,8 +50,9 @@ from workers.evaluation.deviation import last_token_states, pca_view, snapshot_d
 from workers.evaluation.edit_metrics import edit_metric_rows, unedited_locality_argmax
 from workers.evaluation.prompts import TaskSuite
 from workers.evaluation.reference import ReferenceCache, model_key, text_key
-from workers.evaluation.scoring import context_length, next_token_logprobs
+from workers.evaluation.scoring import next_token_logprobs
 from workers.evaluation.tasks import drift_prompts, drift_rows, general_task_rows
+from workers.models import context_length
 
 # Metrics where lower is better: retention is unedited / edited for these.
 LOWER_IS_BETTER = {"perplexity"}

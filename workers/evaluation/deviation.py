@@ -18,9 +18,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from workers.editing.delta import WeightSnapshot, edited_weight
+from workers.editing.delta import WeightSnapshot
 from workers.evaluation.config import MetricRow
 from workers.evaluation.scoring import map_last_positions
+from workers.models import edited_weight
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from workers.batching import right_padded_batches
-from workers.generation import model_device
+from workers.models import context_length, model_device
 
 # Rows of hidden states sent through the LM head at once (bounds the logits' memory).
 LM_HEAD_CHUNK = 1024
@@ -87,10 +87,6 @@ def encode_prompts(tokenizer, prompts: Sequence[str], *, add_special_tokens: boo
         if not ids:
             raise ValueError(f"prompt {prompt[:60]!r} has no tokens")
     return [tuple(ids) for ids in encoded]
-
-
-def context_length(model) -> int | None:
-    return getattr(model.config, "max_position_embeddings", None)
 
 
 def check_fits(model, lengths: Sequence[int], what: str = "sequence") -> None:
