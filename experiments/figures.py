@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from orchestrator.status import status_text
 from orchestrator.store import Store
 from workers.editing.methods import split_method
 from workers.evaluation.metrics import TASK_METRICS
@@ -357,7 +358,9 @@ def retention_section(frames: Frames, out: Path) -> Section:
 
 
 def trajectories_section(frames: Frames) -> Section:
-    table = frames.trajectories[["model", "variant", "dataset", "seed", "edits_done", "n_edits", "status"]]
+    trajectories = frames.trajectories
+    table = trajectories[["model", "variant", "dataset", "seed", "edits_done", "n_edits"]].assign(
+        status=[status_text(s, r) for s, r in zip(trajectories["status"], trajectories["reason"])])
     table = table.sort_values(["model", "dataset", "variant", "seed"])
     return Section("Trajectories", _markdown_table(table.rename(columns={"variant": "method"})))
 
