@@ -185,6 +185,11 @@ class SearchValidator(SpecValidator):
     """The experiment spec's validator (``fail``, ``mapping``, ``no_unknown``, ``integer``) plus the
     ``search`` section's fields."""
 
+    def one_of(self, value, options: tuple, field_name: str):
+        if value not in options:
+            self.fail(field_name, f"{value!r} is not one of {list(options)}")
+        return value
+
     def search(self, raw, experiment: ExperimentSpec) -> SearchSpec:
         raw = self.mapping(raw, "search")
         self.no_unknown(raw, {"space", "num_samples", "seed", "objective", "scheduler", "max_concurrent_trials"},
@@ -243,9 +248,7 @@ class SearchValidator(SpecValidator):
 
         raw = self.mapping(raw, "search.objective")
         self.no_unknown(raw, {"edit", "retention", "combine"}, "search.objective.")
-        combine = raw.get("combine", "product")
-        if combine not in COMBINE:
-            self.fail("search.objective.combine", f"{combine!r} is not one of {list(COMBINE)}")
+        combine = self.one_of(raw.get("combine", "product"), COMBINE, "search.objective.combine")
         edit = self.terms(raw["edit"], "search.objective.edit") if "edit" in raw else DEFAULT_EDIT_TERMS
         retention_raw = raw.get("retention", HEADLINE_RETENTION)
         retention = None if retention_raw == HEADLINE_RETENTION else self.terms(retention_raw,
@@ -271,9 +274,7 @@ class SearchValidator(SpecValidator):
     def scheduler(self, raw, experiment: ExperimentSpec) -> SchedulerSpec:
         raw = self.mapping(raw, "search.scheduler")
         self.no_unknown(raw, {"type", "grace_period", "reduction_factor"}, "search.scheduler.")
-        kind = raw.get("type", "asha")
-        if kind not in SCHEDULERS:
-            self.fail("search.scheduler.type", f"{kind!r} is not one of {list(SCHEDULERS)}")
+        kind = self.one_of(raw.get("type", "asha"), SCHEDULERS, "search.scheduler.type")
         grace = raw.get("grace_period")
         first = min(c for c in experiment.checkpoints if c > 0)
         if grace is None:
