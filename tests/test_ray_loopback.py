@@ -10,14 +10,9 @@ import textwrap
 PROBE = textwrap.dedent("""
     import json, os, sys
     import psutil, ray
-    from orchestrator.driver import Driver
-    from orchestrator.spec import spec_from_dict
-    from orchestrator.store import Store
+    from orchestrator.driver import connect
 
-    spec = spec_from_dict({"experiment": "x", "models": ["tiny-gpt2"], "methods": ["rome"],
-                           "datasets": ["counterfact"], "n_edits": 1}, check_data=False)
-    driver = Driver(spec, Store(sys.argv[1]), progress=False)
-    assert driver._connect()
+    assert connect()  # what `eac run` and `eac tune` do without --address
     try:
         @ray.remote
         def pid():
