@@ -4,6 +4,7 @@
 ``v_weight_decay`` and their code has no other squared-norm term (see ``EACHParams``), so searching
 ``eac.l2_weight`` would search a second, extra term.
 
+    from orchestrator.tune_spec import load_tune_spec
     searches = run_tune(load_tune_spec("experiments/configs/tune-rome-eac-smollm2.yaml"))   # `eac tune SPEC`
     searches[0].best_path          # a hyper-parameter YAML that `eac run` takes as is
 
