@@ -174,7 +174,6 @@ class RunResult:
         return 1 if self.failed else 0
 
 
-
 def plan_trajectories(spec: ExperimentSpec, store: Store, *, data_root: str | Path | None = None,
                       cache_dir: str | Path | None = None) -> list[Trajectory]:
     """The spec's trajectories with their requests, hyper-parameters and what the store says is done,
