@@ -482,7 +482,8 @@ class EvalPool:
         self.spec, self.resources, self.cache_dir, self.data_root = spec, resources, cache_dir, data_root
         self.actors = [self._new_actor() for _ in range(resources.eval_actors)]
         self.queued = [0] * len(self.actors)
-        self.pending: dict[object, tuple[Trajectory, int, int, int]] = {}  # ref -> (trajectory, checkpoint, actor, try)
+        # ref -> (trajectory, checkpoint, actor index, try, the actor it went to)
+        self.pending: dict[object, tuple[Trajectory, int, int, int, object]] = {}
 
     def _new_actor(self):
         res = self.resources.evaluation
@@ -490,7 +491,7 @@ class EvalPool:
             self.cache_dir, self.data_root, res.num_gpus > 0, max(1, int(res.num_cpus)))
 
     def has(self, trajectory: Trajectory, checkpoint: int) -> bool:
-        return any(t is trajectory and c == checkpoint for t, c, _, _ in self.pending.values())
+        return any(t is trajectory and c == checkpoint for t, c, *_ in self.pending.values())
 
     def submit(self, trajectory: Trajectory, checkpoint: int, attempt: int = 0) -> None:
         spec, task = trajectory.spec, trajectory.task
@@ -500,18 +501,21 @@ class EvalPool:
         ref = self.actors[index].evaluate.remote(spec.model, spec.dtype, task.log_path if steps else None, steps,
                                                  requests, spec.evaluation.config_fields())
         self.queued[index] += 1
-        self.pending[ref] = (trajectory, checkpoint, index, attempt)
+        self.pending[ref] = (trajectory, checkpoint, index, attempt, self.actors[index])
 
     def collect(self, ref) -> tuple[Trajectory, int, list[dict] | None, str | None]:
         """(trajectory, checkpoint, rows, error); neither rows nor error when the evaluation's actor
         died and the evaluation went to a fresh one."""
-        trajectory, checkpoint, index, attempt = self.pending.pop(ref)
+        trajectory, checkpoint, index, attempt, actor = self.pending.pop(ref)
         self.queued[index] -= 1
         try:
             return trajectory, checkpoint, ray.get(ref), None
         except ray.exceptions.RayActorError as exc:
-            ray.kill(self.actors[index])
-            self.actors[index] = self._new_actor()
+            # Every evaluation queued on a dead actor fails; only the first replaces it (killing the
+            # replacement for the others would fail the evaluations already resubmitted to it).
+            if self.actors[index] is actor:
+                ray.kill(actor)
+                self.actors[index] = self._new_actor()
             if attempt < self.spec.max_restarts:  # an evaluation only reads: running it again is safe
                 self.submit(trajectory, checkpoint, attempt + 1)
                 return trajectory, checkpoint, None, None
