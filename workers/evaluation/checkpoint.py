@@ -76,9 +76,11 @@ def reference_task_rows(model, tokenizer, suite: TaskSuite, config: EvalConfig, 
     """The unedited model's general-task rows, computed once per (base model, configuration, sample)."""
     (stored,) = reference.get_or_compute(
         base_key, "task_rows", [suite_digest(suite, config)],
-        lambda missing: [[[r.task, r.metric, r.value, r.n_examples]
+        lambda missing: [[[r.task, r.metric, r.value, r.n_examples, r.ci_low, r.ci_high]
                           for r in general_task_rows(model, tokenizer, suite, config)]])
-    return [MetricRow(task, metric, float(value), int(n)) for task, metric, value, n in stored]
+    # An entry is [task, metric, value, n, ci_low, ci_high]; one without the interval reads as None.
+    return [MetricRow(task, metric, float(value), int(n), *(list(interval) + [None, None])[:2])
+            for task, metric, value, n, *interval in stored]
 
 
 def _cached_per_prompt(model, tokenizer, prompts: list[str], reference: ReferenceCache, base_key: str,
