@@ -48,6 +48,7 @@ from workers.editing.delta import EditLog, applied
 from workers.evaluation.config import GENERAL_TASKS, EvalConfig, MetricRow
 from workers.evaluation.deviation import last_token_states, pca_view, snapshot_deviations
 from workers.evaluation.edit_metrics import edit_metric_rows, unedited_locality_argmax
+from workers.evaluation.metrics import CHANCE_LEVELS
 from workers.evaluation.prompts import TaskSuite
 from workers.evaluation.reference import ReferenceCache, model_key, text_key
 from workers.evaluation.scoring import context_length, next_token_logprobs
@@ -55,13 +56,6 @@ from workers.evaluation.tasks import drift_prompts, drift_rows, general_task_row
 
 # Metrics where lower is better: retention is unedited / edited for these.
 LOWER_IS_BETTER = {"perplexity"}
-# Scores a model reaches by guessing: a two-way label (NLI, SST-2) half the time, an MMLU answer a
-# quarter of the time. Retention is measured on the margin above these (see ``retention_rows``).
-# ``valid_rate`` and ``accuracy_all`` have no such level (they depend on how often the model answers
-# with a label word at all), nor have exact match, ROUGE and perplexity.
-CHANCE_LEVELS = {("nli", "accuracy_valid"): 0.5, ("nli", "label_ll_accuracy"): 0.5,
-                 ("sst2", "accuracy_valid"): 0.5, ("sst2", "label_ll_accuracy"): 0.5,
-                 ("mmlu", "accuracy_letter"): 0.25, ("mmlu", "accuracy_cloze"): 0.25}
 
 
 def suite_digest(suite: TaskSuite, config: EvalConfig) -> str:
