@@ -61,7 +61,10 @@ TUNE_GROUP = "tune"  # the ``group`` of trial trajectories in the store (kept ou
 TIME_AXIS = "edits"  # what ASHA counts: requests edited when the checkpoint was scored
 METRIC = "objective"
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice")
-COMBINE = ("product", "edit", "retention")
+COMBINE = ("product", "edit", "retention", "constrained")
+CONSTRAINED = "constrained"
+DEFAULT_CONSTRAINT = ("edit/counterfact", "efficacy")
+UPDATE_L1 = "update_l1_relative"  # deviation/<module> rows: ||W - W0||_1 / ||W0||_1 of each edited matrix
 SCHEDULERS = ("asha", "fifo")
 HEADLINE_RETENTION = "headline"
 
@@ -107,14 +110,25 @@ class Objective:
     ``edit``: (task, metric) rows averaged into the editing score. ``retention``: (task, metric) rows
     averaged into the retention, or ``None`` for the headline retention of every general task that has
     a row (a task whose unedited score is 0 has no retention row). ``combine``: ``product`` (editing
-    score × retention), ``edit`` or ``retention`` alone."""
+    score × retention), ``edit`` or ``retention`` alone, or ``constrained``: the ``constraint`` score
+    (default CounterFact efficacy) must be within ``tolerance`` of the base method's at the same
+    checkpoint (``reference``: (checkpoint, score) pairs of the unconstrained method's own trajectory,
+    filled in by ``run_search``), and among the trials that meet it the smallest accumulated update
+    wins (mean over edited matrices of ‖ΔW‖₁ / ‖W₀‖₁, the ``deviation/<module>`` rows)."""
 
     edit: tuple[tuple[str, str], ...] = DEFAULT_EDIT_TERMS
     retention: tuple[tuple[str, str], ...] | None = None
     combine: str = "product"
+    constraint: tuple[str, str] = DEFAULT_CONSTRAINT
+    tolerance: float = 0.05
+    reference: tuple[tuple[int, float], ...] = ()
 
-    def terms(self, values: Mapping[tuple[str, str], float]) -> dict[str, float]:
-        """``{"edit_score": .., "retention": .., "objective": ..}`` from ``{(task, metric): value}``."""
+    def terms(self, values: Mapping[tuple[str, str], float], checkpoint: int | None = None) -> dict[str, float]:
+        """``{"edit_score": .., "retention": .., "objective": ..}`` from ``{(task, metric): value}`` (for
+        ``constrained``: ``{"constraint": .., "reference": .., "update_l1": .., "objective": ..}`` of the
+        rows of ``checkpoint``)."""
+        if self.combine == CONSTRAINED:
+            return self._constrained_terms(values, checkpoint)
         out = {}
         if self.combine in ("product", "edit"):
             out["edit_score"] = _mean_of(values, self.edit, "edit")
@@ -122,6 +136,21 @@ class Objective:
             out["retention"] = _mean_of(values, self._retention_terms(values), "retention")
         out[METRIC] = math.prod(out.values())
         return out
+
+    def _constrained_terms(self, values: Mapping[tuple[str, str], float], checkpoint: int | None) -> dict[str, float]:
+        """Lexicographic as one number for Tune to maximise: a trial within ``tolerance`` of the reference
+        scores 1 / (1 + L1) in (0, 1], smaller updates higher; one that falls short scores minus its
+        shortfall, below every trial that meets the constraint and closer to 0 the closer it came."""
+        reference = dict(self.reference).get(checkpoint)
+        if reference is None:
+            raise ValueError(f"objective: no reference {':'.join(self.constraint)} of the base method at "
+                             f"{checkpoint} edits (reference checkpoints: {[c for c, _ in self.reference]})")
+        score = _mean_of(values, (self.constraint,), "constraint")
+        l1_terms = tuple(key for key in values if key[0].startswith("deviation/") and key[1] == UPDATE_L1)
+        l1 = _mean_of(values, l1_terms, "update norm (evaluation.deviation_norms)")
+        shortfall = (reference - self.tolerance) - score
+        objective = 1.0 / (1.0 + l1) if shortfall <= 1e-12 else -shortfall
+        return {"constraint": score, "reference": reference, "update_l1": l1, METRIC: objective}
 
     def _retention_terms(self, values: Mapping[tuple[str, str], float]) -> tuple[tuple[str, str], ...]:
         if self.retention is not None:
@@ -288,10 +317,15 @@ class _SearchValidator:
         from workers.evaluation.config import GENERAL_TASKS
 
         raw = self.mapping(raw, "search.objective")
-        self.known(raw, {"edit", "retention", "combine"}, "search.objective.")
+        self.known(raw, {"edit", "retention", "combine", "constraint", "tolerance"}, "search.objective.")
         combine = raw.get("combine", "product")
         if combine not in COMBINE:
             self.fail("search.objective.combine", f"{combine!r} is not one of {list(COMBINE)}")
+        if combine == CONSTRAINED:
+            return self.constrained(raw, experiment)
+        for name in ("constraint", "tolerance"):
+            if name in raw:
+                self.fail(f"search.objective.{name}", f"only used with combine: {CONSTRAINED}")
         edit = self.terms(raw["edit"], "search.objective.edit") if "edit" in raw else DEFAULT_EDIT_TERMS
         retention_raw = raw.get("retention", HEADLINE_RETENTION)
         retention = None if retention_raw == HEADLINE_RETENTION else self.terms(retention_raw,
@@ -313,6 +347,30 @@ class _SearchValidator:
                     self.fail(f"search.objective.retention[{i}]", f"task {task!r} is not evaluated "
                                                                   f"(evaluation.tasks: {evaluated})")
         return Objective(edit, retention, combine)
+
+    def constrained(self, raw: dict, experiment: ExperimentSpec) -> Objective:
+        from workers.editing.methods import split_method
+        from workers.evaluation import EvalConfig
+
+        for name in ("edit", "retention"):
+            if name in raw:
+                self.fail(f"search.objective.{name}", f"not used with combine: {CONSTRAINED} (it reads constraint)")
+        constraint = self.term(raw.get("constraint", ":".join(DEFAULT_CONSTRAINT)), "search.objective.constraint")
+        tolerance = raw.get("tolerance", Objective.tolerance)
+        if not _is_number(tolerance) or tolerance < 0:
+            self.fail("search.objective.tolerance", f"expected a number >= 0, got {tolerance!r}")
+        config = EvalConfig.from_dict(experiment.evaluation.config_fields(), source="evaluation")
+        if not constraint[0].startswith("edit/") or constraint[0].removeprefix("edit/") not in config.edit_metrics:
+            self.fail("search.objective.constraint", f"{constraint[0]!r} is not an editing-metric family the "
+                                                     f"evaluation computes (edit/<one of {list(config.edit_metrics)}>)")
+        if not config.deviation_norms:
+            self.fail("search.objective.combine", f"{CONSTRAINED} ranks trials by the update's L1 norm; "
+                                                  "evaluation.deviation_norms is off")
+        for i, variant in enumerate(experiment.methods):
+            if split_method(variant.method)[1] is None:
+                self.fail(f"methods[{i}]", f"{CONSTRAINED} compares a constrained method with its base method; "
+                                           f"{variant.method!r} has no constraint (e.g. rome-eac, memit-rect)")
+        return Objective(combine=CONSTRAINED, constraint=constraint, tolerance=float(tolerance))
 
     def scheduler(self, raw, experiment: ExperimentSpec) -> SchedulerSpec:
         raw = self.mapping(raw, "search.scheduler")
@@ -402,7 +460,8 @@ def run_trial(config: dict, context: TrialContext) -> None:
             return  # the unedited model has no editing score; ASHA's axis only goes forward
         values = checkpoint_values(store, spec.experiment, trajectory_id)[checkpoint]
         reported.append(checkpoint)
-        tune.report({TIME_AXIS: checkpoint, **context.objective.terms(values), "trajectory_id": trajectory_id})
+        tune.report({TIME_AXIS: checkpoint, **context.objective.terms(values, checkpoint),
+                     "trajectory_id": trajectory_id})
 
     driver = Driver(spec, store, progress=False, data_root=context.data_root, cache_dir=context.cache_dir,
                     observer=lambda kind, trajectory, event: report(event) if kind == "evaluation" else None,
@@ -471,6 +530,9 @@ def run_search(tune_spec: TuneSpec, model: str, variant: MethodVariant, store: S
     search, experiment = tune_spec.search, tune_spec.experiment
     context = TrialContext(dataclasses.replace(experiment, models=(model,), methods=(variant,)),
                            search.objective, str(store.root.resolve()), data_root, cache_dir)
+    if search.objective.combine == CONSTRAINED:
+        context = dataclasses.replace(context, objective=dataclasses.replace(
+            search.objective, reference=reference_scores(context, search.objective.constraint)))
     if search.scheduler.type == "asha":
         scheduler = ASHAScheduler(time_attr=TIME_AXIS, max_t=experiment.n_edits,
                                   grace_period=search.scheduler.grace_period,
@@ -506,6 +568,34 @@ def run_search(tune_spec: TuneSpec, model: str, variant: MethodVariant, store: S
             "objective": float(best[METRIC]), "edits": int(best[TIME_AXIS]), "store": str(store.root),
             "sampled": {d.name: best[d.name] for d in search.space}})
     return outcome
+
+
+def reference_variant(variant: MethodVariant) -> MethodVariant:
+    """The base method of a constrained variant (``rome-eac`` -> ``rome``) with the variant's overrides
+    that are not the constraint's own (``eac.*``), tagged as a tuning trajectory."""
+    from workers.editing.methods import split_method
+
+    base, constraint = split_method(variant.method)
+    hparams = {name: value for name, value in variant.hparams.items() if name.split(".")[0] != constraint}
+    return MethodVariant(f"{base}[reference]", base, hparams, TUNE_GROUP)
+
+
+def reference_scores(context: TrialContext, constraint: tuple[str, str]) -> tuple[tuple[int, float], ...]:
+    """Run the base method's own trajectory with the trials' setting (skipped when the store has it) and
+    return its ``constraint`` score at each scored checkpoint after 0: the constrained objective's bar."""
+    from orchestrator.driver import Driver
+
+    (variant,) = context.experiment.methods
+    spec = dataclasses.replace(context.experiment, methods=(reference_variant(variant),))
+    store = Store(context.store_root)
+    result = Driver(spec, store, progress=False, data_root=context.data_root, cache_dir=context.cache_dir,
+                    take_lock=False).run()  # run_tune holds the experiment's lock
+    (trajectory,) = result.trajectories
+    if trajectory.status.startswith("failed"):
+        raise RuntimeError(f"{trajectory.spec.label} (the constrained objective's reference): {trajectory.status}")
+    scored = checkpoint_values(store, spec.experiment, trajectory.spec.trajectory_id)
+    return tuple((checkpoint, values[constraint]) for checkpoint, values in sorted(scored.items())
+                 if checkpoint > 0 and constraint in values)
 
 
 def settle_status(context: TrialContext, trial_spec: ExperimentSpec, error: BaseException | None, *,
@@ -552,7 +642,7 @@ def _trial_row(store: Store, context: TrialContext, sampled: dict, error) -> dic
     objective = math.nan
     if last:
         try:
-            objective = context.objective.terms(scored[last])[METRIC]
+            objective = context.objective.terms(scored[last], last)[METRIC]
         except ValueError:
             pass
     return {**sampled, "variant": trajectory_spec.variant.name, "trajectory_id": trajectory_id, TIME_AXIS: last,
