@@ -1,26 +1,16 @@
 """Bootstrap 95% intervals of task scores: computed at scoring time, stored, read back from old stores."""
 
 import math
-from math import comb
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from binomial import binomial_quantile
 from orchestrator.store import Store
 from workers.evaluation.config import mean_row
 from workers.evaluation.intervals import mean_interval, proportion_interval, ratio_interval
-
-
-def binomial_quantile(n: int, p: float, q: float) -> int:
-    """The smallest j with P(Binomial(n, p) <= j) >= q, summed term by term."""
-    cdf = 0.0
-    for j in range(n + 1):
-        cdf += comb(n, j) * p ** j * (1 - p) ** (n - j)
-        if cdf >= q:
-            return j
-    return n
 
 
 # The bootstrap distribution of the mean of n 0/1 values with k ones is exactly Binomial(n, k/n) / n,

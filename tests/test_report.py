@@ -1,11 +1,11 @@
 """`eac report`: figures and the Markdown summary from a synthetic store alone."""
 
 import re
-from math import comb
 
 import matplotlib.image as mpimg
 import pytest
 
+from binomial import binomial_quantile
 from experiments.figures import build_report
 from orchestrator import cli
 from orchestrator.store import Store, edit_row
@@ -152,15 +152,6 @@ def test_task_retention_falls_back_to_the_next_plotted_metric():
 
 
 # ---- intervals, chance levels, norms, the tuning trade-off ---------------------------------------------
-
-
-def binomial_quantile(n: int, p: float, q: float) -> int:
-    cdf = 0.0
-    for j in range(n + 1):
-        cdf += comb(n, j) * p ** j * (1 - p) ** (n - j)
-        if cdf >= q:
-            return j
-    return n
 
 
 def fill_general(store: Store, experiment: str = "gen") -> None:
