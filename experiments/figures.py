@@ -356,7 +356,8 @@ def _group_figure(frames: Frames, out: Path, group: str, title: str, *, general:
 
 # Norms of the edited matrices at the checkpoints (``deviation/<module>`` rows, mean over the edited
 # matrices): name -> (metric, how a row's value becomes the plotted one, the value at 0 edits).
-NORM_PANELS = {"‖W‖₂ / ‖W₀‖₂ (Frobenius)": ("frobenius_relative_change", lambda v: 1 + v, 1.0),
+NORM_PANELS = {"‖W‖₁ / ‖W₀‖₁": ("l1_relative_change", lambda v: 1 + v, 1.0),
+               "‖W‖₂ / ‖W₀‖₂ (Frobenius)": ("frobenius_relative_change", lambda v: 1 + v, 1.0),
                "‖ΔW‖₁ / ‖W₀‖₁": ("update_l1_relative", lambda v: v, 0.0),
                "‖ΔW‖₂ / ‖W₀‖₂ (Frobenius)": ("update_frobenius_relative", lambda v: v, 0.0)}
 DEVIATION_PREFIX = "deviation/"
@@ -371,7 +372,7 @@ def deviation_norms(evaluations: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def norm_figure(frames: Frames, out: Path) -> Section:
-    """The edited matrices' L2 norm and the accumulated update's L1 / L2 norms vs edits, every arm
+    """The edited matrices' L1 / L2 norms and the accumulated update's L1 / L2 norms vs edits, every arm
     (ablation and anchor-selection variants too; not tuning trials), from the checkpoints' rows."""
     title = "Norms of the edited matrices vs number of edits, every arm"
     evaluations = frames.evaluations
