@@ -186,7 +186,8 @@ def _line_panels(frame: pd.DataFrame, x: str, y: str, panels: list[tuple[str, pd
                                 alpha=0.12, linewidth=0)
         if name in chance:
             ax.axhline(chance[name], color="black", linestyle="--", linewidth=0.9, label=f"chance ({chance[name]:g})")
-        ax.set_title(name, fontsize=9)
+        flat = name in chance and at_chance(part, chance[name])
+        ax.set_title(name + ("\n(at chance: every interval contains it)" if flat else ""), fontsize=9)
         ax.set_xlabel("number of edits")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel, fontsize=8)

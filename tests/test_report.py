@@ -237,7 +237,8 @@ def test_a_metric_at_chance_is_marked_in_the_figure_and_the_report(general_repor
     _, text, drawn = general_report
     chance_lines = {(title.split(" · ")[1], y) for title, y, style, label in drawn["lines"]
                     if style == "--" and label and label.startswith("chance")}
-    assert chance_lines == {("NLI (RTE) (label_ll_accuracy)", 0.5), ("MMLU (accuracy_letter)", 0.25)}
+    assert chance_lines == {("NLI (RTE) (label_ll_accuracy)\n(at chance: every interval contains it)", 0.5),
+                            ("MMLU (accuracy_letter)", 0.25)}
     section = text.split("### Fig. 10")[1].split("###")[0]
     note = section.split("**At chance**")[1].split("\n")[0]
     assert "NLI (RTE) (label_ll_accuracy) (chance 0.5)" in note
