@@ -653,7 +653,7 @@ def write_best_hparams(path: Path, hparams: dict, about: dict) -> Path:
     """The complete hyper-parameters as YAML, with a header saying where they come from."""
     header = ["Best configuration of a Ray Tune search (eac tune); use it in an experiment spec as",
               "  methods: [{method: %s, hparams_file: %s}]" % (about["method"], path.name),
-              ""] + [f"{key}: {json.dumps(value)}" for key, value in about.items()]
+              ""] + [f"{key}: {json.dumps(value, default=plain)}" for key, value in about.items()]  # numpy scalars
     text = "".join(f"# {line}\n" if line else "#\n" for line in header)
     text += yaml.safe_dump(_lists(hparams), sort_keys=False, default_flow_style=False)
     storage.write_bytes(*storage.resolve(path), text.encode("utf-8"))

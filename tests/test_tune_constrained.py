@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.spec import MethodVariant, SpecError
-from orchestrator.tuning import Objective, load_tune_spec, reference_variant, tune_spec_from_dict
+from orchestrator.tuning import Objective, load_tune_spec, reference_variant, tune_spec_from_dict, write_best_hparams
 
 TUNE_SPEC = Path(__file__).resolve().parent.parent / "experiments" / "configs" / "tune" / "counterfact-val-smollm2.yaml"
 EFFICACY = ("edit/counterfact", "efficacy")
@@ -81,3 +81,17 @@ def test_the_default_model_tune_spec(data_root):
     assert space["eac.retrain_steps"][0] == "randint" and space["eac.l1_weight"][0] == "loguniform"
     objective = spec.search.objective
     assert (objective.combine, objective.constraint, objective.tolerance) == ("constrained", EFFICACY, 0.05)
+
+
+def test_the_best_configuration_file_takes_an_integer_sample(tmp_path):
+    """A randint dimension (the retrain step budget) comes back from Tune's results as a numpy integer,
+    which the JSON header of the best-configuration file could not write (seen in a smoke run)."""
+    import numpy as np
+    import yaml
+
+    path = write_best_hparams(tmp_path / "best.yaml", {"eac": {"retrain_steps": 7}},
+                              {"method": "rome-eac", "sampled": {"eac.retrain_steps": np.int64(7),
+                                                                 "eac.gamma_percentile": np.float64(72.5)}})
+    text = path.read_text()
+    assert '# sampled: {"eac.retrain_steps": 7, "eac.gamma_percentile": 72.5}' in text
+    assert yaml.safe_load(text) == {"eac": {"retrain_steps": 7}}
