@@ -25,11 +25,17 @@ import pandas as pd
 
 from orchestrator.status import status_text
 from orchestrator.store import Store
+from orchestrator.tuning import TUNE_GROUP
 from workers.editing.methods import split_method
-from workers.evaluation.metrics import TASK_METRICS
+from workers.evaluation.intervals import proportion_interval
+from workers.evaluation.metrics import BINARY_SCORES, CHANCE_LEVELS, TASK_METRICS
 
 TASK_TITLES = {"nli": "NLI (RTE)", "sst2": "Sentiment (SST-2)", "nq": "Open-domain QA (NQ)",
-               "samsum": "Summarisation (SAMSum)", "mmlu": "MMLU", "wikitext": "WikiText perplexity"}
+               "samsum": "Summarisation (SAMSum)", "mmlu": "MMLU", "wikitext": "WikiText perplexity",
+               "drift": "Next-token drift KL(edited ‖ unedited)"}
+# The general-ability panels: each task's scores, and the next-token drift over all prompts (a signal
+# that moves on small models, whose task scores often sit at chance).
+PLOTTED_METRICS = {**TASK_METRICS, "drift": ("kl_mean",)}
 EDIT_PREFIX = "edit/"
 # Paper figure numbers per edit data set: (editing metrics, general tasks).
 PAPER_FIGURES = {"zsre": ("Fig. 5", "Fig. 6"), "counterfact": ("Fig. 9", "Fig. 10")}
@@ -71,7 +77,7 @@ def load_frames(store: Store, experiment: str) -> Frames:
         edits["requests_done"] = edits.groupby("trajectory_id")["n_requests"].cumsum()
     evaluations = store.frame("evaluations", experiment).merge(labels, on="trajectory_id", how="inner")
     evaluations = evaluations.dropna(subset=["value"])  # a metric over no examples (e.g. before any edit)
-    return Frames(trajectories, edits, evaluations)
+    return Frames(trajectories, edits, with_intervals(evaluations))
 
 
 def base_method(method: str) -> str:
@@ -84,13 +90,47 @@ def linestyle(method: str) -> str:
 
 def general_tasks(evaluations: pd.DataFrame) -> list[str]:
     present = set(evaluations["task"]) if len(evaluations) else set()
-    return [task for task in TASK_METRICS if task in present]
+    return [task for task in PLOTTED_METRICS if task in present]
 
 
 def task_metrics(evaluations: pd.DataFrame, task: str) -> list[str]:
-    """The plotted metrics of ``task`` that the rows hold, in ``TASK_METRICS`` order."""
+    """The plotted metrics of ``task`` that the rows hold, in ``PLOTTED_METRICS`` order."""
     present = set(evaluations.loc[evaluations["task"] == task, "metric"])
-    return [metric for metric in TASK_METRICS.get(task, ()) if metric in present]
+    return [metric for metric in PLOTTED_METRICS.get(task, ()) if metric in present]
+
+
+def with_intervals(evaluations: pd.DataFrame) -> pd.DataFrame:
+    """The rows with ``ci_low`` / ``ci_high``: as stored, and for a 0/1 share (``BINARY_SCORES``) stored
+    without them (a store written before intervals were) the same bootstrap interval in closed form
+    from the share and its count."""
+    frame = evaluations.copy()
+    for column in ("ci_low", "ci_high"):
+        if column not in frame:
+            frame[column] = math.nan
+        frame[column] = frame[column].astype(float)
+    missing = frame["ci_low"].isna() & pd.Series([(t, m) in BINARY_SCORES for t, m in zip(frame["task"], frame["metric"])],
+                                                 index=frame.index, dtype=bool)
+    bounds = [proportion_interval(float(value), int(n))
+              for value, n in zip(frame.loc[missing, "value"], frame.loc[missing, "n_examples"])]
+    if bounds:
+        frame.loc[missing, ["ci_low", "ci_high"]] = bounds
+    return frame
+
+
+def at_chance(rows: pd.DataFrame, level: float) -> bool:
+    """Whether every row's 95% interval contains ``level`` (a row without an interval counts as not):
+    the score cannot be told from guessing at any checkpoint of any arm, so it cannot show an effect."""
+    return bool(len(rows)) and bool(((rows["ci_low"] <= level) & (level <= rows["ci_high"])).all())
+
+
+def chance_note(part: pd.DataFrame, panels: list[tuple[str, pd.Series]], chance: dict[str, float]) -> str:
+    """The report's note on the panels whose every interval contains the chance level."""
+    flat = [f"{name} (chance {chance[name]:g})" for name, mask in panels
+            if name in chance and at_chance(part[mask], chance[name])]
+    if not flat:
+        return ""
+    return ("**At chance** — in these panels every arm's 95% interval contains the chance level (dashed line) at "
+            "every checkpoint, so they cannot show an effect of editing on this model: " + "; ".join(flat) + ".\n\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,8 +161,12 @@ def _styles(variants: list[tuple[str, str]]) -> dict[str, dict]:
 
 
 def _line_panels(frame: pd.DataFrame, x: str, y: str, panels: list[tuple[str, pd.Series]], title: str,
-                 path: Path, ylabel: str) -> Path:
-    """One subplot per (name, row mask); in each a line per variant, averaged over seeds."""
+                 path: Path, ylabel: str, chance: dict[str, float] | None = None) -> Path:
+    """One subplot per (name, row mask); in each a line per variant, averaged over seeds, with its 95%
+    interval as a band where the rows carry one (``ci_low``/``ci_high``; over several seeds the mean of
+    their bounds, wider than the interval of the mean), and a dashed black line at the panel's chance
+    level (``chance``: panel name -> level)."""
+    chance = chance or {}
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
@@ -137,7 +181,14 @@ def _line_panels(frame: pd.DataFrame, x: str, y: str, panels: list[tuple[str, pd
             seeds = lines["seed"].nunique()
             label = variant + (f" ({seeds} seeds)" if seeds > 1 else "")
             ax.plot(mean.index, mean.values, label=label, **styles[variant])
-        ax.set_title(name, fontsize=9)
+            if {"ci_low", "ci_high"} <= set(lines) and lines["ci_low"].notna().any():
+                bounds = lines.groupby(x)[["ci_low", "ci_high"]].mean().sort_index().dropna()
+                ax.fill_between(bounds.index, bounds["ci_low"], bounds["ci_high"], color=styles[variant]["color"],
+                                alpha=0.12, linewidth=0)
+        if name in chance:
+            ax.axhline(chance[name], color="black", linestyle="--", linewidth=0.9, label=f"chance ({chance[name]:g})")
+        flat = name in chance and at_chance(part, chance[name])
+        ax.set_title(name + ("\n(at chance: every interval contains it)" if flat else ""), fontsize=9)
         ax.set_xlabel("number of edits")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel, fontsize=8)
@@ -151,6 +202,11 @@ def _line_panels(frame: pd.DataFrame, x: str, y: str, panels: list[tuple[str, pd
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+INTERVAL_NOTE = ("Bands and brackets: bootstrap 95% intervals over the sampled examples (over several seeds, the "
+                 "mean of their bounds). Every checkpoint scores the same examples, so a change between checkpoints "
+                 "is paired and can be real while the intervals overlap.\n\n")
 
 
 def _note(title: str, why: str) -> Section:
@@ -233,21 +289,25 @@ def general_task_figures(frames: Frames, out: Path) -> list[Section]:
     for dataset in sorted(set(evaluations["dataset"])):
         figure = PAPER_FIGURES.get(Path(dataset).stem, ("", "General tasks"))[1]
         part = evaluations[evaluations["dataset"] == dataset]
-        panels, keep = [], []
+        panels, keep, chance = [], [], {}
         for model in sorted(set(part["model"])):
             for task in tasks:
                 for metric in task_metrics(part, task):
                     mask = (part["model"] == model) & (part["task"] == task) & (part["metric"] == metric)
                     if mask.any():
-                        panels.append((f"{model} · {TASK_TITLES.get(task, task)} ({metric})", mask))
+                        name = f"{model} · {TASK_TITLES.get(task, task)} ({metric})"
+                        panels.append((name, mask))
                         keep.append(mask)
+                        if (task, metric) in CHANCE_LEVELS:
+                            chance[name] = CHANCE_LEVELS[(task, metric)]
         if not panels:
             continue
         title = f"{figure} — general tasks vs number of edits, edited on {dataset}"
         path = _line_panels(part, "n_edits", "value", panels, title, out / f"general_tasks_{_slug(dataset)}.png",
-                            "score")
+                            "score", chance)
         selected = part[pd.concat(keep, axis=1).any(axis=1)]
-        sections.append(Section(title, _final_table(selected, ["task", "metric"]), path))
+        sections.append(Section(title, INTERVAL_NOTE + chance_note(part, panels, chance)
+                                + _final_table(selected, ["task", "metric"]), path))
     return sections or [_note("Figs. 6/10 — general tasks vs number of edits", "no general-task rows to plot")]
 
 
@@ -279,17 +339,129 @@ def _group_figure(frames: Frames, out: Path, group: str, title: str, *, general:
         wanted = sorted({(t, m) for t, m in zip(part["task"], part["metric"]) if t.startswith(EDIT_PREFIX)})
     if not wanted:
         return _note(title, f"the {group} trajectories have no {'general-task' if general else 'editing'} rows")
-    panels = []
+    panels, chance = [], {}
     for model, dataset in sorted(settings):
         for method in sorted({base_method(m) for m in tagged["method"]}):
             for task, metric in wanted:
                 mask = ((part["model"] == model) & (part["dataset"] == dataset) & (part["task"] == task)
                         & (part["metric"] == metric) & (part["method"].map(base_method) == method))
                 if mask.any():
-                    panels.append((f"{model} · {dataset} · {method} · {TASK_TITLES.get(task, task)} {metric}", mask))
-    path = _line_panels(part, "n_edits", "value", panels, title, out / filename, "score")
+                    name = f"{model} · {dataset} · {method} · {TASK_TITLES.get(task, task)} {metric}"
+                    panels.append((name, mask))
+                    if (task, metric) in CHANCE_LEVELS:
+                        chance[name] = CHANCE_LEVELS[(task, metric)]
+    path = _line_panels(part, "n_edits", "value", panels, title, out / filename, "score", chance)
     selected = part[pd.Series(list(zip(part["task"], part["metric"])), index=part.index).isin(wanted)]
-    return Section(title, _final_table(selected, ["task", "metric"]), path)
+    return Section(title, INTERVAL_NOTE + chance_note(part, panels, chance) + _final_table(selected, ["task", "metric"]),
+                   path)
+
+
+# Norms of the edited matrices at the checkpoints (``deviation/<module>`` rows, mean over the edited
+# matrices): name -> (metric, how a row's value becomes the plotted one, the value at 0 edits).
+NORM_PANELS = {"‖W‖₁ / ‖W₀‖₁": ("l1_relative_change", lambda v: 1 + v, 1.0),
+               "‖W‖₂ / ‖W₀‖₂ (Frobenius)": ("frobenius_relative_change", lambda v: 1 + v, 1.0),
+               "‖ΔW‖₁ / ‖W₀‖₁": ("update_l1_relative", lambda v: v, 0.0),
+               "‖ΔW‖₂ / ‖W₀‖₂ (Frobenius)": ("update_frobenius_relative", lambda v: v, 0.0)}
+DEVIATION_PREFIX = "deviation/"
+
+
+def deviation_norms(evaluations: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per trajectory and checkpoint, the mean over edited matrices of one ``deviation/<module>`` metric."""
+    rows = evaluations[evaluations["task"].str.startswith(DEVIATION_PREFIX) & (evaluations["task"] != "deviation/pca")
+                       & (evaluations["metric"] == metric)]
+    keys = ["trajectory_id", "n_edits", "model", "method", "variant", "group", "dataset", "seed"]
+    return rows.groupby(keys, dropna=False, as_index=False)["value"].mean()
+
+
+def norm_figure(frames: Frames, out: Path) -> Section:
+    """The edited matrices' L1 / L2 norms and the accumulated update's L1 / L2 norms vs edits, every arm
+    (ablation and anchor-selection variants too; not tuning trials), from the checkpoints' rows."""
+    title = "Norms of the edited matrices vs number of edits, every arm"
+    evaluations = frames.evaluations
+    if len(evaluations):
+        evaluations = evaluations[evaluations["group"].fillna("") != TUNE_GROUP]
+    parts = []
+    for name, (metric, plotted, origin) in NORM_PANELS.items():
+        part = deviation_norms(evaluations, metric) if len(evaluations) else pd.DataFrame()
+        if not len(part):
+            continue
+        part["value"] = [plotted(v) for v in part["value"]]
+        # Every line starts from the unedited matrices (no deviation rows are written at 0 edits).
+        origins = part.drop_duplicates("trajectory_id").assign(n_edits=0, value=origin)
+        parts.append(pd.concat([origins, part[part["n_edits"] > 0]], ignore_index=True).assign(panel=name))
+    if not parts:
+        return _note(title, "the store holds no deviation rows (evaluation.deviation_norms)")
+    frame = pd.concat(parts, ignore_index=True)
+    panels = [(f"{model} · {dataset} · {name}", (frame["model"] == model) & (frame["dataset"] == dataset)
+               & (frame["panel"] == name))
+              for model, dataset in sorted(set(zip(frame["model"], frame["dataset"]))) for name in NORM_PANELS
+              if ((frame["model"] == model) & (frame["dataset"] == dataset) & (frame["panel"] == name)).any()]
+    path = _line_panels(frame, "n_edits", "value", panels, title, out / "norms.png", "relative norm")
+    last = frame[frame["n_edits"] == frame.groupby("trajectory_id")["n_edits"].transform("max")]
+    table = (last.groupby(["model", "dataset", "variant", "n_edits", "panel"])["value"].mean().unstack("panel")
+             .reset_index().rename(columns={"variant": "method", "n_edits": "edits"}))
+    return Section(title, "Mean over the edited matrices, at each checkpoint; ΔW = W − W₀ accumulated over all "
+                          "edits so far. After the last edit:\n\n" + _markdown_table(table), path)
+
+
+# The reliability axis of the trade-off figure: the first of these the trials were scored on.
+TRADEOFF_EFFICACY = (("edit/counterfact", "efficacy"), ("edit/toolkit", "reliability"))
+
+
+def tuning_tradeoff_figure(frames: Frames, out: Path) -> Section:
+    """`eac tune` trials: efficacy vs the accumulated update's relative L1 norm at each trial's last
+    checkpoint, a panel per (model, base method); the base method's own trial (the constrained
+    objective's reference) as a star."""
+    title = "Tuning — efficacy vs ‖ΔW‖₁ of the search's trials"
+    evaluations = frames.evaluations
+    trials = evaluations[evaluations["group"] == TUNE_GROUP] if len(evaluations) else evaluations
+    present = set(zip(trials["task"], trials["metric"])) if len(trials) else set()
+    term = next((t for t in TRADEOFF_EFFICACY if t in present), None)
+    if term is None:
+        return _note(title, "no tuning trial (group: tune) with editing-metric rows")
+    norms = deviation_norms(trials, "update_l1_relative")
+    if not len(norms):
+        return _note(title, "the tuning trials have no deviation rows (evaluation.deviation_norms)")
+    scores = trials[(trials["task"] == term[0]) & (trials["metric"] == term[1])]
+    points = scores.merge(norms[["trajectory_id", "n_edits", "value"]].rename(columns={"value": "l1"}),
+                          on=["trajectory_id", "n_edits"], how="inner")
+    points = points[points["n_edits"] == points.groupby("trajectory_id")["n_edits"].transform("max")].copy()
+    points["base"] = points["method"].map(base_method)
+    plt = _pyplot()
+    settings = sorted(set(zip(points["model"], points["base"])))
+    fig, axes = plt.subplots(1, len(settings), figsize=(5.0 * len(settings), 4.0), squeeze=False)
+    rows = []
+    for ax, (model, base) in zip(axes.flat, settings):
+        part = points[(points["model"] == model) & (points["base"] == base)]
+        reference = part[part["method"] == base]
+        reference_value = reference["value"].mean() if len(reference) else math.nan
+        for method, group in part[part["method"] != base].groupby("method"):
+            ax.errorbar(group["l1"], group["value"], yerr=[group["value"] - group["ci_low"],
+                                                           group["ci_high"] - group["value"]],
+                        fmt="o", markersize=4, capsize=2, label=method, alpha=0.8)
+        if len(reference):
+            ax.scatter(reference["l1"], reference["value"], marker="*", s=160, color="black", zorder=3,
+                       label=f"{base} (reference)")
+            ax.axhline(reference_value, color="black", linestyle=":", linewidth=0.9)
+        ax.set_xlabel("‖ΔW‖₁ / ‖W₀‖₁ (mean over edited matrices)")
+        ax.set_ylabel(f"{term[0].removeprefix(EDIT_PREFIX)} {term[1]}")
+        ax.set_title(f"{model} · {base}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        for _, point in part.sort_values("l1").iterrows():
+            rows.append({"model": model, "trial": point["variant"], "edits": int(point["n_edits"]),
+                         term[1]: _with_interval(point["value"], point["ci_low"], point["ci_high"]),
+                         "‖ΔW‖₁/‖W₀‖₁": point["l1"], "− base": point["value"] - reference_value})
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    path = out / "tuning_tradeoff.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    body = (f"Each trial at its last scored checkpoint (an early-stopped trial has fewer edits); the star is the "
+            f"base method's trial, the dotted line its {term[1]}. Trials by ‖ΔW‖₁:\n\n"
+            + _markdown_table(pd.DataFrame(rows), ".4g"))
+    return Section(title, body, path)
 
 
 def edit_times_table(frames: Frames) -> Section:
@@ -366,12 +538,26 @@ def trajectories_section(frames: Frames) -> Section:
 
 
 def _final_table(frame: pd.DataFrame, keys: list[str]) -> str:
-    """Each variant's value at its last checkpoint, per (task, metric), averaged over seeds."""
+    """Each variant's value at its last checkpoint, per (task, metric), averaged over seeds, with its 95%
+    interval in brackets where the rows carry one."""
     last = frame[frame["n_edits"] == frame.groupby("trajectory_id")["n_edits"].transform("max")]
-    table = (last.assign(column=last["task"].str.removeprefix(EDIT_PREFIX) + " " + last["metric"])
-             .groupby(["model", "variant", "n_edits", "column"])["value"].mean().unstack("column").reset_index())
+    grouped = (last.assign(column=last["task"].str.removeprefix(EDIT_PREFIX) + " " + last["metric"])
+               .groupby(["model", "variant", "n_edits", "column"]))
+    cells = grouped["value"].mean()
+    if {"ci_low", "ci_high"} <= set(last):
+        bounds = grouped[["ci_low", "ci_high"]].mean()
+        cells = pd.Series([_with_interval(v, lo, hi) for v, lo, hi in zip(cells, bounds["ci_low"], bounds["ci_high"])],
+                          index=cells.index, dtype=object)
+    table = cells.unstack("column").reset_index()
     return "Values at the last checkpoint:\n\n" + _markdown_table(table.rename(columns={"variant": "method",
                                                                                           "n_edits": "edits"}))
+
+
+def _with_interval(value: float, low: float, high: float) -> float | str:
+    """A table cell: the value, and ``[low, high]`` after it when there is an interval."""
+    if math.isnan(low) or math.isnan(high):
+        return value
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def _slug(text: str) -> str:
@@ -386,7 +572,8 @@ def experiment_sections(store: Store, experiment: str, out: Path) -> list[Sectio
     frames = load_frames(store, experiment)
     return [trajectories_section(frames), l1_norm_figure(frames, out), *editing_figures(frames, out),
             *general_task_figures(frames, out), ablation_figure(frames, out), anchor_selection_figure(frames, out),
-            edit_times_table(frames), retention_section(frames, out)]
+            norm_figure(frames, out), tuning_tradeoff_figure(frames, out), edit_times_table(frames),
+            retention_section(frames, out)]
 
 
 def build_report(store_root: str | Path, out_dir: str | Path | None = None,

@@ -74,14 +74,16 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("experiment", pa.string()), ("trajectory_id", pa.string()),
         ("n_edits", pa.int64()),  # the checkpoint: edits applied when the model was scored
         ("task", pa.string()), ("metric", pa.string()), ("value", pa.float64()), ("n_examples", pa.int64()),
+        ("ci_low", pa.float64()), ("ci_high", pa.float64()),  # bootstrap 95% interval over the examples
     ]),
 }
 TABLES = tuple(SCHEMAS)
 KEYS = {"trajectories": ("experiment", "trajectory_id"),
         "edits": ("experiment", "trajectory_id", "edit_index"),
         "evaluations": ("experiment", "trajectory_id", "n_edits", "task", "metric")}
-# Columns that stores written by earlier versions lack; read as nulls (and filled in: ``split_statuses``).
-ADDED_COLUMNS = {"trajectories": ("reason",)}
+# Columns that stores written by earlier versions lack; an older file reads them as nulls (the
+# trajectories' reason is then filled in from the old status string: ``split_statuses``).
+ADDED_COLUMNS = {"trajectories": ("reason",), "evaluations": ("ci_low", "ci_high")}
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -264,7 +266,8 @@ class Store:
             except (OSError, pa.ArrowException) as exc:
                 raise StoreError(f"{self.where(path)}: unreadable Parquet file in table {table!r} ({exc}). It was "
                                  "left in place; move it aside to redo the work it held, or restore it") from exc
-            missing = [name for name in schema.names if name not in columns + list(ADDED_COLUMNS.get(table, ()))]
+            missing = [name for name in schema.names
+                       if name not in columns and name not in ADDED_COLUMNS.get(table, ())]
             if missing:  # reading with the schema would fill them with nulls
                 raise StoreError(f"{self.where(path)}: not a file of table {table!r} (columns {missing} missing). "
                                  "It was left in place; move it aside")

@@ -35,7 +35,10 @@ from orchestrator.spec import (ExperimentSpec, MethodVariant, SpecError, SpecVal
 
 METRIC = "objective"  # the value a trial reports and the search maximises
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice")
-COMBINE = ("product", "edit", "retention")
+COMBINE = ("product", "edit", "retention", "constrained")
+CONSTRAINED = "constrained"
+DEFAULT_CONSTRAINT = ("edit/counterfact", "efficacy")
+UPDATE_L1 = "update_l1_relative"  # deviation/<module> rows: ||W - W0||_1 / ||W0||_1 of each edited matrix
 SCHEDULERS = ("asha", "fifo")
 HEADLINE_RETENTION = "headline"
 
@@ -81,14 +84,25 @@ class Objective:
     ``edit``: (task, metric) rows averaged into the editing score. ``retention``: (task, metric) rows
     averaged into the retention, or ``None`` for the headline retention of every general task that has
     a row (a task whose unedited score is 0 has no retention row). ``combine``: ``product`` (editing
-    score × retention), ``edit`` or ``retention`` alone."""
+    score × retention), ``edit`` or ``retention`` alone, or ``constrained``: the ``constraint`` score
+    (default CounterFact efficacy) must be within ``tolerance`` of the base method's at the same
+    checkpoint (``reference``: (checkpoint, score) pairs of the unconstrained method's own trajectory,
+    filled in by ``run_search``), and among the trials that meet it the smallest accumulated update
+    wins (mean over edited matrices of ‖ΔW‖₁ / ‖W₀‖₁, the ``deviation/<module>`` rows)."""
 
     edit: tuple[tuple[str, str], ...] = DEFAULT_EDIT_TERMS
     retention: tuple[tuple[str, str], ...] | None = None
     combine: str = "product"
+    constraint: tuple[str, str] = DEFAULT_CONSTRAINT
+    tolerance: float = 0.05
+    reference: tuple[tuple[int, float], ...] = ()
 
-    def terms(self, values: Mapping[tuple[str, str], float]) -> dict[str, float]:
-        """``{"edit_score": .., "retention": .., "objective": ..}`` from ``{(task, metric): value}``."""
+    def terms(self, values: Mapping[tuple[str, str], float], checkpoint: int | None = None) -> dict[str, float]:
+        """``{"edit_score": .., "retention": .., "objective": ..}`` from ``{(task, metric): value}`` (for
+        ``constrained``: ``{"constraint": .., "reference": .., "update_l1": .., "objective": ..}`` of the
+        rows of ``checkpoint``)."""
+        if self.combine == CONSTRAINED:
+            return self._constrained_terms(values, checkpoint)
         out = {}
         if self.combine in ("product", "edit"):
             out["edit_score"] = _mean_of(values, self.edit, "edit")
@@ -96,6 +110,21 @@ class Objective:
             out["retention"] = _mean_of(values, self._retention_terms(values), "retention")
         out[METRIC] = math.prod(out.values())
         return out
+
+    def _constrained_terms(self, values: Mapping[tuple[str, str], float], checkpoint: int | None) -> dict[str, float]:
+        """Lexicographic as one number for Tune to maximise: a trial within ``tolerance`` of the reference
+        scores 1 / (1 + L1) in (0, 1], smaller updates higher; one that falls short scores minus its
+        shortfall, below every trial that meets the constraint and closer to 0 the closer it came."""
+        reference = dict(self.reference).get(checkpoint)
+        if reference is None:
+            raise ValueError(f"objective: no reference {':'.join(self.constraint)} of the base method at "
+                             f"{checkpoint} edits (reference checkpoints: {[c for c, _ in self.reference]})")
+        score = _mean_of(values, (self.constraint,), "constraint")
+        l1_terms = tuple(key for key in values if key[0].startswith("deviation/") and key[1] == UPDATE_L1)
+        l1 = _mean_of(values, l1_terms, "update norm (evaluation.deviation_norms)")
+        shortfall = (reference - self.tolerance) - score
+        objective = 1.0 / (1.0 + l1) if shortfall <= 1e-12 else -shortfall
+        return {"constraint": score, "reference": reference, "update_l1": l1, METRIC: objective}
 
     def _retention_terms(self, values: Mapping[tuple[str, str], float]) -> tuple[tuple[str, str], ...]:
         if self.retention is not None:
@@ -247,8 +276,13 @@ class SearchValidator(SpecValidator):
         from workers.evaluation.config import GENERAL_TASKS
 
         raw = self.mapping(raw, "search.objective")
-        self.no_unknown(raw, {"edit", "retention", "combine"}, "search.objective.")
+        self.no_unknown(raw, {"edit", "retention", "combine", "constraint", "tolerance"}, "search.objective.")
         combine = self.one_of(raw.get("combine", "product"), COMBINE, "search.objective.combine")
+        if combine == CONSTRAINED:
+            return self.constrained(raw, experiment)
+        for name in ("constraint", "tolerance"):
+            if name in raw:
+                self.fail(f"search.objective.{name}", f"only used with combine: {CONSTRAINED}")
         edit = self.terms(raw["edit"], "search.objective.edit") if "edit" in raw else DEFAULT_EDIT_TERMS
         retention_raw = raw.get("retention", HEADLINE_RETENTION)
         retention = None if retention_raw == HEADLINE_RETENTION else self.terms(retention_raw,
@@ -270,6 +304,30 @@ class SearchValidator(SpecValidator):
                     self.fail(f"search.objective.retention[{i}]", f"task {task!r} is not evaluated "
                                                                   f"(evaluation.tasks: {evaluated})")
         return Objective(edit, retention, combine)
+
+    def constrained(self, raw: dict, experiment: ExperimentSpec) -> Objective:
+        from workers.editing.methods import split_method
+        from workers.evaluation import EvalConfig
+
+        for name in ("edit", "retention"):
+            if name in raw:
+                self.fail(f"search.objective.{name}", f"not used with combine: {CONSTRAINED} (it reads constraint)")
+        constraint = self.term(raw.get("constraint", ":".join(DEFAULT_CONSTRAINT)), "search.objective.constraint")
+        tolerance = raw.get("tolerance", Objective.tolerance)
+        if not _is_number(tolerance) or tolerance < 0:
+            self.fail("search.objective.tolerance", f"expected a number >= 0, got {tolerance!r}")
+        config = EvalConfig.from_dict(experiment.evaluation.config_fields(), source="evaluation")
+        if not constraint[0].startswith("edit/") or constraint[0].removeprefix("edit/") not in config.edit_metrics:
+            self.fail("search.objective.constraint", f"{constraint[0]!r} is not an editing-metric family the "
+                                                     f"evaluation computes (edit/<one of {list(config.edit_metrics)}>)")
+        if not config.deviation_norms:
+            self.fail("search.objective.combine", f"{CONSTRAINED} ranks trials by the update's L1 norm; "
+                                                  "evaluation.deviation_norms is off")
+        for i, variant in enumerate(experiment.methods):
+            if split_method(variant.method)[1] is None:
+                self.fail(f"methods[{i}]", f"{CONSTRAINED} compares a constrained method with its base method; "
+                                           f"{variant.method!r} has no constraint (e.g. rome-eac, memit-rect)")
+        return Objective(combine=CONSTRAINED, constraint=constraint, tolerance=float(tolerance))
 
     def scheduler(self, raw, experiment: ExperimentSpec) -> SchedulerSpec:
         raw = self.mapping(raw, "search.scheduler")

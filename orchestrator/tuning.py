@@ -42,7 +42,7 @@ import yaml
 from orchestrator.spec import ExperimentSpec, MethodVariant
 from orchestrator.status import Status, status_text
 from orchestrator.store import Store
-from orchestrator.tune_spec import METRIC, Objective, TuneSpec
+from orchestrator.tune_spec import CONSTRAINED, METRIC, Objective, TuneSpec
 from workers import settings, storage
 
 TUNE_GROUP = "tune"  # the ``group`` of trial trajectories in the store (kept out of the paper figures)
@@ -105,7 +105,8 @@ def run_trial(config: dict, context: TrialContext) -> None:
             return  # the unedited model has no editing score; ASHA's axis only goes forward
         values = checkpoint_values(store, spec.experiment, trajectory_id)[checkpoint]
         reported.append(checkpoint)
-        tune.report({TIME_AXIS: checkpoint, **context.objective.terms(values), "trajectory_id": trajectory_id})
+        tune.report({TIME_AXIS: checkpoint, **context.objective.terms(values, checkpoint),
+                     "trajectory_id": trajectory_id})
 
     driver = Driver(spec, store, progress=False, data_root=context.data_root, cache_dir=context.cache_dir,
                     observer=lambda kind, trajectory, event: report(event) if kind == "evaluation" else None,
@@ -174,6 +175,9 @@ def run_search(tune_spec: TuneSpec, model: str, variant: MethodVariant, store: S
     search, experiment = tune_spec.search, tune_spec.experiment
     context = TrialContext(dataclasses.replace(experiment, models=(model,), methods=(variant,)),
                            search.objective, str(store.root.resolve()), data_root, cache_dir)
+    if search.objective.combine == CONSTRAINED:
+        context = dataclasses.replace(context, objective=dataclasses.replace(
+            search.objective, reference=reference_scores(context, search.objective.constraint)))
     if search.scheduler.type == "asha":
         scheduler = ASHAScheduler(time_attr=TIME_AXIS, max_t=experiment.n_edits,
                                   grace_period=search.scheduler.grace_period,
@@ -209,6 +213,35 @@ def run_search(tune_spec: TuneSpec, model: str, variant: MethodVariant, store: S
             "objective": float(best[METRIC]), "edits": int(best[TIME_AXIS]), "store": str(store.root),
             "sampled": {d.name: best[d.name] for d in search.space}})
     return outcome
+
+
+def reference_variant(variant: MethodVariant) -> MethodVariant:
+    """The base method of a constrained variant (``rome-eac`` -> ``rome``) with the variant's overrides
+    that are not the constraint's own (``eac.*``), tagged as a tuning trajectory."""
+    from workers.editing.methods import split_method
+
+    base, constraint = split_method(variant.method)
+    hparams = {name: value for name, value in variant.hparams.items() if name.split(".")[0] != constraint}
+    return MethodVariant(f"{base}[reference]", base, hparams, TUNE_GROUP)
+
+
+def reference_scores(context: TrialContext, constraint: tuple[str, str]) -> tuple[tuple[int, float], ...]:
+    """Run the base method's own trajectory with the trials' setting (skipped when the store has it) and
+    return its ``constraint`` score at each scored checkpoint after 0: the constrained objective's bar."""
+    from orchestrator.driver import Driver
+
+    (variant,) = context.experiment.methods
+    spec = dataclasses.replace(context.experiment, methods=(reference_variant(variant),))
+    store = Store(context.store_root)
+    result = Driver(spec, store, progress=False, data_root=context.data_root, cache_dir=context.cache_dir,
+                    take_lock=False).run()  # run_tune holds the experiment's lock
+    (trajectory,) = result.trajectories
+    if trajectory.status == Status.FAILED:
+        raise RuntimeError(f"{trajectory.spec.label} (the constrained objective's reference): "
+                           f"{status_text(trajectory.status, trajectory.reason)}")
+    scored = checkpoint_values(store, spec.experiment, trajectory.spec.trajectory_id)
+    return tuple((checkpoint, values[constraint]) for checkpoint, values in sorted(scored.items())
+                 if checkpoint > 0 and constraint in values)
 
 
 def settle_status(context: TrialContext, trial_spec: ExperimentSpec, error: BaseException | None, *,
@@ -256,7 +289,7 @@ def _trial_row(store: Store, context: TrialContext, sampled: dict, error) -> dic
     objective = math.nan
     if last:
         try:
-            objective = context.objective.terms(scored[last])[METRIC]
+            objective = context.objective.terms(scored[last], last)[METRIC]
         except ValueError:
             pass
     return {**sampled, "variant": trajectory_spec.variant.name, "trajectory_id": trajectory_id, TIME_AXIS: last,
@@ -267,7 +300,7 @@ def write_best_hparams(path: Path, hparams: dict, about: dict) -> Path:
     """The complete hyper-parameters as YAML, with a header saying where they come from."""
     header = ["Best configuration of a Ray Tune search (eac tune); use it in an experiment spec as",
               "  methods: [{method: %s, hparams_file: %s}]" % (about["method"], path.name),
-              ""] + [f"{key}: {json.dumps(value)}" for key, value in about.items()]
+              ""] + [f"{key}: {json.dumps(value, default=plain)}" for key, value in about.items()]
     text = "".join(f"# {line}\n" if line else "#\n" for line in header)
     text += yaml.safe_dump(_lists(hparams), sort_keys=False, default_flow_style=False)
     storage.write_bytes(*storage.resolve(path), text.encode("utf-8"))

@@ -5,9 +5,11 @@ import re
 import matplotlib.image as mpimg
 import pytest
 
+from binomial import binomial_quantile
 from experiments.figures import build_report
 from orchestrator import cli
 from orchestrator.store import Store, edit_row
+from workers.evaluation.config import mean_row
 
 MODEL = "tiny-llama"
 # variant -> (method, group, seeds)
@@ -119,7 +121,7 @@ def test_an_empty_store_skips_every_figure(tmp_path):
     path = build_report(store.root)
     text = path.read_text()
     assert not list(path.parent.rglob("*.png"))
-    assert text.count("_Skipped:") == 7  # Figs. 2, 5/9, 6/10, 7, 8, Table 1, retention
+    assert text.count("_Skipped:") == 9  # Figs. 2, 5/9, 6/10, 7, 8, norms, tuning trade-off, Table 1, retention
     assert "failed: actor died" in text
 
 
@@ -147,3 +149,130 @@ def test_task_retention_falls_back_to_the_next_plotted_metric():
         {"task": "nq", "metric": "retention/contains_answer", "value": 0.7},
         {"task": "drift", "metric": "kl_mean", "value": 0.1}])
     assert task_retention(rows) == {"nli": ("label_ll_accuracy", 0.9), "nq": ("exact_match", 0.5)}
+
+
+# ---- intervals, chance levels, norms, the tuning trade-off ---------------------------------------------
+
+
+def fill_general(store: Store, experiment: str = "gen") -> None:
+    """Two arms scored at 0, 5 and 10 edits: NLI label log-likelihood accuracy at chance (0.5 and 0.5625 of
+    16, stored with the interval the scorer computed), MMLU far above chance (0.6 of 400, stored without an
+    interval, as an old store holds it), perplexity with a stored interval, drift, and deviation norms."""
+    for variant in ("rome", "rome-eac"):
+        tid = f"{variant}-s0"
+        store.put_trajectory({"experiment": experiment, "trajectory_id": tid, "model": MODEL, "method": variant,
+                              "variant": variant, "group": None, "dataset": "counterfact", "seed": 0, "n_edits": 10,
+                              "batch_size": 1, "hparams": "{}", "config": "{}", "status": "completed",
+                              "edits_done": 10, "updated_at": None})
+        for n in CHECKPOINTS:
+            nli = mean_row("nli", "label_ll_accuracy", [1.0] * (8 + (n == 10)) + [0.0] * (8 - (n == 10)))
+            ppl = 30.0 + (0.1 if "eac" in variant else 0.4) * n
+            rows = [nli.as_dict(),
+                    {"task": "mmlu", "metric": "accuracy_letter", "value": 0.6, "n_examples": 400},
+                    {"task": "wikitext", "metric": "perplexity", "value": ppl, "n_examples": 8,
+                     "ci_low": ppl - 3, "ci_high": ppl + 4},
+                    {"task": "drift", "metric": "kl_mean", "value": 0.01 * n, "n_examples": 32}]
+            if n:
+                growth = 0.002 if "eac" in variant else 0.03
+                rows += [{"task": f"deviation/model.layers.{layer}.mlp.down_proj", "metric": metric,
+                          "value": growth * n * scale, "n_examples": 1}
+                         for layer in (2, 3) for metric, scale in (("l1_relative_change", 0.8),
+                                                                   ("frobenius_relative_change", 1.0),
+                                                                   ("update_l1_relative", 2.0 + layer),
+                                                                   ("update_frobenius_relative", 0.5))]
+            store.put_evaluations(experiment, tid, n, rows)
+
+
+@pytest.fixture
+def general_report(tmp_path, monkeypatch):
+    """The report of ``fill_general``'s store, with every band and horizontal line drawn recorded."""
+    import matplotlib.axes
+
+    drawn = {"bands": [], "lines": []}
+    fill_between, axhline = matplotlib.axes.Axes.fill_between, matplotlib.axes.Axes.axhline
+
+    def record_band(ax, x, low, high, **kwargs):
+        drawn["bands"].append((ax, list(x), list(low), list(high)))
+        return fill_between(ax, x, low, high, **kwargs)
+
+    def record_line(ax, y=0, **kwargs):
+        drawn["lines"].append((ax, y, kwargs.get("linestyle"), kwargs.get("label")))
+        return axhline(ax, y, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "fill_between", record_band)
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", record_line)
+    store = Store(tmp_path / "store")
+    fill_general(store)
+    path = build_report(store.root)
+    # Panel titles are set after the lines are drawn: read them now.
+    drawn = {kind: [(ax.get_title(), *rest) for ax, *rest in calls] for kind, calls in drawn.items()}
+    return path, path.read_text(), drawn
+
+
+def cell(text: str, column: str, *cells: str) -> str:
+    """The cell under ``column`` of the first table row holding ``cells``."""
+    header = next(line for line in text.splitlines() if line.startswith("|") and column in line)
+    names = [p.strip() for p in header.strip().strip("|").split("|")]
+    return row_of(text, *cells)[names.index(column)]
+
+
+def test_general_task_panels_carry_95_percent_intervals(general_report):
+    _, text, drawn = general_report
+    section = text.split("### Fig. 10")[1].split("###")[0]
+    # The NLI score of 9 of 16 at 10 edits, with the scorer's interval (the binomial one, 8 of 16 ... 13 of 16).
+    low, high = (binomial_quantile(16, 9 / 16, q) / 16 for q in (0.025, 0.975))
+    assert cell(section, "nli label_ll_accuracy", MODEL, "rome", "10") == f"0.562 [{low:.3f}, {high:.3f}]"
+    # MMLU was stored without an interval: the report computes the same bootstrap interval from 0.6 and 400.
+    low, high = (binomial_quantile(400, 0.6, q) / 400 for q in (0.025, 0.975))
+    assert cell(section, "mmlu accuracy_letter", MODEL, "rome", "10") == f"0.600 [{low:.3f}, {high:.3f}]"
+    # A band per arm in every panel with intervals: NLI, MMLU, perplexity (drift rows hold none).
+    band_panels = {title for title, *_ in drawn["bands"]}
+    assert any("NLI" in t for t in band_panels) and any("MMLU" in t for t in band_panels)
+    assert not any("drift" in t for t in band_panels)
+    (ppl,) = [b for b in drawn["bands"] if "WikiText" in b[0] and b[2][-1] == pytest.approx(30.0 + 0.4 * 10 - 3)]
+    assert ppl[1] == [0, 5, 10] and ppl[3] == pytest.approx([34.0, 36.0, 38.0])
+
+
+def test_a_metric_at_chance_is_marked_in_the_figure_and_the_report(general_report):
+    _, text, drawn = general_report
+    chance_lines = {(title.split(" · ")[1], y) for title, y, style, label in drawn["lines"]
+                    if style == "--" and label and label.startswith("chance")}
+    assert chance_lines == {("NLI (RTE) (label_ll_accuracy)\n(at chance: every interval contains it)", 0.5),
+                            ("MMLU (accuracy_letter)", 0.25)}
+    section = text.split("### Fig. 10")[1].split("###")[0]
+    note = section.split("**At chance**")[1].split("\n")[0]
+    assert "NLI (RTE) (label_ll_accuracy) (chance 0.5)" in note
+    assert "MMLU" not in note  # 0.6 of 400: its interval lies far above 0.25
+
+
+def test_norms_and_drift_are_drawn_for_every_arm_over_the_sequence(general_report):
+    path, text, _ = general_report
+    assert mpimg.imread(path.parent / "gen" / "norms.png").shape[0] > 200
+    section = text.split("### Norms of the edited matrices")[1].split("###")[0]
+    # ‖ΔW‖₁ / ‖W₀‖₁ after 10 edits: the mean over layers 2 and 3 of 0.03 * 10 * (2 + layer), 0.3 * 4.5.
+    assert [cell(section, name, MODEL, "rome", "10") for name in
+            ("‖W‖₁ / ‖W₀‖₁", "‖W‖₂ / ‖W₀‖₂ (Frobenius)", "‖ΔW‖₁ / ‖W₀‖₁", "‖ΔW‖₂ / ‖W₀‖₂ (Frobenius)")] == \
+        [f"{1 + 0.24:.3f}", f"{1 + 0.3:.3f}", f"{0.3 * 4.5:.3f}", f"{0.3 * 0.5:.3f}"]
+    assert cell(text.split("### Fig. 10")[1].split("###")[0], "drift kl_mean", MODEL, "rome-eac", "10") == "0.100"
+
+
+def test_tuning_trials_show_efficacy_against_the_update_norm(tmp_path):
+    store = Store(tmp_path / "store")
+    # (method, requests of 16 edited, relative L1 of the update)
+    trials = {"rome[reference]": ("rome", 15, 0.05), "rome-eac[gamma=60]": ("rome-eac", 14, 0.02),
+              "rome-eac[gamma=95]": ("rome-eac", 8, 0.004)}
+    for variant, (method, edited, l1) in trials.items():
+        tid = variant.replace("[", "-").replace("]", "").replace("=", "")
+        store.put_trajectory({"experiment": "tune-x", "trajectory_id": tid, "model": MODEL, "method": method,
+                              "variant": variant, "group": "tune", "dataset": "counterfact-val", "seed": 0,
+                              "n_edits": 16, "batch_size": 1, "hparams": "{}", "config": "{}",
+                              "status": "completed", "edits_done": 16, "updated_at": None})
+        store.put_evaluations("tune-x", tid, 16, [
+            mean_row("edit/counterfact", "efficacy", [1.0] * edited + [0.0] * (16 - edited)).as_dict(), {"task": "deviation/m", "metric": "update_l1_relative", "value": l1, "n_examples": 1}])
+    text = build_report(store.root).read_text()
+    assert (tmp_path / "store" / "report" / "tune-x" / "tuning_tradeoff.png").is_file()
+    section = text.split("### Tuning — efficacy vs")[1].split("###")[0]
+    assert row_of(section, "rome-eac[gamma=60]")[-2:] == ["0.02", "-0.0625"]  # 14/16 - 15/16
+    assert row_of(section, "rome-eac[gamma=95]")[-2:] == ["0.004", "-0.4375"]
+    assert row_of(section, "rome[reference]")[3] == "0.938 [0.812, 1.000]"  # 13 and 16 of 16: binomial percentiles
+    assert "tune" not in text.split("### Tuning")[0].split("### Trajectories")[1].split("### Fig. 2")[1]

@@ -94,8 +94,9 @@ def test_defaults_and_shipped_tune_configs(data_root):
     assert paths
     for path in paths:  # hub models are not on this machine; the data is
         spec = load_tune_spec(path, check_models=False)
-        assert {v.method for _, v in spec.searches()} <= {"rome-eac", "memit-eac"}
-        assert {d.name for d in spec.search.space} == {d.name for d in DEFAULT_SPACE}
+        assert {v.method for _, v in spec.searches()} <= {"rome-eac", "memit-eac", "alphaedit-eac"}
+        assert {d.name for d in spec.search.space} & {d.name for d in DEFAULT_SPACE} >= {"eac.gamma_percentile",
+                                                                                         "eac.l1_weight"}
 
 
 # ---- a tiny search through Ray Tune ----------------------------------------------------------

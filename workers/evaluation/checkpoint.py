@@ -48,6 +48,7 @@ from workers.editing.delta import EditLog, applied
 from workers.evaluation.config import GENERAL_TASKS, EvalConfig, MetricRow
 from workers.evaluation.deviation import last_token_states, pca_view, snapshot_deviations
 from workers.evaluation.edit_metrics import edit_metric_rows, unedited_locality_argmax
+from workers.evaluation.metrics import CHANCE_LEVELS
 from workers.evaluation.prompts import TaskSuite
 from workers.evaluation.reference import ReferenceCache, model_key, text_key
 from workers.evaluation.scoring import next_token_logprobs
@@ -56,13 +57,6 @@ from workers.models import context_length
 
 # Metrics where lower is better: retention is unedited / edited for these.
 LOWER_IS_BETTER = {"perplexity"}
-# Scores a model reaches by guessing: a two-way label (NLI, SST-2) half the time, an MMLU answer a
-# quarter of the time. Retention is measured on the margin above these (see ``retention_rows``).
-# ``valid_rate`` and ``accuracy_all`` have no such level (they depend on how often the model answers
-# with a label word at all), nor have exact match, ROUGE and perplexity.
-CHANCE_LEVELS = {("nli", "accuracy_valid"): 0.5, ("nli", "label_ll_accuracy"): 0.5,
-                 ("sst2", "accuracy_valid"): 0.5, ("sst2", "label_ll_accuracy"): 0.5,
-                 ("mmlu", "accuracy_letter"): 0.25, ("mmlu", "accuracy_cloze"): 0.25}
 
 
 def suite_digest(suite: TaskSuite, config: EvalConfig) -> str:
@@ -77,9 +71,11 @@ def reference_task_rows(model, tokenizer, suite: TaskSuite, config: EvalConfig, 
     """The unedited model's general-task rows, computed once per (base model, configuration, sample)."""
     (stored,) = reference.get_or_compute(
         base_key, "task_rows", [suite_digest(suite, config)],
-        lambda missing: [[[r.task, r.metric, r.value, r.n_examples]
+        lambda missing: [[[r.task, r.metric, r.value, r.n_examples, r.ci_low, r.ci_high]
                           for r in general_task_rows(model, tokenizer, suite, config)]])
-    return [MetricRow(task, metric, float(value), int(n)) for task, metric, value, n in stored]
+    # An entry is [task, metric, value, n, ci_low, ci_high]; one without the interval reads as None.
+    return [MetricRow(task, metric, float(value), int(n), *(list(interval) + [None, None])[:2])
+            for task, metric, value, n, *interval in stored]
 
 
 def _cached_per_prompt(model, tokenizer, prompts: list[str], reference: ReferenceCache, base_key: str,

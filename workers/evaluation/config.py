@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from workers.evaluation.intervals import mean_interval
+
 GENERAL_TASKS = ("nli", "sst2", "nq", "samsum", "mmlu", "wikitext")
 EDIT_METRIC_FAMILIES = ("toolkit", "counterfact", "generative")
 PROMPT_FORMATS = ("raw", "chat")
@@ -21,12 +23,16 @@ PROMPT_TASKS = ("nli", "sst2", "nq", "samsum", "mmlu")
 @dataclass(frozen=True)
 class MetricRow:
     """One number: ``task`` (e.g. ``nli``, ``edit/toolkit``, ``deviation/<module>``), ``metric``
-    (e.g. ``accuracy_valid``), its ``value`` and how many examples it averages over."""
+    (e.g. ``accuracy_valid``), its ``value`` and how many examples it averages over; ``ci_low`` /
+    ``ci_high``: its bootstrap 95% interval over those examples (``workers.evaluation.intervals``),
+    None where the value is not a score over examples (norms, retention ratios)."""
 
     task: str
     metric: str
     value: float
     n_examples: int
+    ci_low: float | None = None
+    ci_high: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -36,8 +42,12 @@ class MetricRow:
 
 
 def mean_row(task: str, metric: str, values: list[float]) -> MetricRow:
-    """The mean of ``values`` as a row; NaN (n=0) when there is nothing to average."""
-    return MetricRow(task, metric, float(sum(values) / len(values)) if values else math.nan, len(values))
+    """The mean of ``values`` as a row, with its bootstrap 95% interval; NaN (n=0) when there is
+    nothing to average."""
+    if not values:
+        return MetricRow(task, metric, math.nan, 0)
+    low, high = mean_interval(values)
+    return MetricRow(task, metric, float(sum(values) / len(values)), len(values), low, high)
 
 
 def _default_tasks() -> dict[str, int]:

@@ -24,9 +24,11 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from workers.evaluation.config import EvalConfig, MetricRow, PROMPT_TASKS, mean_row
+from workers.evaluation.intervals import ratio_interval
 from workers.evaluation.prompts import (MMLU_LETTERS, NLI_LABELS, SST2_LABELS, PromptFormat, TaskSuite,
                                         mmlu_cloze_prompt)
 from workers.evaluation.scoring import EncodedPair, score_continuations, score_encoded
@@ -67,11 +69,11 @@ def classification_rows(task: str, model, tokenizer, prompts: list[str], gold: S
     valid = [answer in words for answer in answers]
     correct = [answer == words[g] for answer, g in zip(answers, gold)]
     chosen = label_loglik_choices(model, tokenizer, prompts, [labels] * len(prompts), fmt, config)
-    n = len(prompts)
+    # A correct answer is a valid one, so accuracy over valid answers is the mean over those examples.
     return [
-        MetricRow(task, "accuracy_valid", sum(correct) / sum(valid) if any(valid) else math.nan, sum(valid)),
-        MetricRow(task, "accuracy_all", sum(correct) / n, n),
-        MetricRow(task, "valid_rate", sum(valid) / n, n),
+        mean_row(task, "accuracy_valid", [float(ok) for ok, is_valid in zip(correct, valid) if is_valid]),
+        mean_row(task, "accuracy_all", [float(ok) for ok in correct]),
+        mean_row(task, "valid_rate", [float(is_valid) for is_valid in valid]),
         mean_row(task, "label_ll_accuracy", [float(c == g) for c, g in zip(chosen, gold)]),
     ]
 
@@ -116,19 +118,26 @@ def mmlu_rows(model, tokenizer, suite: TaskSuite, config: EvalConfig) -> list[Me
             mean_row("mmlu", "accuracy_cloze", [float(c == g) for c, g in zip(cloze, gold)])]
 
 
+def window_nlls(model, tokenizer, windows: Sequence[EncodedPair], *, batch_size: int = 16,
+                progress: bool = False) -> tuple[list[float], list[int]]:
+    """Per window: the total NLL of its scored tokens, and their count."""
+    scores = score_encoded(model, tokenizer, windows, batch_size=batch_size, progress=progress, desc="perplexity")
+    return [-s.logprobs.double().sum().item() for s in scores], [len(s.logprobs) for s in scores]
+
+
 def perplexity(model, tokenizer, windows: Sequence[EncodedPair], *, batch_size: int = 16,
                progress: bool = False) -> tuple[float, int]:
     """exp(total NLL / number of scored tokens) over ``windows``, and that token count."""
-    scores = score_encoded(model, tokenizer, windows, batch_size=batch_size, progress=progress, desc="perplexity")
-    total_nll = -sum(s.logprobs.double().sum().item() for s in scores)
-    tokens = sum(len(s.logprobs) for s in scores)
-    return math.exp(total_nll / tokens), tokens
+    nlls, tokens = window_nlls(model, tokenizer, windows, batch_size=batch_size, progress=progress)
+    return math.exp(sum(nlls) / sum(tokens)), sum(tokens)
 
 
 def perplexity_rows(model, tokenizer, suite: TaskSuite, config: EvalConfig) -> list[MetricRow]:
-    value, _ = perplexity(model, tokenizer, suite.perplexity_windows, batch_size=config.batch_size,
-                          progress=config.progress)
-    return [MetricRow("wikitext", "perplexity", value, len(suite.perplexity_windows))]
+    """Perplexity over the windows, its interval from resampling whole windows (``ratio_interval``)."""
+    nlls, tokens = window_nlls(model, tokenizer, suite.perplexity_windows, batch_size=config.batch_size,
+                               progress=config.progress)
+    low, high = ratio_interval(nlls, tokens, transform=np.exp)
+    return [MetricRow("wikitext", "perplexity", math.exp(sum(nlls) / sum(tokens)), len(nlls), low, high)]
 
 
 TASK_EVALUATORS = {"nli": nli_rows, "sst2": sst2_rows, "nq": qa_rows, "samsum": summarisation_rows,
