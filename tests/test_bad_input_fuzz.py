@@ -1,10 +1,11 @@
-"""Issue 12: every bad input of `eac run` — spec, edit data file, saved edit log — is one line on
+"""Issue 12: every bad input of `eac run` — spec, edit data file, saved edit log, store — is one line on
 stderr naming the file, exit status 2, before Ray starts and with nothing written to the store.
 Seeded: each case draws its malformation (which field, which bytes, where a file is cut) from its
 own seed, so a failure names a case that replays exactly."""
 
 import json
 import random
+from contextlib import nullcontext
 
 import pytest
 import yaml
@@ -14,9 +15,10 @@ from orchestrator import driver as driver_module
 from orchestrator.driver import Driver
 from orchestrator.spec import load_spec
 from orchestrator.store import Store
+from read_only import read_only
 from workers.editing.delta import EditLog
 
-N_CASES = 60
+N_CASES = 80
 RECORD = {"prompt": "The capital of France is", "subject": "France", "target_new": "Rome",
           "ground_truth": "Paris", "rephrase_prompt": "France's capital is", "locality_prompt": "Spain's capital is",
           "locality_ground_truth": "Madrid"}
@@ -50,6 +52,22 @@ def bad_value(rng):
         ("max_restarts", [-1, "x"]), ("store", ["", 5]),
     ])
     return yaml.safe_dump({**SPEC, field: rng.choice(values)}).encode()
+
+
+def bad_hparams(rng):
+    """Hyper-parameter values of the wrong type or out of range (they used to reach the actors)."""
+    method, name, value = rng.choice([
+        ("rome", "lr", "fast"), ("rome", "lr", float("nan")), ("rome", "num_steps", -3), ("rome", "layer", 999),
+        ("rome", "layer", -1), ("rome", "context_template_lengths", [[5, "x"]]), ("memit", "layers", [1, 99]),
+        ("rome-eac", "eac.gamma_percentile", 500), ("rome-eac", "eac.score", "best"),
+        ("rome-eac", "eac.elastic_net", "no"), ("rome-eac", "eac", 5), ("ft-l", "objective", "nll")])
+    return yaml.safe_dump({**SPEC, "methods": [method], "hparams": {method: {name: value}}}).encode()
+
+
+def bad_evaluation_value(rng):
+    name, value = rng.choice([("drift_examples", -1), ("seed", "x"), ("batch_size", 0), ("pca_folds", 1),
+                              ("perplexity_window", 0.5)])
+    return yaml.safe_dump({**SPEC, "evaluation": {**SPEC["evaluation"], name: value}}).encode()
 
 
 def huge_checkpoint_list(rng):
@@ -142,11 +160,19 @@ def log_other_requests(rng, valid):
     return None  # built in the test: a well-formed log bound to other requests
 
 
-SPEC_CASES = [bad_value, bad_value, bad_value, huge_checkpoint_list, unknown_field, alias_bomb, not_utf8, cut_yaml]
+SPEC_CASES = [bad_value, bad_value, bad_value, bad_hparams, bad_hparams, bad_evaluation_value, huge_checkpoint_list,
+              unknown_field, alias_bomb, not_utf8, cut_yaml]
 DATA_CASES = [data_bad_record, data_duplicate_ids, data_rome_schema, data_zsre_answers, data_not_records,
               data_broken_bytes]
 LOG_CASES = [log_garbage, log_truncated, log_header_lies, log_other_requests]
-ALL = SPEC_CASES + DATA_CASES + LOG_CASES
+
+
+def store_read_only(rng):
+    return None  # the store directory, made read-only in the test
+
+
+STORE_CASES = [store_read_only]
+ALL = SPEC_CASES + DATA_CASES + LOG_CASES + STORE_CASES
 
 
 @pytest.fixture
@@ -175,8 +201,11 @@ def test_bad_input_is_one_line_naming_the_file_exit_2_before_ray(seed, tmp_path,
     spec_path, data_path, store = tmp_path / "spec.yaml", tmp_path / "edits.json", tmp_path / "store"
     spec_path.write_text(yaml.safe_dump(SPEC))
     data_path.write_text(json.dumps(records()))
-    named, placed = None, set()
-    if malform in SPEC_CASES:
+    named, placed, guard = None, set(), nullcontext()
+    if malform in STORE_CASES:
+        store.mkdir()
+        named, guard = store, read_only(store)
+    elif malform in SPEC_CASES:
         spec_path.write_bytes(malform(rng))
         named = spec_path
     elif malform in DATA_CASES:
@@ -200,7 +229,8 @@ def test_bad_input_is_one_line_naming_the_file_exit_2_before_ray(seed, tmp_path,
                 handle.write(malform(rng, valid))
         named = log_path
         placed = {p for p in store.rglob("*")}
-    code = cli.main(["run", str(spec_path), "--store", str(store), "--no-report", "--no-progress"])
+    with guard:
+        code = cli.main(["run", str(spec_path), "--store", str(store), "--no-report", "--no-progress"])
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert code == 2, (malform.__name__, captured.err)
