@@ -111,7 +111,7 @@ def test_relative_change_mask_keeps_the_top_fraction():
     # An element of a zero weight that changes is an infinite relative change: always kept.
     weight[0, 0] = 0.0
     assert relative_change_mask(update, weight, 0.125)[0, 0]
-    with pytest.raises(ValueError, match="rect.keep_fraction"):
+    with pytest.raises(ValueError, match="field 'keep_fraction': must be above 0"):
         RectHParams(keep_fraction=0.0)
 
 
