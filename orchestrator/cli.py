@@ -165,13 +165,19 @@ def cmd_tune(args) -> int:
 def cmd_report(args) -> int:
     """Figures and a Markdown summary from the Parquet store alone."""
     from experiments.figures import build_report
-    from orchestrator.store import StoreError
+    from orchestrator.store import Store, StoreError
 
     try:
+        store = Store(args.store)
+        if args.out is None and store.exists():  # the report goes to STORE/report: fail before drawing
+            try:
+                store.check_writable()
+            except StoreError as exc:
+                raise StoreError(f"{exc}; draw the report elsewhere with --out DIR") from exc
         path = build_report(args.store, args.out, args.experiment or None)
     except (OSError, ValueError, StoreError) as exc:  # OSError: also an unreachable object store
-        print(f"eac report: {exc}", file=sys.stderr)
-        return 1
+        print(f"eac report: {one_line(exc)}", file=sys.stderr)
+        return 2
     print(f"report: {path}")
     return 0
 

@@ -478,20 +478,22 @@ class Driver:
 class EvalPool:
     """The evaluation actors; each checkpoint goes to the one with the fewest evaluations queued."""
 
-    def __init__(self, spec: ExperimentSpec, resources: Resources, cache_dir: str, data_root: str):
+    def __init__(self, spec: ExperimentSpec, resources: Resources, cache_dir: str, data_root: str,
+                 new_actor: Callable[[], object] | None = None):
         self.spec, self.resources, self.cache_dir, self.data_root = spec, resources, cache_dir, data_root
-        self.actors = [self._new_actor() for _ in range(resources.eval_actors)]
+        self.new_actor = new_actor or self._new_eval_actor
+        self.actors = [self.new_actor() for _ in range(resources.eval_actors)]
         self.queued = [0] * len(self.actors)
-        # ref -> (trajectory, checkpoint, actor index, try, the actor it went to)
-        self.pending: dict[object, tuple[Trajectory, int, int, int, object]] = {}
+        # ref -> (trajectory, checkpoint, actor slot, the actor handle it went to, try)
+        self.pending: dict[object, tuple[Trajectory, int, int, object, int]] = {}
 
-    def _new_actor(self):
+    def _new_eval_actor(self):
         res = self.resources.evaluation
         return EvalActor.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus).remote(
             self.cache_dir, self.data_root, res.num_gpus > 0, max(1, int(res.num_cpus)))
 
     def has(self, trajectory: Trajectory, checkpoint: int) -> bool:
-        return any(t is trajectory and c == checkpoint for t, c, *_ in self.pending.values())
+        return any(t is trajectory and c == checkpoint for t, c, _, _, _ in self.pending.values())
 
     def submit(self, trajectory: Trajectory, checkpoint: int, attempt: int = 0) -> None:
         spec, task = trajectory.spec, trajectory.task
@@ -501,21 +503,22 @@ class EvalPool:
         ref = self.actors[index].evaluate.remote(spec.model, spec.dtype, task.log_path if steps else None, steps,
                                                  requests, spec.evaluation.config_fields())
         self.queued[index] += 1
-        self.pending[ref] = (trajectory, checkpoint, index, attempt, self.actors[index])
+        self.pending[ref] = (trajectory, checkpoint, index, self.actors[index], attempt)
 
     def collect(self, ref) -> tuple[Trajectory, int, list[dict] | None, str | None]:
         """(trajectory, checkpoint, rows, error); neither rows nor error when the evaluation's actor
         died and the evaluation went to a fresh one."""
-        trajectory, checkpoint, index, attempt, actor = self.pending.pop(ref)
+        trajectory, checkpoint, index, actor, attempt = self.pending.pop(ref)
         self.queued[index] -= 1
         try:
             return trajectory, checkpoint, ray.get(ref), None
         except ray.exceptions.RayActorError as exc:
-            # Every evaluation queued on a dead actor fails; only the first replaces it (killing the
-            # replacement for the others would fail the evaluations already resubmitted to it).
+            # Every evaluation queued on a dead actor fails with it. Only the first of them replaces
+            # the actor: replacing it again would kill the fresh actor, and with it the evaluations
+            # already resubmitted there, until every queued checkpoint had used up its restarts.
             if self.actors[index] is actor:
                 ray.kill(actor)
-                self.actors[index] = self._new_actor()
+                self.actors[index] = self.new_actor()
             if attempt < self.spec.max_restarts:  # an evaluation only reads: running it again is safe
                 self.submit(trajectory, checkpoint, attempt + 1)
                 return trajectory, checkpoint, None, None

@@ -53,10 +53,12 @@ import yaml
 from workers import settings
 from workers.data import EDIT_DATASETS, TASK_DATASETS, edit_dataset_file, task_dataset
 from workers.editing import METHODS, load_hparams
+from workers.editing.methods import BASES, split_method
 from workers.evaluation import EvalConfig
 from workers.evaluation.config import GENERAL_TASKS
 from workers.evaluation.prompts import check_statistics_text
 from workers.sampling import seeded_order
+from workers.fields import FieldError
 
 assert set(TASK_DATASETS) == set(GENERAL_TASKS), "every general task needs its data set in workers.data"
 SELECTIONS = ("random", "first")
@@ -391,6 +393,9 @@ class SpecValidator:
 
     def __init__(self, source, base_dir: Path):
         self.source, self.base_dir = source, base_dir
+        # variant name -> {override key -> the spec field it was written in}, so that a bad
+        # hyper-parameter value is reported where the user wrote it (``methods[1].hparams.lr``).
+        self.override_fields: dict[str, dict[str, str]] = {}
 
     def fail(self, field_name: str, problem: str):
         raise SpecError(self.source, field_name, problem)
@@ -523,8 +528,10 @@ class SpecValidator:
             group = entry.get("group")
             if group is not None and group not in GROUPS:
                 self.fail(where + ".group", f"{group!r} is not one of {list(GROUPS)}")
-            hparams = {**method_hparams.get(method, {}),
-                       **self.hparams_value(entry.get("hparams", {}), where + ".hparams")}
+            own = self.hparams_value(entry.get("hparams", {}), where + ".hparams")
+            hparams = {**method_hparams.get(method, {}), **own}
+            self.override_fields[name] = {**{key: f"hparams.{method}.{key}" for key in method_hparams.get(method, {})},
+                                          **{key: f"{where}.hparams.{key}" for key in own}}
             hparams_file = entry.get("hparams_file")
             if hparams_file is not None:
                 hparams_file = self.existing_file(hparams_file, where + ".hparams_file")
@@ -548,6 +555,8 @@ class SpecValidator:
         spec = EvaluationSpec(tasks, edit_sample, raw)
         try:
             EvalConfig.from_dict(spec.config_fields(), source="evaluation")
+        except FieldError as exc:
+            self.fail(f"evaluation.{exc.path}", exc.problem)
         except (TypeError, ValueError) as exc:
             self.fail("evaluation", str(exc).removeprefix("evaluation: "))
         return spec
@@ -580,9 +589,31 @@ class SpecValidator:
             self.fail(variant_field + ".hparams_file" if variant.hparams_file else model_field,
                       f"{variant.method} on {model}: {exc}")
         try:
-            resolve_hparams(model, variant)
+            hparams = resolve_hparams(model, variant)
+        except FieldError as exc:  # a value of the wrong type or out of range, or an unknown name
+            written = self.override_fields.get(variant.name, {})
+            self.fail(written.get(exc.path, variant_field + ".hparams"), f"{variant.method} on {model}: {exc.problem}")
         except (TypeError, ValueError) as exc:
             self.fail(variant_field + ".hparams", f"{variant.method} on {model}: {exc}")
+        self.layers_exist(model, variant, hparams, model_field, variant_field)
+
+    def layers_exist(self, model: str, variant: MethodVariant, hparams, model_field: str, variant_field: str) -> None:
+        """The layers the method edits are layers of the model (its config file, read without weights)."""
+        from workers.models import layer_count
+
+        try:
+            count = layer_count(model)
+        except ValueError as exc:
+            self.fail(model_field, str(exc))
+        if count is None:  # no config on this machine (a hub id, a model not pulled yet): checked at load
+            return
+        beyond = [layer for layer in BASES[split_method(variant.method)[0]].layers(hparams) if layer >= count]
+        if beyond:
+            written = self.override_fields.get(variant.name, {})
+            key = next((key for key in ("layer", "layers") if key in written), None)
+            where = written[key] if key else variant_field + ".hparams_file" if variant.hparams_file else model_field
+            self.fail(where, f"{variant.method} edits layer(s) {beyond}, but {model} has {count} "
+                             f"(layers 0-{count - 1})")
 
     def perplexity_text(self, model: str, variant: MethodVariant, evaluation: EvaluationSpec, data_root) -> None:
         """Perplexity is not scored on the text the variant's second moments come from (unless allowed)."""

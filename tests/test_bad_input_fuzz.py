@@ -1,10 +1,13 @@
-"""Issue 12: every bad input of `eac run` — spec, edit data file, saved edit log — is one line on
+"""Issue 12: every bad input of `eac run` — spec, edit data file, saved edit log, store — is one line on
 stderr naming the file, exit status 2, before Ray starts and with nothing written to the store.
 Seeded: each case draws its malformation (which field, which bytes, where a file is cut) from its
 own seed, so a failure names a case that replays exactly."""
 
 import json
 import random
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,9 +17,10 @@ from orchestrator import driver as driver_module
 from orchestrator.driver import Driver
 from orchestrator.spec import load_spec
 from orchestrator.store import Store
+from read_only import read_only
 from workers.editing.delta import EditLog
 
-N_CASES = 60
+N_CASES = 80
 RECORD = {"prompt": "The capital of France is", "subject": "France", "target_new": "Rome",
           "ground_truth": "Paris", "rephrase_prompt": "France's capital is", "locality_prompt": "Spain's capital is",
           "locality_ground_truth": "Madrid"}
@@ -50,6 +54,22 @@ def bad_value(rng):
         ("max_restarts", [-1, "x"]), ("store", ["", 5]),
     ])
     return yaml.safe_dump({**SPEC, field: rng.choice(values)}).encode()
+
+
+def bad_hparams(rng):
+    """Hyper-parameter values of the wrong type or out of range (they used to reach the actors)."""
+    method, name, value = rng.choice([
+        ("rome", "lr", "fast"), ("rome", "lr", float("nan")), ("rome", "num_steps", -3), ("rome", "layer", 999),
+        ("rome", "layer", -1), ("rome", "context_template_lengths", [[5, "x"]]), ("memit", "layers", [1, 99]),
+        ("rome-eac", "eac.gamma_percentile", 500), ("rome-eac", "eac.score", "best"),
+        ("rome-eac", "eac.elastic_net", "no"), ("rome-eac", "eac", 5), ("ft-l", "objective", "nll")])
+    return yaml.safe_dump({**SPEC, "methods": [method], "hparams": {method: {name: value}}}).encode()
+
+
+def bad_evaluation_value(rng):
+    name, value = rng.choice([("drift_examples", -1), ("seed", "x"), ("batch_size", 0), ("pca_folds", 1),
+                              ("perplexity_window", 0.5)])
+    return yaml.safe_dump({**SPEC, "evaluation": {**SPEC["evaluation"], name: value}}).encode()
 
 
 def huge_checkpoint_list(rng):
@@ -142,11 +162,19 @@ def log_other_requests(rng, valid):
     return None  # built in the test: a well-formed log bound to other requests
 
 
-SPEC_CASES = [bad_value, bad_value, bad_value, huge_checkpoint_list, unknown_field, alias_bomb, not_utf8, cut_yaml]
+SPEC_CASES = [bad_value, bad_value, bad_value, bad_hparams, bad_hparams, bad_evaluation_value, huge_checkpoint_list,
+              unknown_field, alias_bomb, not_utf8, cut_yaml]
 DATA_CASES = [data_bad_record, data_duplicate_ids, data_rome_schema, data_zsre_answers, data_not_records,
               data_broken_bytes]
 LOG_CASES = [log_garbage, log_truncated, log_header_lies, log_other_requests]
-ALL = SPEC_CASES + DATA_CASES + LOG_CASES
+
+
+def store_read_only(rng):
+    return None  # the store directory, made read-only in the test
+
+
+STORE_CASES = [store_read_only]
+ALL = SPEC_CASES + DATA_CASES + LOG_CASES + STORE_CASES
 
 
 @pytest.fixture
@@ -175,8 +203,11 @@ def test_bad_input_is_one_line_naming_the_file_exit_2_before_ray(seed, tmp_path,
     spec_path, data_path, store = tmp_path / "spec.yaml", tmp_path / "edits.json", tmp_path / "store"
     spec_path.write_text(yaml.safe_dump(SPEC))
     data_path.write_text(json.dumps(records()))
-    named, placed = None, set()
-    if malform in SPEC_CASES:
+    named, placed, guard = None, set(), nullcontext()
+    if malform in STORE_CASES:
+        store.mkdir()
+        named, guard = store, read_only(store)
+    elif malform in SPEC_CASES:
         spec_path.write_bytes(malform(rng))
         named = spec_path
     elif malform in DATA_CASES:
@@ -200,10 +231,97 @@ def test_bad_input_is_one_line_naming_the_file_exit_2_before_ray(seed, tmp_path,
                 handle.write(malform(rng, valid))
         named = log_path
         placed = {p for p in store.rglob("*")}
-    code = cli.main(["run", str(spec_path), "--store", str(store), "--no-report", "--no-progress"])
+    with guard:
+        assert_refused(["run", str(spec_path), "--store", str(store), "--no-report", "--no-progress"], named,
+                       store, placed, capsys, malform.__name__)
+
+
+def assert_refused(argv, named, store, placed, capsys, case):
+    """The command exits 2 with one line on stderr naming ``named``, and writes nothing to ``store``
+    beyond the files ``placed`` there before it ran."""
+    code = cli.main(argv)
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
-    assert code == 2, (malform.__name__, captured.err)
+    assert code == 2, (case, captured.err)
     assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
-    assert str(named) in lines[0], (malform.__name__, lines[0])
+    assert str(named) in lines[0], (case, lines[0])
     assert {p for p in store.rglob("*")} == placed if store.exists() else not placed
+
+
+# Each input that issue 12 lists (items 4 and 6) once, by name, so that none is left to the seeds' draw.
+ROME_ROW = {"case_id": 0, "requested_rewrite": {"prompt": "The capital of {} is", "subject": "France",
+                                                "target_new": {"str": "Rome"}, "target_true": {"str": "Paris"}},
+            "paraphrase_prompts": ["France's capital is"], "neighborhood_prompts": ["Spain's capital is"]}
+ZSRE_ROW = {"case_id": 0, "src": "When was France founded?", "subject": "France", "alt": "1998",
+            "rephrase": "France founded in?", "loc": "nq question: who?", "loc_ans": "me", "answers": ["1998"]}
+
+
+def three(row: dict, **changes) -> bytes:
+    return json.dumps([{**row, **changes, "case_id": i} for i in range(3)]).encode()
+
+
+LISTED = {
+    "spec not UTF-8": ("spec", yaml.safe_dump(SPEC).encode() + b"# \xff\xfe\n"),
+    "num_cpus: .nan": ("spec", yaml.safe_dump(SPEC).encode().replace(b"num_cpus: 1\n", b"num_cpus: .nan\n", 1)),
+    "data not UTF-8": ("data", json.dumps(records()).encode().replace(b"Rome", b"R\xffme")),
+    "data a list of numbers": ("data", b"[1, 2, 3]"),
+    "ROME schema target_new a string": ("data", three(ROME_ROW, requested_rewrite={
+        **ROME_ROW["requested_rewrite"], "target_new": "Rome"})),
+    "paraphrase_prompts a string": ("data", three(ROME_ROW, paraphrase_prompts="France's capital is")),
+    "zsRE answers a string": ("data", three(ZSRE_ROW, answers="1998")),
+    "integer prompt": ("data", json.dumps([{**r, "prompt": 5} if r["case_id"] == 1 else r for r in records()]).encode()),
+    "duplicate case ids": ("data", json.dumps([{**r, "case_id": 0} for r in records()]).encode()),
+    "null case id": ("data", json.dumps([{**r, "case_id": None} if r["case_id"] == 2 else r
+                                         for r in records()]).encode()),
+    "garbage edit log": ("log", b"\x00" * 7),
+    "truncated edit log": ("log", None),
+    "store file of a foreign schema": ("store", "foreign"),
+    "stray copy of an edits file": ("store", "copy"),
+}
+
+
+@pytest.mark.parametrize("case", LISTED)
+def test_each_listed_bad_input_is_refused_at_the_door(case, tmp_path, data_root, no_ray, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from orchestrator.store import edit_row
+
+    where, content = LISTED[case]
+    spec_path, data_path, store = tmp_path / "spec.yaml", tmp_path / "edits.json", tmp_path / "store"
+    spec_path.write_text(yaml.safe_dump(SPEC))
+    data_path.write_bytes(content if where == "data" else json.dumps(records()).encode())
+    named = data_path if where == "data" else spec_path
+    if where == "spec":
+        spec_path.write_bytes(content)
+    elif where == "log":
+        named, log = valid_log(spec_path, store, data_root)
+        log.save(named)
+        with open(named, "rb") as handle:
+            valid = handle.read()
+        with open(named, "wb") as handle:
+            handle.write(content if content is not None else valid[: len(valid) // 2])
+    elif where == "store":
+        (trajectory,) = Driver(load_spec(spec_path), Store(store), progress=False, data_root=data_root).plan()
+        first = Path(Store(store).put_edits("fuzz", trajectory.trajectory_id, [edit_row({"edit_index": 0,
+                                                                                        "case_id": 0})]))
+        named = first.with_name(first.name.replace("-000000-000000", "-000001-000001"))
+        if content == "foreign":
+            pq.write_table(pa.table({"experiment": ["fuzz"], "trajectory_id": [trajectory.trajectory_id]}), named)
+        else:
+            named = first.with_name(first.name.replace("-000000-000000", "-copy"))
+            shutil.copy(first, named)
+    placed = {p for p in store.rglob("*")}
+    assert_refused(["run", str(spec_path), "--store", str(store), "--no-report", "--no-progress"], named, store,
+                   placed, capsys, case)
+
+
+@pytest.mark.parametrize("cut", [False, True])
+def test_eac_eval_refuses_a_garbage_or_truncated_edit_log_before_loading_the_model(cut, tmp_path, capsys):
+    log_path, data_path = tmp_path / "log.safetensors", tmp_path / "edits.json"
+    data_path.write_text(json.dumps(records()))
+    EditLog(metadata={"steps_done": 0}).save(log_path)
+    valid = log_path.read_bytes()
+    log_path.write_bytes(valid[: len(valid) - 3] if cut else b"not a log at all")
+    assert_refused(["eval", "--model", "tiny-gpt2", "--edit-log", str(log_path), "--dataset", str(data_path)],
+                   log_path, tmp_path / "store", set(), capsys, "eval")

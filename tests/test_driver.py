@@ -266,39 +266,3 @@ def test_rows_moved_aside_from_a_completed_trajectory_are_redone(uninterrupted, 
     for name in uninterrupted_tables:
         assert_frame_equal(uninterrupted_tables[name], redone[name], check_exact=True)
 
-
-@ray.remote(num_cpus=0)
-class SlowEvaluator:
-    """Stands in for the evaluation actor: answers each checkpoint after a pause, long enough for
-    several checkpoints to be queued on it when it is killed."""
-
-    def evaluate(self, model, dtype, log_path, steps, requests, config):
-        import time
-        time.sleep(0.5)
-        return [{"steps": steps}]
-
-
-def test_an_evaluation_actor_dying_with_several_checkpoints_queued_loses_none(local_ray, data_root, tmp_path):
-    """All checkpoints queued on a dead evaluation actor fail together; the pool must replace the actor
-    once and rerun each of them there. (Replacing it once per failed checkpoint killed the fresh actor
-    together with the checkpoints already resubmitted to it, until every one had used up its restarts:
-    a whole 8-arm study failed at its first checkpoint that way.)"""
-    spec = load_spec(write_spec(tmp_path, max_restarts=1))
-    trajectories = driver_module.plan_trajectories(spec, Store(tmp_path / "store"), data_root=data_root)
-    pool = driver_module.EvalPool(spec, spec.resources, str(tmp_path / "cache"), str(data_root),
-                                  new_actor=SlowEvaluator.remote)
-    for trajectory in trajectories:
-        for checkpoint in (0, 2):
-            pool.submit(trajectory, checkpoint)
-    assert len(pool.pending) == 4
-    ray.kill(pool.actors[0])
-    scored, errors = {}, []
-    while pool.pending:
-        ready, _ = ray.wait(list(pool.pending), num_returns=1)
-        trajectory, checkpoint, rows, error = pool.collect(ready[0])
-        if error:
-            errors.append(error)
-        elif rows is not None:
-            scored[(trajectory.trajectory_id, checkpoint)] = rows
-    assert errors == []
-    assert sorted(scored) == sorted((t.trajectory_id, c) for t in trajectories for c in (0, 2))

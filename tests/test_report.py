@@ -10,6 +10,7 @@ from experiments.figures import build_report
 from orchestrator import cli
 from orchestrator.store import Store, edit_row
 from workers.evaluation.config import mean_row
+from read_only import read_only
 
 MODEL = "tiny-llama"
 # variant -> (method, group, seeds)
@@ -133,8 +134,22 @@ def test_eac_report_command(tmp_path, capsys):
     assert (out / "report.md").is_file() and (out / "a" / "editing_metrics_zsre.png").is_file()
     assert "Fig. 5 — editing metrics" in (out / "report.md").read_text()
     assert str(out / "report.md") in capsys.readouterr().out
-    assert cli.main(["report", str(tmp_path / "nowhere")]) == 1
+    assert cli.main(["report", str(tmp_path / "nowhere")]) == 2
     assert "no such store" in capsys.readouterr().err
+
+
+def test_eac_report_on_a_read_only_store_is_one_line_exit_2_and_draws_elsewhere(tmp_path, capsys):
+    """Issue 12, item 4: the report of a store that cannot be written."""
+    store = Store(tmp_path / "store")
+    fill(store, experiment="a", dataset="zsre")
+    with read_only(store.root):
+        assert cli.main(["report", str(store.root)]) == 2
+        error = capsys.readouterr().err
+        assert len(error.splitlines()) == 1 and "Traceback" not in error
+        assert str(store.root) in error and "cannot be written" in error and "--out" in error
+        assert not (store.root / "report").exists()
+        assert cli.main(["report", str(store.root), "--out", str(tmp_path / "elsewhere")]) == 0
+    assert (tmp_path / "elsewhere" / "report.md").is_file()
 
 
 def test_task_retention_falls_back_to_the_next_plotted_metric():

@@ -72,7 +72,7 @@ def test_trajectory_ids_are_stable_and_distinct(tmp_path, data_root):
     ({"datasets": ["counterfact", "missing.json"]}, "datasets[1]", "does not exist"),
     ({"evaluation": {"tasks": {"nli": 4, "squad": 3}}}, "evaluation.tasks.squad", "unknown task"),
     ({"evaluation": {"tasks": {"nli": 0}}}, "evaluation.tasks.nli", "at least 1"),
-    ({"evaluation": {"tasks": {"nli": 4}, "prompt_fromat": "raw"}}, "evaluation", "prompt_fromat"),
+    ({"evaluation": {"tasks": {"nli": 4}, "prompt_fromat": "raw"}}, "evaluation.prompt_fromat", "unknown field"),
     ({"methods": [{"method": "rome", "hparams_file": "none.yaml"}]}, "methods[0].hparams_file", "does not exist"),
     ({"checkpoints": [0, 3]}, "checkpoints[1]", "multiple of batch_size"),
     ({"checkpoints": [0, 9]}, "checkpoints[1]", "beyond n_edits"),
@@ -83,7 +83,8 @@ def test_trajectory_ids_are_stable_and_distinct(tmp_path, data_root):
     ({"methods": [{"name": "x", "method": "rome", "group": "figure-9"}]}, "methods[0].group", "not one of"),
     ({"resources": {"trajectory": {"num_gpus": -1}}}, "resources.trajectory.num_gpus", "at least 0"),
     ({"hparams": {"rome": "nowhere.yaml"}}, "hparams.rome", "does not exist"),
-    ({"hparams": {"rome-eac": {"eac.gamma_percentil": 80}}}, "methods[1].hparams", "gamma_percentil"),
+    ({"hparams": {"rome-eac": {"eac.gamma_percentil": 80}}}, "hparams.rome-eac.eac.gamma_percentil",
+     "unknown field"),
     ({"models": ["./no/such/model"]}, "models[0]", "does not exist"),
     ({"experiment": "a/b"}, "experiment", "not a name"),
 ])
@@ -93,6 +94,53 @@ def test_bad_spec_names_file_and_field(tmp_path, data_root, change, field, words
         load_spec(path)
     assert info.value.field == field
     assert str(path) in str(info.value) and repr(field) in str(info.value) and words in str(info.value)
+
+
+# Issue 12, item 5: hyper-parameter values are checked against their declared types and ranges when
+# the spec is loaded (they used to reach the actors and fail after the model and statistics loaded).
+EAC_VARIANT = {"name": "rome-eac-p90", "method": "rome-eac"}
+
+
+@pytest.mark.parametrize("change, field, words", [
+    ({"hparams": {"rome": {"lr": "fast"}}}, "hparams.rome.lr", "expected a number, got 'fast'"),
+    ({"hparams": {"rome": {"lr": float("nan")}}}, "hparams.rome.lr", "finite"),
+    ({"hparams": {"rome": {"num_steps": -2}}}, "hparams.rome.num_steps", "at least 1"),
+    ({"hparams": {"rome": {"num_steps": 2.5}}}, "hparams.rome.num_steps", "expected an integer"),
+    ({"methods": ["rome", {**EAC_VARIANT, "hparams": {"eac.gamma_percentile": 500}}], "hparams": {}},
+     "methods[1].hparams.eac.gamma_percentile", "below 100"),
+    ({"hparams": {"rome-eac": {"eac.score": "best"}}}, "hparams.rome-eac.eac.score", "not one of ['saliency'"),
+    ({"hparams": {"rome-eac": {"eac.elastic_net": "no"}}}, "hparams.rome-eac.eac.elastic_net", "true or false"),
+    ({"hparams": {"rome": {"layer": 999}}}, "hparams.rome.layer", "tiny-gpt2 has 4 (layers 0-3)"),
+    ({"hparams": {"rome": {"layer": -1}}}, "hparams.rome.layer", "at least 0"),
+    ({"methods": ["memit"], "hparams": {"memit": {"layers": [1, 9]}}}, "hparams.memit.layers", "layer(s) [9]"),
+    ({"methods": ["memit"], "hparams": {"memit": {"layers": "1,2"}}}, "hparams.memit.layers", "expected a list"),
+    ({"methods": ["rome-prune"], "hparams": {"rome-prune": {"prune.alpha": 1}}}, "hparams.rome-prune.prune.alpha",
+     "above 1"),
+    ({"evaluation": {"tasks": {"nli": 4}, "drift_examples": -1}}, "evaluation.drift_examples", "at least 0"),
+    ({"evaluation": {"tasks": {"nli": 4}, "seed": "x"}}, "evaluation.seed", "expected an integer"),
+    ({"hparams": {"rome": {}, "memit": {"layers": [1]}}}, "hparams.memit", "no variant in `methods` runs"),
+    ({"experiment": "e" * 121}, "experiment", "at most 120"),
+])
+def test_bad_hyper_parameter_values_are_refused_at_the_door(tmp_path, data_root, change, field, words):
+    path = write(tmp_path, good_spec(**change))
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert info.value.field == field
+    assert str(path) in str(info.value) and words in str(info.value)
+
+
+def test_the_layer_count_of_a_model_on_disk_is_read_from_its_config(tmp_path, data_root):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    path = write(tmp_path, good_spec(models=[str(model)], methods=[{"method": "rome", "hparams_file": "rome.yaml"}],
+                                     hparams={}))
+    (tmp_path / "rome.yaml").write_text("layer: 2\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert info.value.field == "methods[0].hparams_file" and "has 2 (layers 0-1)" in str(info.value)
+    (tmp_path / "rome.yaml").write_text("layer: 1\n")
+    assert load_spec(path).methods[0].method == "rome"
 
 
 def test_missing_required_field(tmp_path, data_root):

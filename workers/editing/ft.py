@@ -45,8 +45,6 @@ def _batch(tokenizer, requests, objective: str, device):
 
 
 def apply_ft(model, tokenizer, requests, hparams: FTHParams, ctx: EditContext, method: str = "ft-l"):
-    if hparams.objective not in ("prompt_last", "target"):
-        raise ValueError(f"FT objective must be prompt_last or target, got {hparams.objective!r}")
     start = time.perf_counter()
     module = arch_spec(model).mlp_out_name(hparams.layer)
     weight = edited_weight(model, module)

@@ -17,23 +17,28 @@ import importlib.resources
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from workers.fields import Checked, FieldError, bounded
+
+# Every class here is ``Checked``: its fields' types (the annotations) and ranges (``bounded``) are
+# checked whenever an instance is built — from a YAML file, from overrides, by ``dataclasses.replace``.
+Score = Literal["saliency", "random", "gradient", "magnitude"]
 
 
 @dataclass(frozen=True)
-class TargetConfig:
+class TargetConfig(Checked):
     """The shared target optimiser's settings (targets.py). ``LocateEditHParams`` extends it, so a
     method's YAML sets these fields at its top level."""
 
-    num_steps: int = 20
-    lr: float = 0.5
-    weight_decay: float = 0.5
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    early_stop_loss: float = 5e-2
+    num_steps: int = bounded(20, minimum=1)
+    lr: float = bounded(0.5, above=0)
+    weight_decay: float = bounded(0.5, minimum=0)
+    clamp_norm_factor: float = bounded(4.0, above=0)
+    kl_factor: float = bounded(0.0625, minimum=0)
+    early_stop_loss: float = bounded(5e-2, minimum=0)
     # True: cache the keys/values before the subject's last token once and run only the suffix at each
     # step (same losses up to float round-off, fewer tokens per step); False: every token every step.
     prefix_reuse: bool = True
@@ -52,7 +57,7 @@ def sections(cls) -> dict[str, type]:
 
 
 @dataclass(frozen=True)
-class EACHParams:
+class EACHParams(Checked):
     """Editing Anchor Compression (paper §5, Appendix A, C.5). See workers/editing/eac.py.
 
     μ (Eq. 4) is read as the target optimiser's ``weight_decay`` (the base method's field), not as
@@ -65,20 +70,22 @@ class EACHParams:
     The authors' code, as configuration: ``authors_eac_overrides(base)``.
     """
 
-    probe_steps: int = 10            # phase 1: the usual optimisation, recording ∇L (paper: 10 of 20)
-    retrain_steps: int = 10          # phase 2: anchors only, under the scored elastic net
-    gamma_percentile: float = 80.0   # γ = P_x of |score| (Eq. 2; Table 2)
-    anchor_rule: str = "percentile"  # percentile: |score| ≥ γ | top_fraction: top (100 − x)% (authors' top-k)
-    score_vector: str = "v_star"     # v_star: v* ⊙ ∇L (Eq. 1, paper) | delta: δ ⊙ ∇L (authors' code)
-    gradient: str = "last"           # last: ∇L at the end of the probe | mean: averaged over probe steps (authors)
-    score: str = "saliency"          # saliency | random | gradient | magnitude (anchor-selection ablation, §6.5)
-    l1_weight: float = 5e-7          # λ (Eq. 4; C.5)
-    l2_weight: float = 0.0           # an extra μ‖δ‖² beyond weight_decay (which is the paper's μ); see above
-    epsilon: float = 1e-6            # α = 1 / (|score| + ε) (Eq. 5)
+    probe_steps: int = bounded(10, minimum=1)      # phase 1: the usual optimisation, recording ∇L (paper: 10 of 20)
+    retrain_steps: int = bounded(10, minimum=1)    # phase 2: anchors only, under the scored elastic net
+    # γ = P_x of |score| (Eq. 2; Table 2); P100 would keep no dimension
+    gamma_percentile: float = bounded(80.0, minimum=0, below=100)
+    # percentile: |score| ≥ γ | top_fraction: top (100 − x)% (authors' top-k)
+    anchor_rule: Literal["percentile", "top_fraction"] = "percentile"
+    score_vector: Literal["v_star", "delta"] = "v_star"  # v_star: v* ⊙ ∇L (Eq. 1, paper) | delta: δ ⊙ ∇L (authors' code)
+    gradient: Literal["last", "mean"] = "last"  # last: ∇L at the end of the probe | mean: over probe steps (authors)
+    score: Score = "saliency"                   # the anchor-selection ablation (§6.5) chooses another
+    l1_weight: float = bounded(5e-7, minimum=0)   # λ (Eq. 4; C.5)
+    l2_weight: float = bounded(0.0, minimum=0)    # an extra μ‖δ‖² beyond weight_decay (which is the paper's μ); see above
+    epsilon: float = bounded(1e-6, above=0)       # α = 1 / (|score| + ε) (Eq. 5)
     elastic_net: bool = True         # False: ablation "saliency only"; also False reproduces the authors' ROME code
     saliency_mask: bool = True       # False: ablation "elastic net only" (all dimensions retrained)
-    retrain_init: str = "probe"      # probe: warm start from masked δ (authors' ROME) | zero (authors' MEMIT)
-    seed: int = 0                    # for the random-anchor ablation
+    retrain_init: Literal["probe", "zero"] = "probe"  # probe: warm start from masked δ (authors' ROME) | zero (MEMIT)
+    seed: int = bounded(0, minimum=0)  # for the random-anchor ablation
     # False: each phase runs the shared ROME compute_v loop, whose last evaluation makes no update
     # (probe_steps − 1 and retrain_steps − 1 Adam updates). True: the authors' loops, an Adam update
     # after every evaluation (probe_steps and retrain_steps updates; early stop as in compute_v).
@@ -102,40 +109,34 @@ def authors_eac_overrides(base: str) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class PruneHParams:
+class PruneHParams(Checked):
     """PRUNE (Ma et al., ICLR 2025): log-compress the accumulated update's singular values above
     σ_max(W₀) after every edit step. See workers/editing/prune.py."""
 
-    alpha: float = math.e  # the base of F's logarithm (authors' code: e, 1.5 or 1.2)
-
-    def __post_init__(self):
-        if not self.alpha > 1:
-            raise ValueError(f"prune.alpha must be > 1 (the base of a growing logarithm), got {self.alpha}")
+    # The base of F's logarithm (authors' code: e, 1.5 or 1.2); above 1, or the logarithm does not grow.
+    alpha: float = bounded(math.e, above=1)
 
 
 @dataclass(frozen=True)
-class RectHParams:
+class RectHParams(Checked):
     """RECT (Gu et al., EMNLP 2024): keep the top fraction of each update's elements by relative change
     |ΔW_ij| / |W_ij|, zero the rest. See workers/editing/rect.py."""
 
-    keep_fraction: float = 0.2  # k = 20%: the authors' code zeroes the other 80%
-
-    def __post_init__(self):
-        if not 0 < self.keep_fraction <= 1:
-            raise ValueError(f"rect.keep_fraction must be in (0, 1], got {self.keep_fraction}")
+    keep_fraction: float = bounded(0.2, above=0, maximum=1)  # k = 20%: the authors' code zeroes the other 80%
 
 
 @dataclass(frozen=True)
 class LocateEditHParams(TargetConfig):
     """Shared by ROME, MEMIT and AlphaEdit: the target optimiser (TargetConfig's fields) and the statistics."""
 
-    context_template_lengths: tuple = ((5, 10), (10, 10))
+    # (max_tokens, count) per group of generated context templates
+    context_template_lengths: tuple[tuple[int, int], ...] = bounded(((5, 10), (10, 10)), minimum=0)
     context_seed: int = 0
     # Disjoint from the perplexity text (wikitext-test): second moments estimated on the text perplexity
     # is scored on flatter perplexity retention, AlphaEdit's above all (its null space comes from them).
     stats_corpus: str = "wikitext-valid"
-    stats_token_budget: int = 50_000
-    stats_max_length: int = 256
+    stats_token_budget: int = bounded(50_000, minimum=1)
+    stats_max_length: int = bounded(256, minimum=1)
     eac: EACHParams | None = section(EACHParams)
     prune: PruneHParams | None = section(PruneHParams)
     rect: RectHParams | None = section(RectHParams)
@@ -147,38 +148,38 @@ class LocateEditHParams(TargetConfig):
 
 @dataclass(frozen=True)
 class RomeHParams(LocateEditHParams):
-    layer: int = 17
+    layer: int = bounded(17, minimum=0)  # below the model's layer count: checked against its config (spec.py)
     mom2_adjustment: bool = True  # C⁻¹ k*; False gives the plain rank-one update some toolkits use
     # "prompt": the reference code's residual and denominator, at the bare prompt's key (where v* is
     # taken); "mean": k* averaged over context templates, as Eq. 7 reads. Measured effects: rome.py.
-    residual_key: str = "prompt"
+    residual_key: Literal["prompt", "mean"] = "prompt"
 
 
 @dataclass(frozen=True)
 class MemitHParams(LocateEditHParams):
-    layers: tuple = (13, 14, 15, 16, 17)
-    mom2_update_weight: float = 20_000.0  # λ in ΔW = R Kᵀ (λC + K Kᵀ)⁻¹
-    context_template_lengths: tuple = ((10, 5),)
+    layers: tuple[int, ...] = bounded((13, 14, 15, 16, 17), minimum=0)
+    mom2_update_weight: float = bounded(20_000.0, minimum=0)  # λ in ΔW = R Kᵀ (λC + K Kᵀ)⁻¹
+    context_template_lengths: tuple[tuple[int, int], ...] = bounded(((10, 5),), minimum=0)
 
 
 @dataclass(frozen=True)
 class AlphaEditHParams(LocateEditHParams):
-    layers: tuple = (13, 14, 15, 16, 17)
-    null_space_threshold: float = 2e-2  # eigenvalues of C below this span the preserved null space
-    l2: float = 10.0                    # the ridge term (one toolkit uses 1)
-    context_template_lengths: tuple = ((10, 5),)
+    layers: tuple[int, ...] = bounded((13, 14, 15, 16, 17), minimum=0)
+    null_space_threshold: float = bounded(2e-2, minimum=0)  # eigenvalues of C below this span the preserved null space
+    l2: float = bounded(10.0, minimum=0)                    # the ridge term (one toolkit uses 1)
+    context_template_lengths: tuple[tuple[int, int], ...] = bounded(((10, 5),), minimum=0)
 
 
 @dataclass(frozen=True)
-class FTHParams:
-    layer: int = 0
-    num_steps: int = 25
-    lr: float = 5e-4
-    norm_constraint: float = 5e-4  # box |W − W0| ≤ ε after each step; 0 disables it
+class FTHParams(Checked):
+    layer: int = bounded(0, minimum=0)
+    num_steps: int = bounded(25, minimum=1)
+    lr: float = bounded(5e-4, above=0)
+    norm_constraint: float = bounded(5e-4, minimum=0)  # box |W − W0| ≤ ε after each step; 0 disables it
     # prompt_last (FT-L, ROME's baseline): target tokens scored at the last prompt position;
     # target (FT-M): teacher-forced NLL on the target tokens only.
-    objective: str = "prompt_last"
-    early_stop_loss: float = 1e-2
+    objective: Literal["prompt_last", "target"] = "prompt_last"
+    early_stop_loss: float = bounded(1e-2, minimum=0)
     eac: EACHParams | None = section(EACHParams)  # only l1_weight / l2_weight / epsilon apply (Appendix E)
 
 
@@ -201,24 +202,30 @@ def model_key(model_or_name) -> str:
 
 
 def from_dict(cls, values: dict, source: str):
-    """An instance of ``cls`` from a YAML mapping; ``source`` (a file, or "overrides") names the
-    input in every error."""
+    """An instance of ``cls`` from a YAML mapping. A bad value raises ``FieldError`` naming
+    ``source`` (a file, or "overrides") and the field's dotted path (``eac.gamma_percentile``)."""
     names = {f.name: f for f in dataclasses.fields(cls)}
     section_classes = sections(cls)
-    unknown = set(values) - set(names)
+    unknown = sorted(set(values) - set(names), key=str)
     if unknown:
-        raise ValueError(f"{source}: unknown field(s) {sorted(unknown)} for {cls.__name__}; known: {sorted(names)}")
+        raise FieldError(str(unknown[0]), f"unknown field for {cls.__name__}; known: {sorted(names)}", source)
     converted = {}
     for key, value in values.items():
         if key in section_classes and value is not None and not isinstance(value, section_classes[key]):
-            value = from_dict(section_classes[key], value, f"{source}: {key}")
+            if not isinstance(value, dict):
+                raise FieldError(key, f"expected a mapping of {section_classes[key].__name__} fields, got {value!r}",
+                                 source)
+            try:
+                value = from_dict(section_classes[key], value, source)
+            except FieldError as exc:
+                raise exc.within(key) from None
         elif isinstance(value, list):
             value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
         converted[key] = value
     try:
         return cls(**converted)
-    except ValueError as exc:  # a field's own check (__post_init__): name the file it came from
-        raise ValueError(f"{source}: {exc}") from exc
+    except FieldError as exc:  # a field's declared type or range (workers.fields)
+        raise exc.within(source=source) from None
 
 
 def base_changes(values, cls, source: Path) -> dict:

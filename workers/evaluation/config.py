@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.evaluation.intervals import mean_interval
+from workers.fields import FieldError, bounded, check_fields
 
 GENERAL_TASKS = ("nli", "sst2", "nq", "samsum", "mmlu", "wikitext")
 EDIT_METRIC_FAMILIES = ("toolkit", "counterfact", "generative")
@@ -94,7 +95,7 @@ class EvalConfig:
 
     tasks: dict[str, int] = field(default_factory=_default_tasks)
     seed: int = 0
-    batch_size: int = 16
+    batch_size: int = bounded(16, minimum=1)
     max_new_tokens: dict[str, int] = field(default_factory=_default_max_new_tokens)
     prompt_format: str = "raw"
     edit_metrics: tuple[str, ...] = EDIT_METRIC_FAMILIES
@@ -104,13 +105,13 @@ class EvalConfig:
     sample_order: str = "seeded"
     perplexity_corpus: str = "wikitext-test"
     allow_statistics_text: bool = False
-    perplexity_window: int = 512
+    perplexity_window: int = bounded(512, minimum=1)
     perplexity_stride: int = 512
-    drift_examples: int = 50
+    drift_examples: int = bounded(50, minimum=0)  # a negative count would slice from the end
     deviation_norms: bool = True
     pca_task: str = "sst2"
-    pca_examples: int = 0
-    pca_folds: int = 5
+    pca_examples: int = bounded(0, minimum=0)
+    pca_folds: int = bounded(5, minimum=2)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -121,8 +122,12 @@ class EvalConfig:
 
     def validate(self, source: str = "EvalConfig") -> None:
         def fail(name: str, problem: str):
-            raise ValueError(f"{source}: field {name!r}: {problem}")
+            raise FieldError(name, problem, source)
 
+        try:  # every field's declared type and range (workers.fields); the checks below need more
+            check_fields(self)
+        except FieldError as exc:
+            fail(exc.path, exc.problem)
         for task, count in self.tasks.items():
             if task not in GENERAL_TASKS:
                 fail("tasks", f"unknown task {task!r}; known: {list(GENERAL_TASKS)}")
@@ -136,8 +141,6 @@ class EvalConfig:
         for task, count in self.max_new_tokens.items():
             if not isinstance(count, int) or count < 1:
                 fail("max_new_tokens", f"{task}: expected a positive count, got {count!r}")
-        if self.batch_size < 1:
-            fail("batch_size", f"expected >= 1, got {self.batch_size}")
         if not 1 <= self.perplexity_stride <= self.perplexity_window:
             fail("perplexity_stride", f"expected 1 <= stride <= window ({self.perplexity_window}), "
                                       f"got {self.perplexity_stride}")
@@ -169,13 +172,13 @@ class EvalConfig:
     @classmethod
     def from_dict(cls, values: dict, source: str = "EvalConfig") -> "EvalConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(values) - known, key=str)
         if unknown:
-            raise ValueError(f"{source}: unknown field(s) {unknown}; known: {sorted(known)}")
+            raise FieldError(str(unknown[0]), f"unknown field; known: {sorted(known)}", source)
         try:
             return cls(**values)
-        except ValueError as exc:
-            raise ValueError(str(exc).replace("EvalConfig", source, 1)) from exc
+        except FieldError as exc:
+            raise exc.within(source=source) from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "EvalConfig":

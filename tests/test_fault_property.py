@@ -1,0 +1,202 @@
+"""Issue 12, item 9 — the fault property test: processes killed with SIGKILL at seeded random points of
+a run lose no row and duplicate none; the run ends with the tables of an uninterrupted one.
+
+- 20 kill points in 4 runs of 5 trajectories, one per trajectory: a trajectory actor during an edit
+  step, between a checkpoint's last edit and its saved log, between the saved log and its event, or
+  the evaluation actor while it scores one of the trajectory's checkpoints (``workers.faults``: the
+  actors read the plan named by ``EAC_FAULTS``, set for this module's Ray session only). Each run
+  goes on to the end (``max_restarts``) and its tables must equal the uninterrupted run's.
+- The driver itself (a subprocess ``eac run``) killed with SIGKILL when a seeded number of store files
+  have been written, then run again: the same tables.
+
+Kept small for CI on 2 cores: a tiny model, 4 edits per trajectory, one Ray session for the module.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from pandas.testing import assert_frame_equal
+
+from orchestrator import cli
+from orchestrator.driver import Driver, init_loopback_ray
+from orchestrator.spec import load_spec
+from orchestrator.store import Store
+from workers.faults import FAULTS_ENV, POINTS
+
+SEEDS = [0, 1, 2, 3, 4]
+SPEC = {
+    "experiment": "faults",
+    "models": ["tiny-gpt2"],
+    "methods": ["rome"],
+    "datasets": ["counterfact"],
+    "seeds": SEEDS,
+    "n_edits": 4,
+    "checkpoints": [0, 2, 4],
+    # Scoring kept light (one evaluator serves every trajectory): the toolkit's metrics, one window.
+    "evaluation": {"tasks": {"wikitext": 1}, "perplexity_window": 64, "perplexity_stride": 64,
+                   "edit_metrics": ["toolkit"], "drift_examples": 0, "deviation_norms": False},
+    # Fractions of the session's 2 CPUs: three trajectories edit while the evaluator scores.
+    "resources": {"trajectory": {"num_cpus": 0.5}, "evaluation": {"num_cpus": 0.5, "actors": 1}},
+    "max_restarts": 2,  # one kill per trajectory, and an evaluation it shares with another kill
+}
+CHECKPOINT_STEPS = (1, 3)  # the edit steps after which 2 and 4 edits are done
+N_RUNS = 4
+TIMINGS = ["seconds_total", "seconds"]  # wall-clock: the only columns allowed to differ
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("faults")
+    plan = directory / "plan.json"
+    plan.write_text("[]")
+    for attempt in range(3):  # Ray waits a fixed 30 s for its raylet: a loaded machine can miss that
+        try:
+            init_loopback_ray(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                              runtime_env={"env_vars": {FAULTS_ENV: str(plan)}})
+            break
+        except Exception as exc:  # Ray raises a bare Exception for the timeout
+            if "timed out during startup" not in str(exc) or attempt == 2:
+                raise
+            ray.shutdown()
+    spec_path = directory / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(SPEC))
+    yield directory, plan, spec_path
+    ray.shutdown()
+
+
+def tables(store_root) -> dict:
+    store = Store(store_root)
+    return {"trajectories": store.frame("trajectories").drop(columns=["updated_at"]),
+            "edits": store.frame("edits").drop(columns=TIMINGS),
+            "evaluations": store.frame("evaluations")}
+
+
+def assert_same_tables(expected_root, actual_root, context) -> None:
+    expected, actual = tables(expected_root), tables(actual_root)
+    for name in expected:
+        assert_frame_equal(expected[name], actual[name], check_exact=True, obj=f"{name} ({context})")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(session):
+    directory, _, spec_path = session
+    result = Driver(load_spec(spec_path), Store(directory / "store"), progress=False).run()
+    assert result.exit_code == 0 and {t.status for t in result.trajectories} == {"completed"}
+    edits = Store(directory / "store").frame("edits")
+    assert len(edits) == 4 * len(SEEDS)
+    return directory / "store", [t.trajectory_id for t in result.trajectories]
+
+
+def draw_fault(rng: random.Random, fault_id: str, trajectory_id: str) -> dict:
+    point = rng.choice(POINTS)
+    if point == "edit":
+        where = {"step": rng.randrange(SPEC["n_edits"])}
+    elif point == "scoring":
+        where = {"steps": rng.choice([2, 4])}
+    else:
+        where = {"step": rng.choice(CHECKPOINT_STEPS)}
+    return {"id": fault_id, "point": point, "where": {"trajectory_id": trajectory_id, **where}}
+
+
+@pytest.mark.parametrize("run", range(N_RUNS))
+def test_actors_killed_at_random_points_lose_and_duplicate_no_row(run, session, uninterrupted, tmp_path):
+    _, plan, spec_path = session
+    expected_root, trajectory_ids = uninterrupted
+    rng = random.Random(f"fault-run-{run}")
+    faults = [draw_fault(rng, f"{run}-{i}", tid) for i, tid in enumerate(trajectory_ids)]
+    plan.write_text(json.dumps(faults))
+    fired = Path(f"{plan}.fired")
+    for marker in fired.glob("*"):
+        marker.unlink()
+    try:
+        result = Driver(load_spec(spec_path), Store(tmp_path / "store"), progress=False).run()
+    finally:
+        plan.write_text("[]")
+    context = f"faults {json.dumps(faults)}"
+    assert sorted(p.name for p in fired.glob("*")) == sorted(f["id"] for f in faults), context  # all struck
+    assert result.exit_code == 0, (context, [t.status for t in result.trajectories])
+    assert_same_tables(expected_root, tmp_path / "store", context)
+
+
+def store_files(root: Path) -> int:
+    return sum(1 for table in ("edits", "evaluations") for _ in (root / table).rglob("*.parquet"))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_driver_killed_with_sigkill_and_run_again_gives_the_same_tables(seed, session, uninterrupted, tmp_path,
+                                                                         capsys):
+    _, _, spec_path = session
+    expected_root, _ = uninterrupted
+    store_root = tmp_path / "store"
+    total = store_files(expected_root)
+    kill_after = random.Random(f"driver-{seed}").randint(1, total - 1)
+    address = ray.get_runtime_context().gcs_address
+    driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(spec_path), "--store",
+                               str(store_root), "--address", address, "--no-report", "--no-progress"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while store_files(store_root) < kill_after and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert driver.poll() is None, f"the driver ended before {kill_after} store files were written"
+        os.kill(driver.pid, signal.SIGKILL)
+    finally:
+        driver.wait()
+    assert driver.returncode == -signal.SIGKILL
+    # Its actors go with it (Ray ends a dead driver's actors); the run again finds the store as it left it.
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cli.main(["run", str(spec_path), "--store", str(store_root), "--no-report", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert_same_tables(expected_root, store_root, f"driver killed after {kill_after} of {total} store files")
+
+
+def test_one_dead_evaluator_is_replaced_once_whatever_it_had_queued(monkeypatch):
+    """When the evaluation actor dies, every evaluation queued on it fails. Replacing the actor once per
+    failed evaluation killed the replacement the first one had been resubmitted to, and so on, until the
+    evaluations ran out of tries and failed their trajectories (what the property test's evaluator kills
+    meet whenever more than one checkpoint waits to be scored)."""
+    from orchestrator import driver as driver_module
+    from orchestrator.driver import EvalPool
+    from orchestrator.spec import spec_from_dict
+
+    class Actor:
+        def __init__(self):
+            self.alive, self.evaluate = True, self
+
+        def remote(self, *args):
+            return (self, len(calls.append(self) or calls))
+
+    def get(ref):
+        if not ref[0].alive:
+            raise ray.exceptions.RayActorError()
+        return [{"task": "t", "metric": "m", "value": 1.0, "n_examples": 1}]
+
+    calls: list[Actor] = []
+    monkeypatch.setattr(driver_module.EvalActor, "options", lambda **kw: type("Factory", (), {
+        "remote": staticmethod(lambda *a: Actor())}))
+    monkeypatch.setattr(driver_module.ray, "get", get)
+    monkeypatch.setattr(driver_module.ray, "kill", lambda actor: setattr(actor, "alive", False))
+    spec = spec_from_dict({**SPEC, "seeds": [0]}, check_data=False)
+    pool = EvalPool(spec, spec.resources, "cache", "data")
+    task = type("Task", (), {"requests": list(range(SPEC["n_edits"])), "log_path": "x"})
+    trajectories = [type("T", (), {"spec": t, "task": task}) for t in spec.trajectories()]
+    for checkpoint in (0, 2, 4):
+        pool.submit(trajectories[0], checkpoint)
+    pool.actors[0].alive = False  # killed with all three queued on it
+    outcomes = []
+    while pool.pending:
+        outcomes.append(pool.collect(next(iter(pool.pending))))
+    assert [error for *_, error in outcomes] == [None] * 6  # three lost, three rescored; no failure
+    assert sorted(checkpoint for _, checkpoint, rows, _ in outcomes if rows) == [0, 2, 4]
+    assert len({id(actor) for actor in calls}) == 2  # the dead actor and one replacement
