@@ -37,11 +37,12 @@ from orchestrator.progress import Progress, resolve_mode
 from orchestrator.spec import ExperimentSpec, Resources, SpecError, TrajectorySpec
 from orchestrator.store import Store, edit_row
 from workers import settings
-from workers.actors import (CheckpointEvent, EditEvent, EvalActor, Replica, TrajectoryActor, TrajectoryTask,
-                            check_binding, log_binding, saved_log_steps)
+from workers.actors import (CheckpointEvent, EditEvent, EvalActor, EvalGroup, Replica, TrajectoryActor,
+                            TrajectoryTask, check_binding, kill_evaluator, log_binding, saved_log_steps)
 from workers.data import EditRequest, load_edit_dataset
 from workers.editing.delta import saved_log_metadata
 from workers.editing.methods import split_method
+from workers.placement import EvaluationGroupPlan, deepspeed_installed, plan_evaluation_group
 
 # Settings that actors on other machines of a cluster must see as the driver does; an object store's
 # endpoint and region too (its credentials stay out of the job's runtime_env, which the dashboard
@@ -297,7 +298,12 @@ class Driver:
         self.resources = self.spec.resources if self.address else on_this_cluster(self.spec.resources, gpus)
         if self.resources != self.spec.resources:
             self.progress.message("no GPU on this machine: the spec's GPU actors run on CPU")
-        pool = EvalPool(self.spec, self.resources, self.cache_dir, self.data_root)
+        resources = self.resources
+        group = plan_evaluation_group(resources.eval_engine, resources.eval_ranks, resources.evaluation.num_gpus,
+                                      math.inf if self.address else gpus, deepspeed_installed())
+        if group.reason:
+            self.progress.message(group.reason)
+        pool = EvalPool(self.spec, self.resources, self.cache_dir, self.data_root, group)
         self.progress.open([(t.trajectory_id, t.spec.label, t.task.n_steps, t.start_step) for t in todo])
         for trajectory in todo:
             self._status(trajectory, "pending")
@@ -457,14 +463,19 @@ class Driver:
 class EvalPool:
     """The evaluation actors; each checkpoint goes to the one with the fewest evaluations queued."""
 
-    def __init__(self, spec: ExperimentSpec, resources: Resources, cache_dir: str, data_root: str):
+    def __init__(self, spec: ExperimentSpec, resources: Resources, cache_dir: str, data_root: str,
+                 group: EvaluationGroupPlan = EvaluationGroupPlan()):
+        """``group``: each evaluator is a sharded ``EvalGroup`` of that many ranks, or one ``EvalActor``."""
         self.spec, self.resources, self.cache_dir, self.data_root = spec, resources, cache_dir, data_root
+        self.group = group
         self.actors = [self._new_actor() for _ in range(resources.eval_actors)]
         self.queued = [0] * len(self.actors)
         self.pending: dict[object, tuple[Trajectory, int, int, int]] = {}  # ref -> (trajectory, checkpoint, actor, try)
 
     def _new_actor(self):
         res = self.resources.evaluation
+        if self.group.ranks > 1:
+            return EvalGroup(self.group, res.num_cpus, self.cache_dir, self.data_root)
         return EvalActor.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus).remote(
             self.cache_dir, self.data_root, res.num_gpus > 0, max(1, int(res.num_cpus)))
 
@@ -489,7 +500,7 @@ class EvalPool:
         try:
             return trajectory, checkpoint, ray.get(ref), None
         except ray.exceptions.RayActorError as exc:
-            ray.kill(self.actors[index])
+            kill_evaluator(self.actors[index])
             self.actors[index] = self._new_actor()
             if attempt < self.spec.max_restarts:  # an evaluation only reads: running it again is safe
                 self.submit(trajectory, checkpoint, attempt + 1)
@@ -500,7 +511,7 @@ class EvalPool:
 
     def close(self) -> None:
         for actor in self.actors:
-            ray.kill(actor)
+            kill_evaluator(actor)
 
 
 # --------------------------------------------------------------------------------------------
