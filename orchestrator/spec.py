@@ -114,12 +114,12 @@ class Resources:
     trajectory: ActorResources = ActorResources()
     evaluation: ActorResources = ActorResources()
     eval_actors: int = 1  # size of the evaluation pool
+    max_parallel_trajectories: int | None = None  # None: as many as the cluster's resources allow
     # How each evaluation replica runs (``workers.placement.plan_evaluation_group``): "transformers" (one
     # actor), "deepspeed" (one rank per GPU) or "tp" (PyTorch tensor parallelism over ``eval_ranks``
     # ranks, on GPUs or, with num_gpus 0, on CPU). The replica's num_cpus / num_gpus are shared by its ranks.
     eval_engine: str = "transformers"
     eval_ranks: int = 1
-    max_parallel_trajectories: int | None = None  # None: as many as the cluster's resources allow
 
 
 @dataclass(frozen=True)
@@ -600,7 +600,7 @@ class _Validator:
         if parallel is not None:
             parallel = self.integer(parallel, "resources.max_parallel_trajectories", minimum=1)
         engine, ranks = self.eval_engine(eval_raw, evaluation)
-        return Resources(trajectory, evaluation, actors, parallel, engine, ranks)
+        return Resources(trajectory, evaluation, actors, parallel, eval_engine=engine, eval_ranks=ranks)
 
     def eval_engine(self, raw: dict, evaluation: ActorResources) -> tuple[str, int]:
         """``engine`` and ``ranks`` of ``resources.evaluation``: a sharded engine's ranks share the

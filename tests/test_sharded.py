@@ -119,8 +119,45 @@ def test_a_deepspeed_spec_on_a_cpu_machine_falls_back_to_one_replica_and_says_wh
 
     monkeypatch.setattr(driver_module, "EvalPool", recording_pool)
     with pytest.raises(Stop):
-        Driver(spec, Store(tmp_path / "store"), progress="plain").run()
+        Driver(spec, Store(tmp_path / "store"), progress="lines").run()
     (resources, group), = pools
     assert group.ranks == 1 and resources.evaluation.num_gpus == 0
     said = capsys.readouterr().out
     assert "engine 'deepspeed' asks for 2 GPUs" in said and "one unsharded evaluation replica" in said
+
+
+BASE_SPEC = {"experiment": "ds", "models": ["tiny-llama"], "methods": ["rome"], "datasets": ["counterfact"],
+             "n_edits": 1, "checkpoints": [1]}
+
+
+@pytest.mark.parametrize("evaluation, field, problem", [
+    ({"num_gpus": 2, "engine": "vllm"}, "resources.evaluation.engine", "not one of"),
+    ({"num_gpus": 0, "engine": "deepspeed"}, "resources.evaluation.num_gpus", "needs GPUs"),
+    ({"num_gpus": 1, "engine": "deepspeed"}, "resources.evaluation.num_gpus", "at least 2"),
+    ({"num_gpus": 2.5, "engine": "deepspeed"}, "resources.evaluation.num_gpus", "whole number"),
+    ({"num_gpus": 2, "engine": "deepspeed", "ranks": 4}, "resources.evaluation.ranks", "each rank holds one GPU"),
+    ({"num_gpus": 0, "engine": "tp"}, "resources.evaluation.ranks", "needs the number of ranks"),
+    ({"num_gpus": 0, "engine": "tp", "ranks": 1}, "resources.evaluation.ranks", "at least 2"),
+    ({"num_gpus": 2, "ranks": 2}, "resources.evaluation.ranks", "sharded engine"),
+])
+def test_the_spec_validator_checks_the_evaluation_engine(evaluation, field, problem):
+    from orchestrator.spec import SpecError
+
+    with pytest.raises(SpecError, match=problem) as raised:
+        spec_from_dict({**BASE_SPEC, "resources": {"evaluation": evaluation}}, check_data=False)
+    assert raised.value.field == field
+
+
+def test_dry_run_shows_the_sharded_evaluator(data_root, tmp_path):
+    from orchestrator.dry_run import format_dry_run
+
+    spec = spec_from_dict({**BASE_SPEC, "resources": {"evaluation": {"num_cpus": 2, "engine": "tp", "ranks": 2}}},
+                          check_data=False)
+    assert (spec.resources.eval_engine, spec.resources.eval_ranks) == ("tp", 2)
+    store = Store(tmp_path / "store")
+    text = format_dry_run(store, Driver(spec, store, progress=False).plan(), spec.resources)
+    assert "engine tp: 2 ranks per actor (CPU, gloo), PyTorch tensor parallelism" in text
+    ds = spec_from_dict({**BASE_SPEC, "resources": {"evaluation": {"num_gpus": 4, "engine": "deepspeed"}}},
+                        check_data=False)
+    text = format_dry_run(store, Driver(ds, store, progress=False).plan(), ds.resources)
+    assert "engine deepspeed: 4 ranks per actor (one GPU each)" in text
