@@ -327,7 +327,9 @@ class EvalGroup:
     """A sharded evaluation replica: ``plan.ranks`` ``EvalRank`` actors in one placement group
     (STRICT_PACK: on one node, where the collectives are fast), each taking its share of ``num_cpus``
     and one GPU (``plan.gpus_per_rank``), joined into one ``torch.distributed`` group whose address
-    rank 0 publishes. Called like an ``EvalActor`` (``group.evaluate.remote(...)``)."""
+    rank 0 publishes. Called like an ``EvalActor`` (``group.evaluate.remote(...)``). A rank that dies
+    or raises alone leaves the others waiting in a collective until ``workers.sharded.COLLECTIVE_TIMEOUT``;
+    rank 0's evaluation then fails with the timeout. When rank 0 dies, the pool replaces the whole group."""
 
     def __init__(self, plan: EvaluationGroupPlan, num_cpus: float, cache_dir: str, data_root: str):
         from ray.util.placement_group import placement_group
