@@ -105,8 +105,12 @@ def test_evaluation_group_plan(engine, ranks, num_gpus, cluster, deepspeed, want
     assert ("DeepSpeed is not installed" in plan.reason) == (engine == "deepspeed" and not deepspeed)
 
 
-def test_a_deepspeed_spec_on_a_cpu_machine_falls_back_to_one_replica_and_says_why(two_cpu_ray, data_root,
-                                                                                   tmp_path, capsys, monkeypatch):
+def test_a_deepspeed_spec_on_a_cpu_machine_falls_back_to_one_replica_and_says_why(data_root, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """The driver's plan for its evaluation pool, before any actor starts: no Ray instance is needed
+    for it, so the cluster is a two-CPU one as Ray would report it."""
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     spec = spec_from_dict({"experiment": "ds", "models": ["tiny-llama"], "methods": ["rome"],
                            "datasets": ["counterfact"], "n_edits": 1, "checkpoints": [1],
                            "resources": {"evaluation": {"num_cpus": 1, "num_gpus": 2, "engine": "deepspeed"}}})
