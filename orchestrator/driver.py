@@ -41,12 +41,13 @@ from orchestrator.spec import ExperimentSpec, Resources, SpecError, TrajectorySp
 from orchestrator.status import Status, status_text
 from orchestrator.store import Store, edit_row
 from workers import settings
-from workers.actors import (CheckpointEvent, EditEvent, EvalActor, Replica, TrajectoryActor, TrajectoryTask,
-                            check_binding, log_binding, saved_log_steps)
+from workers.actors import (CheckpointEvent, EditEvent, EvalActor, EvalGroup, Replica, TrajectoryActor,
+                            TrajectoryTask, check_binding, kill_evaluator, log_binding, saved_log_steps)
 from workers.data import EditRequest, load_edit_dataset
 from workers.editing.delta import saved_log_metadata
 from workers.editing.methods import split_method
 from workers.sampling import seeded_sample
+from workers.placement import EvaluationGroupPlan, deepspeed_installed, plan_evaluation_group
 
 # Settings that actors on other machines of a cluster must see as the driver does; an object store's
 # endpoint and region too (its credentials stay out of the job's runtime_env, which the dashboard
@@ -330,7 +331,12 @@ class Driver:
         self.resources = self.spec.resources if self.address else on_this_cluster(self.spec.resources, gpus)
         if self.resources != self.spec.resources:
             self.progress.message("no GPU on this machine: the spec's GPU actors run on CPU")
-        pool = EvalPool(self.spec, self.resources, self.cache_dir, self.data_root)
+        resources = self.resources
+        group = plan_evaluation_group(resources.eval_engine, resources.eval_ranks, resources.evaluation.num_gpus,
+                                      math.inf if self.address else gpus, deepspeed_installed())
+        if group.reason:
+            self.progress.message(group.reason)
+        pool = EvalPool(self.spec, self.resources, self.cache_dir, self.data_root, group)
         self.progress.open([(t.trajectory_id, t.spec.label, t.task.n_steps, t.start_step) for t in todo])
         for trajectory in todo:
             write_status(self.store, trajectory, Status.PENDING)
@@ -479,21 +485,24 @@ class EvalPool:
     """The evaluation actors; each checkpoint goes to the one with the fewest evaluations queued."""
 
     def __init__(self, spec: ExperimentSpec, resources: Resources, cache_dir: str, data_root: str,
-                 new_actor: Callable[[], object] | None = None):
+                 group: EvaluationGroupPlan = EvaluationGroupPlan()):
+        """``group``: each evaluator is a sharded ``EvalGroup`` of that many ranks, or one ``EvalActor``."""
         self.spec, self.resources, self.cache_dir, self.data_root = spec, resources, cache_dir, data_root
-        self.new_actor = new_actor or self._new_eval_actor
-        self.actors = [self.new_actor() for _ in range(resources.eval_actors)]
+        self.group = group
+        self.actors = [self._new_actor() for _ in range(resources.eval_actors)]
         self.queued = [0] * len(self.actors)
-        # ref -> (trajectory, checkpoint, actor slot, the actor handle it went to, try)
+        # ref -> (trajectory, checkpoint, actor slot, the evaluator it went to, try)
         self.pending: dict[object, tuple[Trajectory, int, int, object, int]] = {}
 
-    def _new_eval_actor(self):
+    def _new_actor(self):
         res = self.resources.evaluation
+        if self.group.ranks > 1:
+            return EvalGroup(self.group, res.num_cpus, self.cache_dir, self.data_root)
         return EvalActor.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus).remote(
             self.cache_dir, self.data_root, res.num_gpus > 0, max(1, int(res.num_cpus)))
 
     def has(self, trajectory: Trajectory, checkpoint: int) -> bool:
-        return any(t is trajectory and c == checkpoint for t, c, _, _, _ in self.pending.values())
+        return any(t is trajectory and c == checkpoint for t, c, *_ in self.pending.values())
 
     def submit(self, trajectory: Trajectory, checkpoint: int, attempt: int = 0) -> None:
         spec, task = trajectory.spec, trajectory.task
@@ -508,17 +517,17 @@ class EvalPool:
     def collect(self, ref) -> tuple[Trajectory, int, list[dict] | None, str | None]:
         """(trajectory, checkpoint, rows, error); neither rows nor error when the evaluation's actor
         died and the evaluation went to a fresh one."""
-        trajectory, checkpoint, index, actor, attempt = self.pending.pop(ref)
+        trajectory, checkpoint, index, evaluator, attempt = self.pending.pop(ref)
         self.queued[index] -= 1
         try:
             return trajectory, checkpoint, ray.get(ref), None
         except ray.exceptions.RayActorError as exc:
-            # Every evaluation queued on a dead actor fails with it. Only the first of them replaces
-            # the actor: replacing it again would kill the fresh actor, and with it the evaluations
-            # already resubmitted there, until every queued checkpoint had used up its restarts.
-            if self.actors[index] is actor:
-                ray.kill(actor)
-                self.actors[index] = self.new_actor()
+            # Every evaluation queued on a dead evaluator fails with it. Only the first of them replaces
+            # it: replacing it again would kill the fresh evaluator, and with it the evaluations already
+            # resubmitted there, until every queued checkpoint had used up its restarts.
+            if self.actors[index] is evaluator:
+                kill_evaluator(evaluator)
+                self.actors[index] = self._new_actor()
             if attempt < self.spec.max_restarts:  # an evaluation only reads: running it again is safe
                 self.submit(trajectory, checkpoint, attempt + 1)
                 return trajectory, checkpoint, None, None
@@ -528,7 +537,7 @@ class EvalPool:
 
     def close(self) -> None:
         for actor in self.actors:
-            ray.kill(actor)
+            kill_evaluator(actor)
 
 
 # --------------------------------------------------------------------------------------------

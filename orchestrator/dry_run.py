@@ -72,7 +72,7 @@ def format_dry_run(store: Store, plan: list[Trajectory], resources: Resources) -
              "",
              f"{len(plan)} trajectories, {len(plan) - len(todo)} complete in {store.uri}, {len(todo)} to run",
              f"evaluation pool: {resources.eval_actors} actor(s) × {evaluation.num_cpus:g} CPU, "
-             f"{evaluation.num_gpus:g} GPU"
+             f"{evaluation.num_gpus:g} GPU" + _engine(resources)
              + (f"; at most {resources.max_parallel_trajectories} trajectories at once"
                 if resources.max_parallel_trajectories else ""),
              f"editing time left: {_duration(todo.loc[known, 'seconds'].sum())} in one actor's time "
@@ -80,6 +80,17 @@ def format_dry_run(store: Store, plan: list[Trajectory], resources: Resources) -
              "step; checkpoint evaluations not included)" if len(todo) else "nothing to run",
              "dry run: nothing was started or written"]
     return "\n".join(lines)
+
+
+def _engine(resources: Resources) -> str:
+    """How each evaluation replica is sharded, when it is (``Resources.eval_engine``)."""
+    if resources.eval_engine == "transformers":
+        return ""
+    per_rank = "one GPU each" if resources.evaluation.num_gpus else "CPU, gloo"
+    how = {"deepspeed": "DeepSpeed tensor parallelism (PyTorch's where DeepSpeed is missing; one unsharded "
+                        "replica where the cluster has fewer GPUs)",
+           "tp": "PyTorch tensor parallelism"}[resources.eval_engine]
+    return f", engine {resources.eval_engine}: {resources.eval_ranks} ranks per actor ({per_rank}), {how}"
 
 
 def _duration(seconds: float) -> str:

@@ -59,6 +59,7 @@ from workers.evaluation.config import GENERAL_TASKS
 from workers.evaluation.prompts import check_statistics_text
 from workers.sampling import seeded_order
 from workers.fields import FieldError
+from workers.placement import ENGINES
 
 assert set(TASK_DATASETS) == set(GENERAL_TASKS), "every general task needs its data set in workers.data"
 SELECTIONS = ("random", "first")
@@ -99,6 +100,11 @@ class Resources:
     evaluation: ActorResources = ActorResources()
     eval_actors: int = 1  # size of the evaluation pool
     max_parallel_trajectories: int | None = None  # None: as many as the cluster's resources allow
+    # How each evaluation replica runs (``workers.placement.plan_evaluation_group``): "transformers" (one
+    # actor), "deepspeed" (one rank per GPU) or "tp" (PyTorch tensor parallelism over ``eval_ranks``
+    # ranks, on GPUs or, with num_gpus 0, on CPU). The replica's num_cpus / num_gpus are shared by its ranks.
+    eval_engine: str = "transformers"
+    eval_ranks: int = 1
 
 
 @dataclass(frozen=True)
@@ -574,12 +580,38 @@ class SpecValidator:
         raw = self.mapping(raw, "resources")
         self.no_unknown(raw, {"trajectory", "evaluation", "max_parallel_trajectories"}, "resources.")
         trajectory, _ = self.actor_resources(raw.get("trajectory", {}), "resources.trajectory", set())
-        evaluation, eval_raw = self.actor_resources(raw.get("evaluation", {}), "resources.evaluation", {"actors"})
+        evaluation, eval_raw = self.actor_resources(raw.get("evaluation", {}), "resources.evaluation",
+                                                    {"actors", "engine", "ranks"})
         actors = self.integer(eval_raw.get("actors", 1), "resources.evaluation.actors", minimum=1)
         parallel = raw.get("max_parallel_trajectories")
         if parallel is not None:
             parallel = self.integer(parallel, "resources.max_parallel_trajectories", minimum=1)
-        return Resources(trajectory, evaluation, actors, parallel)
+        engine, ranks = self.eval_engine(eval_raw, evaluation)
+        return Resources(trajectory, evaluation, actors, parallel, eval_engine=engine, eval_ranks=ranks)
+
+    def eval_engine(self, raw: dict, evaluation: ActorResources) -> tuple[str, int]:
+        """``engine`` and ``ranks`` of ``resources.evaluation``: a sharded engine's ranks share the
+        replica's GPUs one each (``deepspeed`` needs them; ``tp`` also runs on CPU, with ``ranks``)."""
+        where = "resources.evaluation."
+        engine = raw.get("engine", "transformers")
+        if engine not in ENGINES:
+            self.fail(where + "engine", f"{engine!r} is not one of {list(ENGINES)}")
+        gpus = evaluation.num_gpus
+        if engine == "transformers":
+            if "ranks" in raw:
+                self.fail(where + "ranks", "ranks are for a sharded engine (engine: deepspeed or tp)")
+            return engine, 1
+        if gpus and (gpus != int(gpus) or gpus < 2):
+            self.fail(where + "num_gpus", f"engine {engine!r} gives each rank one whole GPU: num_gpus must be a "
+                                          f"whole number of at least 2, got {gpus:g}")
+        if engine == "deepspeed" and not gpus:
+            self.fail(where + "num_gpus", "engine 'deepspeed' needs GPUs, one per rank (num_gpus: 2 or more)")
+        if not gpus and "ranks" not in raw:
+            self.fail(where + "ranks", f"engine {engine!r} on CPU (num_gpus: 0) needs the number of ranks")
+        ranks = self.integer(raw.get("ranks", int(gpus)), where + "ranks", minimum=2)
+        if gpus and ranks != gpus:
+            self.fail(where + "ranks", f"{ranks} ranks for {gpus:g} GPUs: each rank holds one GPU")
+        return engine, ranks
 
     def hparams_resolve(self, model: str, variant: MethodVariant, model_field: str, variant_field: str) -> None:
         """The published defaults exist for (method, model), and the overrides name real fields."""

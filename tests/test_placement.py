@@ -106,3 +106,11 @@ def test_a_tune_trial_reserves_the_gpus_of_its_actors(data_root):
     assert factory.head_bundle_is_empty  # the trial itself only waits on its actors
     assert factory.bundles == [{"CPU": 4.0, "GPU": 2.0}, {"CPU": 2.0, "GPU": 1.0}, {"CPU": 2.0, "GPU": 1.0}]
     assert factory.required_resources == {"CPU": 8.0, "GPU": 4.0}
+
+
+@pytest.mark.parametrize("environment", [gpus(2, deepspeed=True, world_size=2), gpus(2, deepspeed=True)])
+def test_a_trajectory_replica_over_two_gpus_spreads_its_layers_even_inside_a_process_group(environment):
+    """Editing needs the model's own modules: a trajectory replica never shards with DeepSpeed, even in a
+    process that belongs to a tensor-parallel group (WORLD_SIZE > 1) with DeepSpeed installed."""
+    placement = plan_placement(PlacementRequest("trajectory", 2), environment)
+    assert (placement.strategy, placement.devices, placement.tensor_parallel) == ("device-map", 2, 1)

@@ -9,6 +9,8 @@ classes that are usable and testable without it:
 - ``CheckpointEvaluator`` holds a base model and scores "base + the log's first steps" with
   ``workers.evaluation.evaluate_checkpoint``; the unedited model's predictions are cached on disk and
   shared by every evaluator on the machine.
+- ``EvalGroup``: a sharded evaluation replica, one ``EvalRank`` actor per rank of a tensor-parallel
+  group (``workers.sharded``), placed together; used like one ``EvalActor``.
 
 Every edit step runs under its own seed, derived from the trajectory's seed and the step index, so a
 resumed trajectory makes exactly the edits an uninterrupted one makes.
@@ -20,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -32,6 +35,7 @@ from workers.editing import EditLog, Editor, load_hparams
 from workers.editing.delta import saved_log_metadata
 from workers.faults import fault_point
 from workers.models import load_model, weights_fingerprint
+from workers.placement import EvaluationGroupPlan
 
 
 @dataclass(frozen=True)
@@ -208,12 +212,16 @@ class TrajectoryRunner:
 class CheckpointEvaluator:
     """Scores checkpoints of any trajectory on one base model at a time (the last one asked for)."""
 
-    def __init__(self, cache_dir: str, data_root: str, *, use_accelerator: bool = False, num_threads: int = 1):
+    def __init__(self, cache_dir: str, data_root: str, *, use_accelerator: bool = False, num_threads: int = 1,
+                 scorer_factory=None):
+        """``scorer_factory``: makes the scorer (``evaluate_checkpoint``'s) of each base model loaded;
+        a tensor-parallel rank's keeps its reference predictions in memory (see ``workers.sharded``)."""
         from workers.evaluation import ReferenceCache
 
         self.data_root, self.use_accelerator, self.num_threads = data_root, use_accelerator, num_threads
-        self.reference = ReferenceCache(Path(cache_dir) / "reference")
-        self._replica: tuple[Replica, object, object, str, str] | None = None
+        self.scorer_factory = scorer_factory
+        self.reference = ReferenceCache(None if scorer_factory else Path(cache_dir) / "reference")
+        self._replica: tuple[Replica, object, object, str, str, object] | None = None
         self._suites: dict[str, object] = {}
 
     def _base(self, replica: Replica):
@@ -222,7 +230,9 @@ class CheckpointEvaluator:
         if self._replica is None or self._replica[0] != replica:
             self._replica, self._suites = None, {}  # one base model in memory at a time
             model, tokenizer = load_replica(replica, role="evaluation")
-            self._replica = (replica, model, tokenizer, model_key(model, tokenizer), weights_fingerprint(model))
+            scorer = self.scorer_factory() if self.scorer_factory else None
+            self._replica = (replica, model, tokenizer, model_key(model, tokenizer), weights_fingerprint(model),
+                             scorer)
         return self._replica[1:]
 
     def evaluate(self, model: str, dtype: str, log_path: str | None, steps: int,
@@ -232,7 +242,7 @@ class CheckpointEvaluator:
         from workers.models import context_length
 
         replica = Replica(model, dtype, self.use_accelerator, self.num_threads)
-        base, tokenizer, base_key, fingerprint = self._base(replica)
+        base, tokenizer, base_key, fingerprint, scorer = self._base(replica)
         config = EvalConfig.from_dict({**eval_fields, "progress": False}, source="evaluation")
         # Samples and perplexity windows depend on the tokenizer and context: keyed by model too.
         digest = (base_key, config.digest())
@@ -246,7 +256,8 @@ class CheckpointEvaluator:
             log = log_prefix(saved, steps)
         fault_point("scoring", trajectory_id=Path(log_path).stem if log_path else None, steps=steps)
         rows = evaluate_checkpoint(base, tokenizer, log, list(requests), config, reference=self.reference,
-                                   tasks=self._suites[digest], base_key=base_key, data_root=self.data_root)
+                                   tasks=self._suites[digest], base_key=base_key, data_root=self.data_root,
+                                   scorer=scorer)
         return [row.as_dict() for row in rows]
 
 
@@ -271,3 +282,88 @@ class EvalActor:
 
     def evaluate(self, model: str, dtype: str, log_path: str | None, steps: int, requests, eval_fields: dict):
         return self.evaluator.evaluate(model, dtype, log_path, steps, requests, eval_fields)
+
+
+@ray.remote
+class EvalRank:
+    """One rank of a sharded evaluation replica (``workers.sharded``): the base model whole on CPU,
+    the forward passes on its shard of a sharded copy; rank 0's ``evaluate`` returns the rows."""
+
+    def __init__(self, cache_dir: str, data_root: str, rank: int, ranks: int, sharding: str,
+                 use_accelerator: bool, num_threads: int):
+        from workers.sharded import TensorParallelScorer
+
+        # Ray shows each rank its own GPU only: it is device 0 of its process (what DeepSpeed reads).
+        os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(ranks), "LOCAL_RANK": "0"})
+        self.rank, self.ranks, self.use_accelerator = rank, ranks, use_accelerator
+        self.evaluator = CheckpointEvaluator(
+            cache_dir, data_root, use_accelerator=False, num_threads=num_threads,
+            scorer_factory=lambda: TensorParallelScorer(sharding, ranks, use_accelerator))
+
+    def address(self) -> str:
+        from workers.sharded import rendezvous_address
+
+        return rendezvous_address(ray.util.get_node_ip_address())
+
+    def join(self, address: str) -> None:
+        from workers.sharded import backend_for, join_group
+
+        host, port = address.rsplit(":", 1)
+        os.environ.update({"MASTER_ADDR": host, "MASTER_PORT": port})
+        join_group(self.rank, self.ranks, address, backend_for(self.use_accelerator))
+
+    def evaluate(self, model: str, dtype: str, log_path: str | None, steps: int, requests, eval_fields: dict):
+        rows = self.evaluator.evaluate(model, dtype, log_path, steps, requests, eval_fields)
+        return rows if self.rank == 0 else None
+
+
+class GroupCall:
+    """``group.evaluate.remote(...)``: the same call on every rank, in the same order (SPMD); the
+    reference to rank 0's result."""
+
+    def __init__(self, ranks: list):
+        self.ranks = ranks
+
+    def remote(self, *args):
+        return [rank.evaluate.remote(*args) for rank in self.ranks][0]
+
+
+class EvalGroup:
+    """A sharded evaluation replica: ``plan.ranks`` ``EvalRank`` actors in one placement group
+    (STRICT_PACK: on one node, where the collectives are fast), each taking its share of ``num_cpus``
+    and one GPU (``plan.gpus_per_rank``), joined into one ``torch.distributed`` group whose address
+    rank 0 publishes. Called like an ``EvalActor`` (``group.evaluate.remote(...)``). A rank that dies
+    or raises alone leaves the others waiting in a collective until ``workers.sharded.COLLECTIVE_TIMEOUT``;
+    rank 0's evaluation then fails with the timeout. When rank 0 dies, the pool replaces the whole group."""
+
+    def __init__(self, plan: EvaluationGroupPlan, num_cpus: float, cache_dir: str, data_root: str):
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        cpus = num_cpus / plan.ranks
+        bundle = {key: value for key, value in (("CPU", cpus), ("GPU", plan.gpus_per_rank)) if value}
+        self.placement_group = placement_group([bundle] * plan.ranks, strategy="STRICT_PACK")
+        self.ranks = [EvalRank.options(
+            num_cpus=cpus, num_gpus=plan.gpus_per_rank,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
+        ).remote(cache_dir, data_root, i, plan.ranks, plan.sharding, plan.gpus_per_rank > 0, max(1, int(cpus)))
+            for i in range(plan.ranks)]
+        # Queued, not awaited: every rank's calls run in the order they are made, joining first.
+        address = self.ranks[0].address.remote()
+        self.joined = [rank.join.remote(address) for rank in self.ranks]
+        self.evaluate = GroupCall(self.ranks)
+
+    def kill(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for rank in self.ranks:
+            ray.kill(rank)
+        remove_placement_group(self.placement_group)
+
+
+def kill_evaluator(evaluator) -> None:
+    """Stop an ``EvalActor`` or an ``EvalGroup``."""
+    if isinstance(evaluator, EvalGroup):
+        evaluator.kill()
+    else:
+        ray.kill(evaluator)

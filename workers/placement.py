@@ -19,6 +19,20 @@ strategy               when
 
 DeepSpeed's tensor parallelism is SPMD — one process per GPU. A lone process (a Ray actor holding
 several GPUs) therefore falls back to ``device-map``; so does a process without DeepSpeed installed.
+The evaluation pool gives a sharded engine its processes: ``plan_evaluation_group`` decides, from the
+spec's ``resources.evaluation`` and the cluster, whether an evaluation replica is a group of ranks
+(``workers.sharded``, one Ray actor per rank) and what the ranks shard with:
+
+=====================  =========================================================================
+engine                 evaluation replica
+=====================  =========================================================================
+``transformers``       one actor (``plan_placement`` above)
+``deepspeed``          ``num_gpus`` ranks, one GPU each: ``deepspeed.init_inference`` where
+                       DeepSpeed is installed, PyTorch tensor parallelism (NCCL) where it is not;
+                       one unsharded actor where the cluster has fewer GPUs than ranks
+``tp``                 ``ranks`` ranks, PyTorch tensor parallelism (``torch.distributed.tensor``),
+                       one GPU each (NCCL) or none (gloo on CPU: how the group is tested)
+=====================  =========================================================================
 Editing always keeps the model's own modules (it needs gradients through, and in-place updates of, the
 edited projection), so a trajectory replica never takes the DeepSpeed path. Sharding replaces the
 model's linear layers with per-rank slices, so a replica given to DeepSpeed must already hold its final
@@ -35,7 +49,8 @@ from dataclasses import dataclass
 import torch
 
 ROLES = ("trajectory", "evaluation")
-ENGINES = ("transformers", "deepspeed")
+ENGINES = ("transformers", "deepspeed", "tp")
+SHARDINGS = ("deepspeed", "torch")  # what a rank of an evaluation group shards its replica with
 STRATEGIES = ("cpu", "single-device", "device-map", "deepspeed")
 
 
@@ -73,7 +88,7 @@ class Environment:
     @classmethod
     def detect(cls) -> "Environment":
         return cls(accelerators=torch.accelerator.device_count() if torch.accelerator.is_available() else 0,
-                   deepspeed_installed=importlib.util.find_spec("deepspeed") is not None,
+                   deepspeed_installed=deepspeed_installed(),
                    world_size=int(os.environ.get("WORLD_SIZE", "1")), rank=int(os.environ.get("RANK", "0")))
 
 
@@ -124,6 +139,48 @@ def plan_placement(request: PlacementRequest, environment: Environment) -> Place
         return Placement("single-device", 1, memory_fraction=fraction, reason=fallback + "the model on one GPU")
     return Placement("device-map", wanted, memory_fraction=fraction,
                      reason=fallback + f"layers spread over {wanted} GPUs (accelerate)")
+
+
+@dataclass(frozen=True)
+class EvaluationGroupPlan:
+    """One evaluation replica: ``ranks`` processes (1: an unsharded actor), the GPUs of each, what they
+    shard with (``SHARDINGS``; empty for one rank) and why, when it is not what the spec asked."""
+
+    ranks: int = 1
+    gpus_per_rank: float = 0.0
+    sharding: str = ""
+    reason: str = ""
+
+    def __post_init__(self):
+        if self.ranks < 1 or (self.ranks > 1) != (self.sharding in SHARDINGS):
+            raise ValueError(f"an evaluation group of {self.ranks} rank(s) with sharding {self.sharding!r}")
+
+
+def plan_evaluation_group(engine: str, ranks: int, num_gpus: float, cluster_gpus: float,
+                          deepspeed_installed: bool) -> EvaluationGroupPlan:
+    """The evaluation replica for ``resources.evaluation`` (``engine``, ``ranks``, ``num_gpus`` of the
+    whole replica) on a cluster with ``cluster_gpus`` GPUs (``math.inf`` for one that may add GPU nodes);
+    see the module docstring's second table."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r} is not one of {list(ENGINES)}")
+    if engine == "transformers" or ranks < 2:
+        return EvaluationGroupPlan()
+    if engine == "tp":
+        return EvaluationGroupPlan(ranks, 1.0 if num_gpus > 0 else 0.0, "torch")
+    if num_gpus < ranks or cluster_gpus < ranks:
+        missing = "DeepSpeed is not installed" if not deepspeed_installed else "DeepSpeed needs GPUs"
+        return EvaluationGroupPlan(reason=(
+            f"engine 'deepspeed' asks for {ranks} GPUs, one per rank, and the cluster has {cluster_gpus:g} "
+            f"({missing}): one unsharded evaluation replica per actor instead"))
+    if not deepspeed_installed:
+        return EvaluationGroupPlan(ranks, 1.0, "torch", reason=(
+            "DeepSpeed is not installed (pip install 'eac[deepspeed]'): the evaluation ranks shard with "
+            "PyTorch tensor parallelism instead"))
+    return EvaluationGroupPlan(ranks, 1.0, "deepspeed")
+
+
+def deepspeed_installed() -> bool:
+    return importlib.util.find_spec("deepspeed") is not None
 
 
 def plan_for_actor(role: str, num_gpus: float, engine: str = "transformers") -> Placement:
@@ -188,8 +245,9 @@ def shard_for_inference(model, placement: Placement):
     final (see the module docstring). Returns the sharded module, called like the model."""
     import deepspeed  # only here: CPU machines and editing never need it
 
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed()
+    # DeepSpeed's communication layer wraps the torch.distributed group when one is already
+    # initialised (an evaluation group's rank joined it): it starts one only where none is.
+    deepspeed.init_distributed()
     torch.accelerator.set_device_index(int(os.environ.get("LOCAL_RANK", "0")))
     dtype = next(model.parameters()).dtype
     engine = deepspeed.init_inference(model, **deepspeed_inference_config(placement, dtype))

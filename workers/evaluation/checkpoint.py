@@ -18,6 +18,11 @@ The evaluation actors call::
   task data (``TaskSuite.load(tokenizer, config)``); ``None`` loads it from ``data_root``.
 - ``base_key``: ``model_key(model, tokenizer)`` of the base model, if the caller has it (hashing
   the weights takes about a second for a 135M model).
+- ``scorer``: what the forward passes run on — ``scorer.base(model)`` for the unedited model's,
+  ``scorer.edited(model)`` (called while ``model`` holds base + log) for the edited one's. ``None``:
+  ``model`` itself for both. A tensor-parallel rank passes sharded copies
+  (``workers.sharded.TensorParallelScorer``); the log is applied to, and deviations measured on,
+  ``model`` in every case.
 
 Rows returned (``MetricRow(task, metric, value, n_examples)``):
 
@@ -57,6 +62,16 @@ from workers.models import context_length
 
 # Metrics where lower is better: retention is unedited / edited for these.
 LOWER_IS_BETTER = {"perplexity"}
+
+
+class SameModel:
+    """The default scorer: the forward passes run on the model itself."""
+
+    def base(self, model):
+        return model
+
+    def edited(self, model):
+        return model
 
 
 def suite_digest(suite: TaskSuite, config: EvalConfig) -> str:
@@ -115,8 +130,9 @@ def retention_rows(edited: Sequence[MetricRow], unedited: Sequence[MetricRow]) -
 def evaluate_checkpoint(model, tokenizer, edit_log: EditLog | None, requests: Sequence[EditRequest],
                         config: EvalConfig, *, reference: ReferenceCache | None = None,
                         tasks: TaskSuite | None = None, base_key: str | None = None,
-                        data_root: str | Path | None = None) -> list[MetricRow]:
+                        data_root: str | Path | None = None, scorer=None) -> list[MetricRow]:
     """Score base model + ``edit_log`` (see the module docstring); ``model`` is left as it was."""
+    scorer = scorer if scorer is not None else SameModel()
     reference = reference if reference is not None else ReferenceCache()
     suite = tasks if tasks is not None else TaskSuite.load(tokenizer, config, data_root,
                                                            context_length=context_length(model))
@@ -125,12 +141,14 @@ def evaluate_checkpoint(model, tokenizer, edit_log: EditLog | None, requests: Se
     batching = dict(batch_size=config.batch_size, progress=config.progress)
 
     # The unedited model's predictions, while the model holds the base weights.
+    unedited = scorer.base(model)
     locality_reference = None
     if "toolkit" in config.edit_metrics and requests:
-        locality_reference = unedited_locality_argmax(model, tokenizer, requests, reference, base_key, **batching)
-    unedited_rows = reference_task_rows(model, tokenizer, suite, config, reference, base_key)
+        locality_reference = unedited_locality_argmax(unedited, tokenizer, requests, reference, base_key,
+                                                      **batching)
+    unedited_rows = reference_task_rows(unedited, tokenizer, suite, config, reference, base_key)
     prompts_for_drift = drift_prompts(suite, config)
-    unedited_logprobs = {task: _cached_per_prompt(model, tokenizer, prompts, reference, base_key,
+    unedited_logprobs = {task: _cached_per_prompt(unedited, tokenizer, prompts, reference, base_key,
                                                   "next_token_logprobs", next_token_logprobs, config,
                                                   suite.format.add_special_tokens)
                          for task, prompts in prompts_for_drift.items()}
@@ -139,19 +157,20 @@ def evaluate_checkpoint(model, tokenizer, edit_log: EditLog | None, requests: Se
         raise ValueError(f"pca_examples is {config.pca_examples} but the TaskSuite holds no PCA prompts; build it "
                          "with the same EvalConfig (TaskSuite.load(tokenizer, config))")
     if config.pca_examples:
-        unedited_states = _cached_per_prompt(model, tokenizer, suite.pca_prompts, reference, base_key,
+        unedited_states = _cached_per_prompt(unedited, tokenizer, suite.pca_prompts, reference, base_key,
                                              "last_token_states", last_token_states, config,
                                              suite.format.add_special_tokens)
 
     context = applied(model, log)
     with context:
-        rows = edit_metric_rows(model, tokenizer, requests, families=config.edit_metrics,
+        edited = scorer.edited(model) if len(log) else unedited
+        rows = edit_metric_rows(edited, tokenizer, requests, families=config.edit_metrics,
                                 locality_reference=locality_reference,
                                 generative_max_new_tokens=config.generative_max_new_tokens, **batching)
-        edited_rows = general_task_rows(model, tokenizer, suite, config) if len(log) else unedited_rows
+        edited_rows = general_task_rows(edited, tokenizer, suite, config) if len(log) else unedited_rows
         rows += edited_rows + retention_rows(edited_rows, unedited_rows)
         if prompts_for_drift:
-            edited_logprobs = {task: next_token_logprobs(model, tokenizer, prompts,
+            edited_logprobs = {task: next_token_logprobs(edited, tokenizer, prompts,
                                                          add_special_tokens=suite.format.add_special_tokens,
                                                          **batching)
                                for task, prompts in prompts_for_drift.items()} if len(log) else unedited_logprobs
@@ -160,7 +179,7 @@ def evaluate_checkpoint(model, tokenizer, edit_log: EditLog | None, requests: Se
             for deviation in snapshot_deviations(model, context.snapshot):
                 rows += deviation.rows()
         if unedited_states is not None:
-            edited_states = last_token_states(model, tokenizer, suite.pca_prompts,
+            edited_states = last_token_states(edited, tokenizer, suite.pca_prompts,
                                               add_special_tokens=suite.format.add_special_tokens, **batching)
             rows += pca_view(unedited_states, edited_states, folds=config.pca_folds, seed=config.seed).rows()
     return rows
