@@ -35,8 +35,13 @@ RightFactor = Callable[[EditContext, int, torch.Tensor], torch.Tensor]
 def memit_right_factor(hparams: MemitHParams) -> RightFactor:
     def right(ctx: EditContext, layer: int, keys: torch.Tensor) -> torch.Tensor:
         # (λC + KKᵀ)⁻¹ K — the system is symmetric, so ΔW = R Kᵀ(λC + KKᵀ)⁻¹ = R [(λC + KKᵀ)⁻¹ K]ᵀ.
-        system = hparams.mom2_update_weight * ctx.second_moment(layer).double().to(keys.device) + keys @ keys.T
-        return solve(system, keys)
+        # By the Woodbury identity (λC + KKᵀ)⁻¹ K = Y (I + KᵀY)⁻¹ with Y = (λC)⁻¹ K: C⁻¹ goes through
+        # the context's Cholesky factor of C, made once per layer, so an edit costs O(d²n) and an
+        # n × n solve instead of forming and factorising a fresh d × d system (O(d³)) every time.
+        scaled = ctx.solve_second_moment(layer, keys).to(keys.device) / hparams.mom2_update_weight
+        small = torch.eye(keys.shape[1], dtype=keys.dtype, device=keys.device) + keys.T @ scaled
+        # I + KᵀY is symmetric, so Y (I + KᵀY)⁻¹ = [(I + KᵀY)⁻¹ Yᵀ]ᵀ.
+        return solve(small, scaled.T).T
     return right
 
 
