@@ -126,10 +126,18 @@ def random_second_moments(model, layers, n_tokens: int, length: int = 512) -> di
     return moments
 
 
-def seconds_per_edit(model, tokenizer, method: str, n: int, moment_tokens: int) -> tuple[float, float, int]:
-    hparams = with_overrides(load_hparams(method, model), {"early_stop_loss": 0.0})
-    layers = [hparams.layer] if hasattr(hparams, "layer") else list(hparams.layers)
-    moments = random_second_moments(model, layers, moment_tokens)
+def timing_hparams(method: str, model):
+    """The method's settings for the model, never stopping early (fixed step counts, see above)."""
+    return with_overrides(load_hparams(method, model), {"early_stop_loss": 0.0})
+
+
+def edited_layers(hparams) -> list[int]:
+    return [hparams.layer] if hasattr(hparams, "layer") else list(hparams.layers)
+
+
+def seconds_per_edit(model, tokenizer, method: str, n: int, moments: dict) -> tuple[float, float, int]:
+    hparams = timing_hparams(method, model)
+    moments = {layer: moments[layer] for layer in edited_layers(hparams)}
     with tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()
         editor = Editor(model, tokenizer, method, hparams, cache_dir=cache, second_moments=moments, on_error="raise")
@@ -162,8 +170,12 @@ def main(argv=None) -> list[dict]:
             if dtype_name not in DTYPES:
                 parser.error(f"unknown dtype {dtype_name!r}; known: {', '.join(DTYPES)}")
             model, tokenizer = build(name, DTYPES[dtype_name], device)
-            for method in args.methods.split(","):
-                seconds, setup, steps = seconds_per_edit(model, tokenizer, method, args.n, args.moment_tokens)
+            methods = args.methods.split(",")
+            # One sample for every layer any of the methods edits (ROME's and MEMIT's layers differ).
+            layers = sorted({l for m in methods for l in edited_layers(timing_hparams(m, model))})
+            moments = random_second_moments(model, layers, args.moment_tokens)
+            for method in methods:
+                seconds, setup, steps = seconds_per_edit(model, tokenizer, method, args.n, moments)
                 paper = PAPER.get((name, method))
                 rows.append({"model": name, "dtype": dtype_name, "method": method, "seconds_per_edit": seconds,
                              "paper_seconds": paper, "steps": steps, "setup_seconds": setup})

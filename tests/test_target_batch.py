@@ -36,9 +36,14 @@ def stop_step(losses, threshold):
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
-@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("dtype,rtol,delta_rtol", [(torch.float32, 1e-5, 1e-4), (torch.float64, 1e-10, 1e-10)])
 @pytest.mark.parametrize("prefix_reuse", [True, False])
-def test_batched_targets_equal_one_at_a_time_with_per_request_early_stop(name, dtype, rtol, prefix_reuse):
+def test_batched_targets_equal_one_at_a_time_with_per_request_early_stop(name, dtype, rtol, delta_rtol, prefix_reuse):
+    """Every loss within ``rtol``; δ within ``delta_rtol`` of its scale. float32: δ 1e-4, as in
+    test_prefix_reuse — a batch of other shapes changes the GEMMs' round-off (first gradient ~1e-7
+    relative) and Adam's per-component normalisation amplifies it in near-zero components (measured:
+    1.6e-5 of δ's scale on tiny-gpt2 after 10 steps). float64: 1e-10, which a row mixed up between
+    requests, a wrong target position or a shared early stop would not give."""
     model, tokenizer = load_model(name)
     model.to(dtype)
     config = TargetConfig(num_steps=10, lr=0.2, early_stop_loss=0.0, prefix_reuse=prefix_reuse)
@@ -55,7 +60,7 @@ def test_batched_targets_equal_one_at_a_time_with_per_request_early_stop(name, d
         assert batched.steps == single.steps
         torch.testing.assert_close(torch.tensor(batched.losses), torch.tensor(single.losses), rtol=rtol, atol=0)
         scale = float(single.delta.abs().max())
-        torch.testing.assert_close(batched.delta, single.delta, rtol=rtol, atol=rtol * scale)
+        torch.testing.assert_close(batched.delta, single.delta, rtol=delta_rtol, atol=delta_rtol * scale)
 
 
 def test_memit_batch_runs_one_forward_per_step(tmp_path):
