@@ -1,9 +1,13 @@
-"""Trace and patch module inputs/outputs with forward hooks; every hook is removed on exit.
+"""The two ways the project reaches inside a model; every change is undone on exit.
 
-``Trace`` records the input and/or output of named modules during a forward pass and can stop the
-pass right after the last module it needs (so statistics for layers 4-8 never run layers 9-29).
-``add_to_output`` adds a vector to a module's output at given token positions: the edit optimisers
-use it to inject δ at the subject's last token.
+Forward hooks, when every module still runs:
+- ``Trace`` records the input and/or output of named modules during a forward pass and can stop the
+  pass right after the last module it needs (so statistics for layers 4-8 never run layers 9-29);
+- ``patch_output`` replaces a module's output by a function of it (and, if asked, of its input):
+  FT adds D k to the projection's output, ``add_to_output`` adds δ at given token positions.
+Module replacement, when modules must not run at all (a hook cannot skip its module):
+- ``modules_replaced`` swaps named submodules for others within a block (the target optimiser
+  replaces the layers below the edited one by a replay of their cached output, prefix.py).
 """
 
 from __future__ import annotations
@@ -72,13 +76,14 @@ class Trace:
 
 
 @contextmanager
-def patch_output(model, name: str, edit: Callable[[torch.Tensor], torch.Tensor]):
-    """Replace module ``name``'s output (or its first element, for tuple outputs) by ``edit(output)``."""
+def patch_output(model, name: str, edit: Callable[..., torch.Tensor], *, with_input: bool = False):
+    """Replace module ``name``'s output (or its first element, for tuple outputs) by ``edit(output)``,
+    or by ``edit(output, input)`` with ``with_input`` (the module's first positional input)."""
 
     def hook(module, args, output):
-        if isinstance(output, torch.Tensor):
-            return edit(output)
-        return (edit(output[0]), *output[1:])
+        first = _first_tensor(output)
+        edited = edit(first, _first_tensor(args)) if with_input else edit(first)
+        return edited if isinstance(output, torch.Tensor) else (edited, *output[1:])
 
     handle = model.get_submodule(name).register_forward_hook(hook)
     try:
@@ -100,3 +105,20 @@ def add_to_output(model, name: str, vector: torch.Tensor, rows: Sequence[int], p
         return output + update
 
     return patch_output(model, name, edit)
+
+
+@contextmanager
+def modules_replaced(model, replacements: dict[str, torch.nn.Module]):
+    """Within the block, each named submodule of ``model`` is ``replacements[name]``; the original
+    modules are put back on exit, whatever happens."""
+    originals: dict[str, torch.nn.Module] = {}
+    try:
+        for name, module in replacements.items():
+            parent, _, child = name.rpartition(".")
+            originals[name] = model.get_submodule(name)
+            setattr(model.get_submodule(parent), child, module)
+        yield
+    finally:
+        for name, module in originals.items():
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module)

@@ -23,6 +23,7 @@ from workers.editing.delta import LayerDelta, WeightDelta
 from workers.editing.hparams import FTHParams
 from workers.editing.errors import EditFailure
 from workers.editing.tokens import check_length, right_padded, target_token_ids
+from workers.hooks import patch_output
 from workers.models import arch_spec, edited_weight
 
 
@@ -60,12 +61,8 @@ def apply_ft(model, tokenizer, requests, hparams: FTHParams, ctx: EditContext, m
 
     def objective() -> tuple[torch.Tensor, torch.Tensor]:
         # W_eff k = W₀ k + D k: the projection's output gains its input times D.
-        handle = model.get_submodule(module).register_forward_hook(
-            lambda _module, args, out: out + F.linear(args[0], addition).to(out.dtype))
-        try:
+        with patch_output(model, module, lambda out, k: out + F.linear(k, addition).to(out.dtype), with_input=True):
             hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        finally:
-            handle.remove()
         logprobs = F.log_softmax(lm_head(hidden[rows, positions]).float(), dim=-1)
         token_nll = -logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
         # Mean over each request's target tokens, then over requests.

@@ -22,7 +22,6 @@ def template_weights(templates: Sequence[str]) -> list[float]:
     return [0.5] + [0.5 / generated] * generated
 
 
-@torch.no_grad()
 def at_subject(model, tokenizer, requests: Sequence[EditRequest], module: str, templates: Sequence[str],
                *, inputs: bool, weights: Sequence[float] | None = None) -> torch.Tensor:
     """For each request, the input (``inputs=True``) or output of ``module`` at the subject's last
@@ -33,6 +32,19 @@ def at_subject(model, tokenizer, requests: Sequence[EditRequest], module: str, t
     """
     if weights is not None and len(weights) != len(templates):
         raise ValueError(f"{len(weights)} template weights for {len(templates)} templates")
+    per_template = per_template_at_subject(model, tokenizer, requests, module, templates, inputs=inputs)
+    if weights is None:
+        return per_template.mean(dim=1)
+    w = torch.tensor(list(weights), dtype=per_template.dtype, device=per_template.device)
+    return (per_template * w.view(1, -1, 1)).sum(dim=1)
+
+
+@torch.no_grad()
+def per_template_at_subject(model, tokenizer, requests: Sequence[EditRequest], module: str,
+                            templates: Sequence[str], *, inputs: bool) -> torch.Tensor:
+    """(n_requests, n_templates, dim) float32: ``at_subject``'s values before the average, so a
+    caller that needs both the mean and one template's value (ROME: k* and the bare prompt's key)
+    gets them from one forward pass."""
     sequences, lookups = [], []
     for request in requests:
         for template in templates:
@@ -45,8 +57,4 @@ def at_subject(model, tokenizer, requests: Sequence[EditRequest], module: str, t
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     values = (trace.inputs if inputs else trace.outputs)[module]
     picked = values[torch.arange(len(sequences), device=values.device), batch.lookup].float()
-    per_template = picked.view(len(requests), len(templates), -1)
-    if weights is None:
-        return per_template.mean(dim=1)
-    w = torch.tensor(list(weights), dtype=per_template.dtype, device=per_template.device)
-    return (per_template * w.view(1, -1, 1)).sum(dim=1)
+    return picked.view(len(requests), len(templates), -1)

@@ -25,7 +25,7 @@ from workers.editing.delta import LayerDelta, WeightDelta
 from workers.editing.hparams import MemitHParams
 from workers.editing.keys import at_subject, template_weights
 from workers.editing.errors import EditFailure
-from workers.editing.targets import TargetProblem
+from workers.editing.targets import TargetBatch, TargetProblem, optimise_deltas
 from workers.models import arch_spec
 
 # (ctx, layer, keys K (d_in × n, float64)) -> A (d_in × n, float64) such that ΔW = R Aᵀ
@@ -35,8 +35,13 @@ RightFactor = Callable[[EditContext, int, torch.Tensor], torch.Tensor]
 def memit_right_factor(hparams: MemitHParams) -> RightFactor:
     def right(ctx: EditContext, layer: int, keys: torch.Tensor) -> torch.Tensor:
         # (λC + KKᵀ)⁻¹ K — the system is symmetric, so ΔW = R Kᵀ(λC + KKᵀ)⁻¹ = R [(λC + KKᵀ)⁻¹ K]ᵀ.
-        system = hparams.mom2_update_weight * ctx.second_moment(layer).double().to(keys.device) + keys @ keys.T
-        return solve(system, keys)
+        # By the Woodbury identity (λC + KKᵀ)⁻¹ K = Y (I + KᵀY)⁻¹ with Y = (λC)⁻¹ K: C⁻¹ goes through
+        # the context's Cholesky factor of C, made once per layer, so an edit costs O(d²n) and an
+        # n × n solve instead of forming and factorising a fresh d × d system (O(d³)) every time.
+        scaled = ctx.solve_second_moment(layer, keys).to(keys.device) / hparams.mom2_update_weight
+        small = torch.eye(keys.shape[1], dtype=keys.dtype, device=keys.device) + keys.T @ scaled
+        # I + KᵀY is symmetric, so Y (I + KᵀY)⁻¹ = [(I + KᵀY)⁻¹ Yᵀ]ᵀ.
+        return solve(small, scaled.T).T
     return right
 
 
@@ -48,12 +53,18 @@ def solve(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
 
 
 def optimise_targets(model, tokenizer, requests: list[EditRequest], hparams, ctx: EditContext):
-    """z_i = z_init + δ_i at the output of the last edited layer, one optimisation per request."""
+    """z_i = z_init + δ_i at the output of the last edited layer. Without EAC all requests are
+    optimised together, in one batched forward per step (targets.TargetBatch: the same per-request
+    results as one at a time); EAC's two phases run per request."""
     templates = ctx.context_templates(hparams)
+    layer, config = list(hparams.layers)[-1], hparams.target_config()
+    if hparams.eac is None:
+        problem = TargetBatch(model, tokenizer, requests, layer, templates, init_from="residual", config=config)
+        results = optimise_deltas(problem)
+        return [v + r.delta for v, r in zip(problem.v_inits, results)], results, [{} for _ in results]
     results, extras, targets = [], [], []
     for request in requests:
-        problem = TargetProblem(model, tokenizer, request, list(hparams.layers)[-1], templates, init_from="residual",
-                                config=hparams.target_config())
+        problem = TargetProblem(model, tokenizer, request, layer, templates, init_from="residual", config=config)
         result, extra = ctx.optimise(problem, hparams)
         targets.append(problem.v_init + result.delta)
         results.append(result)

@@ -19,14 +19,13 @@ column = position in the row's own sequence − ``offset[row]``.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Callable
 
 import torch
 from transformers import DynamicCache
 
 from workers.editing.tokens import AlignedBatch, PromptBatch
-from workers.hooks import Trace
+from workers.hooks import Trace, modules_replaced
 from workers.models import arch_spec
 
 
@@ -47,20 +46,13 @@ class Replay(torch.nn.Module):
         return (out,) if self.tuple_output else out
 
 
-@contextmanager
 def layers_replaced(model, layer: int, replacement: torch.nn.Module):
     """Within the block, decoder layers 0..layer-1 pass their input through and layer ``layer`` is
-    ``replacement``; the original modules are put back on exit, whatever happens."""
-    container = model.get_submodule(arch_spec(model).layers.rsplit(".", 1)[0])
-    originals = [container[i] for i in range(layer + 1)]
-    try:
-        for i in range(layer):
-            container[i] = Passthrough()
-        container[layer] = replacement
-        yield
-    finally:
-        for i, module in enumerate(originals):
-            container[i] = module
+    ``replacement`` (hooks.modules_replaced: put back on exit)."""
+    spec = arch_spec(model)
+    swaps = {spec.layer_name(i): Passthrough() for i in range(layer)}
+    swaps[spec.layer_name(layer)] = replacement
+    return modules_replaced(model, swaps)
 
 
 class SetupOutputs:
@@ -86,11 +78,11 @@ class FullRun:
         self.offset = torch.zeros_like(batch.lookup)
         self.rows = torch.arange(len(batch.lookup), device=batch.lookup.device)
 
-    def final_hidden(self, delta: torch.Tensor) -> torch.Tensor:
+    def final_hidden(self, deltas: torch.Tensor) -> torch.Tensor:
+        """Final hidden states with ``deltas[row]`` (rows, hidden) added at each row's subject token."""
         def inject(cached: torch.Tensor) -> torch.Tensor:
             update = torch.zeros_like(cached)
-            update = update.index_put((self.rows, self.batch.lookup),
-                                      delta.to(cached.dtype).expand(len(self.rows), -1))
+            update = update.index_put((self.rows, self.batch.lookup), deltas.to(cached.dtype))
             return cached + update
 
         with layers_replaced(self.model, self.layer, Replay(self.setup.layer_out, self.setup.tuple_output, inject)):
@@ -133,10 +125,11 @@ class SuffixRun:
         self.suffix_positions = batch.position_ids[:, prefix:]
         self.offset = batch.lookup
 
-    def final_hidden(self, delta: torch.Tensor) -> torch.Tensor:
+    def final_hidden(self, deltas: torch.Tensor) -> torch.Tensor:
+        """Final hidden states with ``deltas[row]`` (rows, hidden) added at each row's subject token."""
         def inject(cached: torch.Tensor) -> torch.Tensor:
             # δ at column 0, the subject's last token of every row.
-            return torch.cat([cached[:, :1] + delta.to(cached.dtype), cached[:, 1:]], dim=1)
+            return torch.cat([cached[:, :1] + deltas.to(cached.dtype).unsqueeze(1), cached[:, 1:]], dim=1)
 
         # A fresh cache per step: the layers append the suffix's keys/values to it.
         cache = DynamicCache(config=self.model.config)

@@ -28,7 +28,7 @@ from workers.data import EditRequest
 from workers.editing.context import EditContext, StepInfo
 from workers.editing.delta import LayerDelta, WeightDelta
 from workers.editing.hparams import RomeHParams
-from workers.editing.keys import at_subject
+from workers.editing.keys import per_template_at_subject
 from workers.editing.errors import EditFailure
 from workers.editing.targets import TargetProblem
 from workers.models import arch_spec, edited_weight, get_module
@@ -43,11 +43,11 @@ def apply_rome(model, tokenizer, requests: list[EditRequest], hparams: RomeHPara
     templates = ctx.context_templates(hparams)
     for request in requests:
         start = time.perf_counter()
-        k_star = at_subject(model, tokenizer, [request], module, templates, inputs=True)[0]
-        if hparams.residual_key == "prompt":
-            residual_key = at_subject(model, tokenizer, [request], module, ["{}"], inputs=True)[0]
-        else:
-            residual_key = k_star
+        # One key pass: k* is the mean over the templates (Eq. 8), the bare prompt's key is the first
+        # template's ("{}"), so the prompt residual key needs no second pass.
+        keys = per_template_at_subject(model, tokenizer, [request], module, templates, inputs=True)[0]
+        k_star = keys.mean(dim=0)
+        residual_key = keys[0] if hparams.residual_key == "prompt" else k_star
         info.seconds["keys"] = info.seconds.get("keys", 0.0) + time.perf_counter() - start
 
         start = time.perf_counter()

@@ -20,6 +20,10 @@ Work the loss does not need is not done (why this beats the naive loop):
   in any layer (causal attention), so their keys/values are cached once and each step runs the
   upper layers on the suffix only (prefix.py); ``prefix_reuse: false`` runs every token (prefix.FullRun);
 - logits are needed only at the target positions and the KL position, so the LM head runs there only.
+Several requests (MEMIT/AlphaEdit batches) are optimised together: their rows run in one batched
+forward, each with its own δ. Rows never mix (attention and every other layer act within a row), so
+the gradient of the summed loss with respect to δ_r is request r's own gradient, Adam acts element
+by element, and each request stops at its own step — the same as optimising them one at a time.
 Tokenisation of the request is in tokens.py; the settings (TargetConfig) in hparams.py.
 """
 
@@ -43,66 +47,103 @@ from workers.models import model_device
 
 @dataclass
 class LossParts:
+    """The loss and its terms: scalars for one request (TargetProblem), (n,) for a TargetBatch."""
+
     total: torch.Tensor
     nll: torch.Tensor
     kl: torch.Tensor
     weight_decay: torch.Tensor
 
 
-class TargetProblem:
-    """Everything that stays fixed while δ is optimised for one request at one layer.
+class TargetBatch:
+    """Everything that stays fixed while δ_1..δ_n are optimised for n requests at one layer.
 
-    ``batch`` is the right-padded rewriting batch (KL prompt last) and ``target_rows``/``target_pos``
-    /``target_tok`` the loss positions in each row's own sequence, whichever way ``run`` computes them.
+    ``batch`` is the right-padded rewriting batch (per request: its rewriting rows, then its KL row)
+    and ``target_rows``/``target_pos``/``target_tok`` the loss positions in each row's own sequence,
+    whichever way ``run`` computes them. ``v_inits`` is (n, hidden).
     """
 
-    def __init__(self, model, tokenizer, request: EditRequest, layer: int, context_templates: Sequence[str],
-                 *, init_from: str, config: TargetConfig):
+    def __init__(self, model, tokenizer, requests: Sequence[EditRequest], layer: int,
+                 context_templates: Sequence[str], *, init_from: str, config: TargetConfig):
         if init_from not in ("mlp", "residual"):
             raise ValueError(f"init_from must be 'mlp' or 'residual', got {init_from!r}")
+        if not requests:
+            raise ValueError("no request to optimise a target for")
         self.model, self.layer, self.config = model, layer, config
         self.device = model_device(model)
-        target_ids = target_token_ids(tokenizer, request.target_new)
-        self.target_ids = torch.tensor(target_ids, device=self.device)
-        sequences, lookups = rewriting_prompts(tokenizer, request, context_templates, target_ids)
-        check_length(model, max(len(s) for s in sequences), f"case {request.case_id}'s longest rewriting prompt")
+        sequences, lookups, first_rows, kl_rows, counts = [], [], [], [], []
+        target_rows, target_pos, target_tok = [], [], []
+        for index, request in enumerate(requests):
+            ids = target_token_ids(tokenizer, request.target_new)
+            rows, row_lookups = rewriting_prompts(tokenizer, request, context_templates, ids)
+            check_length(model, max(len(s) for s in rows), f"case {request.case_id}'s longest rewriting prompt")
+            first = len(sequences)
+            # Loss positions: logits at position p predict token p + 1, so the last len(ids) positions
+            # of each rewriting row (the KL row, last, has none).
+            for row, sequence in enumerate(rows[:-1]):
+                target_rows += [first + row] * len(ids)
+                target_pos += range(len(sequence) - len(ids), len(sequence))
+                target_tok += ids
+            first_rows.append(first)
+            kl_rows.append(first + len(rows) - 1)
+            counts.append((len(rows) - 1, len(ids)))
+            sequences += rows
+            lookups += row_lookups
+        self.n = len(requests)
+        self.counts = counts  # per request: (rewriting prompts, target tokens)
         self.batch = right_padded(tokenizer, sequences, lookups, self.device)
-        self.n_rewrite = len(sequences) - 1
-
-        # Loss positions: logits at position p predict token p + 1.
-        n_target = len(target_ids)
-        lengths = self.batch.attention_mask.sum(dim=1)
-        first = lengths[: self.n_rewrite] - n_target
-        offsets = torch.arange(n_target, device=self.device)
-        self.target_rows = torch.arange(self.n_rewrite, device=self.device).repeat_interleave(n_target)
-        self.target_pos = (first.unsqueeze(1) + offsets).reshape(-1)
-        self.target_tok = self.target_ids.repeat(self.n_rewrite)
-        self.kl_row, self.kl_pos = len(sequences) - 1, self.batch.lookup[-1]
+        as_tensor = lambda values: torch.tensor(values, device=self.device)  # noqa: E731
+        self.target_rows, self.target_pos, self.target_tok = map(as_tensor, (target_rows, target_pos, target_tok))
+        self.row_request = as_tensor([i for i, (prompts, _) in enumerate(counts) for _ in range(prompts + 1)])
+        kl_rows_t = as_tensor(kl_rows)
 
         # One forward pass with the original weights: the cached output of ``layer``, v_init, and the
-        # reference next-token distribution at the KL position.
+        # reference next-token distribution at each KL position.
         self.run = (SuffixRun(model, layer, aligned_on_lookup(sequences, lookups, tokenizer.pad_token_id, self.device))
                     if config.prefix_reuse else FullRun(model, layer, self.batch))
-        self.target_cols = self.target_pos - self.run.offset[self.target_rows]
-        self.kl_col = self.kl_pos - self.run.offset[self.kl_row]
+        offset, lookup = self.run.offset, self.batch.lookup
+        self.target_cols = self.target_pos - offset[self.target_rows]
+        self.kl_rows, self.kl_cols = kl_rows_t, lookup[kl_rows_t] - offset[kl_rows_t]
         setup = self.run.setup
         source = setup.mlp_out if init_from == "mlp" else setup.layer_out
         # ROME/MEMIT take v_init from the first rewriting prompt (the bare "{}" template).
-        self.v_init = source[0, self.batch.lookup[0] - self.run.offset[0]].detach().float().clone()
+        first_t = as_tensor(first_rows)
+        self.v_inits = source[first_t, lookup[first_t] - offset[first_t]].detach().float().clone()
+        # Constant within the request, so computed once: ‖v_init‖² (weight decay) and P_0 at the KL token.
+        self.v_init_sq_norms = self.v_inits.norm(dim=-1) ** 2
         lm_head = model.get_output_embeddings()
-        self.kl_reference = F.log_softmax(lm_head(setup.final[self.kl_row, self.kl_col]).float(), dim=-1).detach()
+        self.kl_reference = F.log_softmax(lm_head(setup.final[self.kl_rows, self.kl_cols]).float(), dim=-1).detach()
 
-    def loss(self, delta: torch.Tensor) -> LossParts:
-        hidden = self.run.final_hidden(delta)
+    def losses(self, deltas: torch.Tensor) -> LossParts:
+        """The loss of every request at ``deltas`` (n, hidden): (n,) tensors."""
+        hidden = self.run.final_hidden(deltas[self.row_request])
         lm_head = self.model.get_output_embeddings()
         target_logits = lm_head(hidden[self.target_rows, self.target_cols]).float()
         token_nll = -F.log_softmax(target_logits, dim=-1).gather(1, self.target_tok.unsqueeze(1)).squeeze(1)
-        # Mean over each prompt's target tokens, then over prompts (all prompts have the same count).
-        nll = token_nll.view(self.n_rewrite, -1).mean(dim=1).mean()
-        kl_logprobs = F.log_softmax(lm_head(hidden[self.kl_row, self.kl_col]).float(), dim=-1)
-        kl = self.config.kl_factor * F.kl_div(self.kl_reference, kl_logprobs, log_target=True, reduction="sum")
-        weight_decay = self.config.weight_decay * (delta.norm() / self.v_init.norm() ** 2)
+        # Mean over each prompt's target tokens, then over the request's prompts (all the same count).
+        nll, start = [], 0
+        for prompts, tokens in self.counts:
+            nll.append(token_nll[start:start + prompts * tokens].view(prompts, tokens).mean(dim=1).mean())
+            start += prompts * tokens
+        nll = torch.stack(nll)
+        kl_logprobs = F.log_softmax(lm_head(hidden[self.kl_rows, self.kl_cols]).float(), dim=-1)
+        kl = self.config.kl_factor * F.kl_div(self.kl_reference, kl_logprobs, log_target=True,
+                                              reduction="none").sum(dim=-1)
+        weight_decay = self.config.weight_decay * (deltas.norm(dim=-1) / self.v_init_sq_norms)
         return LossParts(nll + kl + weight_decay, nll, kl, weight_decay)
+
+
+class TargetProblem(TargetBatch):
+    """One request: ``v_init`` (hidden,) and ``loss(δ)`` with scalar parts."""
+
+    def __init__(self, model, tokenizer, request: EditRequest, layer: int, context_templates: Sequence[str],
+                 *, init_from: str, config: TargetConfig):
+        super().__init__(model, tokenizer, [request], layer, context_templates, init_from=init_from, config=config)
+        self.v_init = self.v_inits[0]
+
+    def loss(self, delta: torch.Tensor) -> LossParts:
+        parts = self.losses(delta.unsqueeze(0))
+        return LossParts(parts.total[0], parts.nll[0], parts.kl[0], parts.weight_decay[0])
 
 
 @dataclass
@@ -129,16 +170,33 @@ def optimise_delta(problem: TargetProblem, *, num_steps: int | None = None, lr: 
     step past the last reported loss. An early stop (the plain loss ``problem.loss(δ).total`` below
     ``early_stop_loss``, whatever the penalty) never updates.
     """
+    return optimise_deltas(problem, num_steps=num_steps, lr=lr, init=None if init is None else init.unsqueeze(0),
+                           mask=mask, penalty=penalty, record_gradients=record_gradients,
+                           update_last=update_last)[0]
+
+
+def optimise_deltas(problem: TargetBatch, *, num_steps: int | None = None, lr: float | None = None,
+                    init: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                    penalty: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    record_gradients: bool = False, update_last: bool = False) -> list[OptimisationResult]:
+    """``optimise_delta`` for every request of ``problem`` at once, one result per request.
+
+    θ is (n, hidden), ``init`` (n, hidden), ``mask`` (hidden,) or (n, hidden), ``penalty`` a function
+    of one request's δ. Each request keeps its own step count and stops at its own step: once it
+    stops, its δ is frozen (put back after each later Adam step) and its loss no longer enters the
+    backward pass, so its result is the one it would have had alone.
+    """
     config = problem.config
     num_steps = config.num_steps if num_steps is None else num_steps
     lr = config.lr if lr is None else lr
-    device = problem.v_init.device
+    device = problem.v_inits.device
     theta = (init.detach().clone().float() if init is not None
-             else torch.zeros_like(problem.v_init)).to(device).requires_grad_(True)
+             else torch.zeros_like(problem.v_inits)).to(device).requires_grad_(True)
     mask_t = None if mask is None else mask.to(device=device, dtype=theta.dtype)
     optimiser = torch.optim.Adam([theta], lr=lr)
-    max_norm = config.clamp_norm_factor * problem.v_init.norm()
-    result = OptimisationResult(delta=theta.detach().clone(), loss=math.inf, nll=math.inf, steps=0)
+    max_norm = config.clamp_norm_factor * problem.v_inits.norm(dim=-1, keepdim=True)
+    results = [OptimisationResult(delta=row.detach().clone(), loss=math.inf, nll=math.inf, steps=0) for row in theta]
+    active = list(range(problem.n))
 
     def current(t: torch.Tensor) -> torch.Tensor:
         return t if mask_t is None else t * mask_t
@@ -146,29 +204,39 @@ def optimise_delta(problem: TargetProblem, *, num_steps: int | None = None, lr: 
     for step in range(num_steps):
         optimiser.zero_grad(set_to_none=True)
         delta = current(theta)
-        parts = problem.loss(delta)
-        total = parts.total + (penalty(delta) if penalty is not None else 0.0)
-        value = float(total.detach())
-        if not math.isfinite(value):
-            raise EditFailure(f"the target loss became {value} at step {step}")
-        result.steps, result.loss, result.nll = step + 1, value, float(parts.nll.detach())
-        result.losses.append(value)
-        # The stopping rule reads the plain target loss, not the penalty (EAC's elastic net), so a
-        # constrained run stops exactly when its base would.
-        stop = float(parts.total.detach()) < config.early_stop_loss or (step == num_steps - 1 and not update_last)
-        if stop and not record_gradients:
-            break
-        total.backward()
+        parts = problem.losses(delta)
+        total = parts.total + (torch.stack([penalty(row) for row in delta]) if penalty is not None else 0.0)
+        values, plain, nll = total.detach().tolist(), parts.total.detach().tolist(), parts.nll.detach().tolist()
+        stopping = []
+        for r in active:
+            if not math.isfinite(values[r]):
+                which = f" for request {r} of the batch" if problem.n > 1 else ""
+                raise EditFailure(f"the target loss became {values[r]} at step {step}{which}")
+            result = results[r]
+            result.steps, result.loss, result.nll = step + 1, values[r], nll[r]
+            result.losses.append(values[r])
+            # The stopping rule reads the plain target loss, not the penalty (EAC's elastic net), so a
+            # constrained run stops exactly when its base would.
+            if plain[r] < config.early_stop_loss or (step == num_steps - 1 and not update_last):
+                stopping.append(r)
+        backward = active if record_gradients else [r for r in active if r not in stopping]
+        if backward:
+            total[backward].sum().backward()
         if record_gradients:
-            result.gradients.append(theta.grad.detach().clone())
-        if stop:
+            for r in active:
+                results[r].gradients.append(theta.grad[r].detach().clone())
+        active = [r for r in active if r not in stopping]
+        if not active:
             break
+        frozen = [r for r in range(problem.n) if r not in active]
+        kept = theta.detach()[frozen].clone()
         optimiser.step()
         with torch.no_grad():
             if mask_t is not None:
                 theta.mul_(mask_t)
-            norm = current(theta).norm()
-            if norm > max_norm:
-                theta.mul_(max_norm / norm)
-    result.delta = current(theta).detach().clone()
-    return result
+            norm = current(theta).norm(dim=-1, keepdim=True)
+            theta.mul_(torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm)))
+            theta[frozen] = kept
+    for result, row in zip(results, current(theta).detach()):
+        result.delta = row.clone()
+    return results

@@ -43,8 +43,10 @@ class ContextTemplates:
         path = self.directory / f"{key}.json"
         if path.exists():
             templates = json.loads(path.read_text())
-            if not (isinstance(templates, list) and templates and all(isinstance(t, str) for t in templates)):
-                raise ValueError(f"{path}: not a list of context templates; delete the file to regenerate it")
+            if not (isinstance(templates, list) and templates and all(isinstance(t, str) for t in templates)
+                    and templates[0] == "{}"):
+                raise ValueError(f"{path}: not a list of context templates starting with the bare \"{{}}\"; "
+                                 f"delete the file to regenerate it")
             return templates
         templates = ["{}"] + generate_context_templates(model, tokenizer, lengths, seed)
         self.directory.mkdir(parents=True, exist_ok=True)
