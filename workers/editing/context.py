@@ -83,9 +83,12 @@ class EditContext:
     def solve_second_moment(self, layer: int, rhs: torch.Tensor) -> torch.Tensor:
         """C⁻¹ rhs in float64 through a cached Cholesky factor (C is symmetric positive definite)."""
         if layer not in self._cholesky:
-            factor, info = torch.linalg.cholesky_ex(self.second_moment(layer).double())
+            moment = self.second_moment(layer).double()
+            if not bool(torch.isfinite(moment).all()):
+                raise EditFailure(f"the second moment of layer {layer} holds non-finite values")
+            factor, info = torch.linalg.cholesky_ex(moment)
             if int(info) != 0:
-                raise EditFailure(f"the second moment of layer {layer} is not positive definite")
+                raise EditFailure(f"the second moment of layer {layer} is singular (not positive definite)")
             self._cholesky[layer] = factor
         factor = self._cholesky[layer]
         column = rhs.double().to(factor.device)
