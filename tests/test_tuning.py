@@ -142,7 +142,7 @@ def test_tiny_search_stores_its_trials_and_its_best_config_runs_with_eac_run(loc
 
     scores = by_trial(store, "tiny-tune")
     completed = trials[trials["status"] == "completed"]
-    stopped = trials[trials["status"].str.startswith("stopped: early stopping")]
+    stopped = trials[(trials["status"] == "stopped") & trials["reason"].str.startswith("early stopping")]
     assert len(completed) + len(stopped) == 4 and len(completed) >= 1
     # ASHA (reduction factor 2, trials in a fixed order) cuts a trial at 2 edits when its objective is
     # below the rung's median. Since μ is searched as weight_decay the four trials' 2-edit objectives
