@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from binomial import binomial_quantile
+from scipy.stats import binom
 from orchestrator.store import Store
 from workers.evaluation.config import mean_row
 from workers.evaluation.intervals import mean_interval, proportion_interval, ratio_interval
@@ -21,7 +21,7 @@ from workers.evaluation.intervals import mean_interval, proportion_interval, rat
 @pytest.mark.parametrize("k, expected", [(8, (0.25, 0.75)), (3, (0.0, 0.375))])
 def test_the_bootstrap_interval_of_an_accuracy_is_the_binomial_one(k, expected):
     n = 16
-    exact = (binomial_quantile(n, k / n, 0.025) / n, binomial_quantile(n, k / n, 0.975) / n)
+    exact = (int(binom.ppf(0.025, n, k / n)) / n, int(binom.ppf(0.975, n, k / n)) / n)
     assert exact == expected
     sample = [1.0] * k + [0.0] * (n - k)
     assert mean_interval(sample) == pytest.approx(exact, abs=1e-12)

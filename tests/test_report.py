@@ -5,7 +5,7 @@ import re
 import matplotlib.image as mpimg
 import pytest
 
-from binomial import binomial_quantile
+from scipy.stats import binom
 from experiments.figures import build_report
 from orchestrator import cli
 from orchestrator.store import Store, edit_row
@@ -235,10 +235,10 @@ def test_general_task_panels_carry_95_percent_intervals(general_report):
     _, text, drawn = general_report
     section = text.split("### Fig. 10")[1].split("###")[0]
     # The NLI score of 9 of 16 at 10 edits, with the scorer's interval (the binomial one, 8 of 16 ... 13 of 16).
-    low, high = (binomial_quantile(16, 9 / 16, q) / 16 for q in (0.025, 0.975))
+    low, high = (int(binom.ppf(q, 16, 9 / 16)) / 16 for q in (0.025, 0.975))
     assert cell(section, "nli label_ll_accuracy", MODEL, "rome", "10") == f"0.562 [{low:.3f}, {high:.3f}]"
     # MMLU was stored without an interval: the report computes the same bootstrap interval from 0.6 and 400.
-    low, high = (binomial_quantile(400, 0.6, q) / 400 for q in (0.025, 0.975))
+    low, high = (int(binom.ppf(q, 400, 0.6)) / 400 for q in (0.025, 0.975))
     assert cell(section, "mmlu accuracy_letter", MODEL, "rome", "10") == f"0.600 [{low:.3f}, {high:.3f}]"
     # A band per arm in every panel with intervals: NLI, MMLU, perplexity (drift rows hold none).
     band_panels = {title for title, *_ in drawn["bands"]}
