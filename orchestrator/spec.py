@@ -42,7 +42,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +57,7 @@ from workers.evaluation import EvalConfig
 from workers.evaluation.config import GENERAL_TASKS
 from workers.evaluation.prompts import check_statistics_text
 from workers.sampling import seeded_order
-from workers.fields import FieldError
+from workers.fields import FieldError, is_finite_number, is_number
 from workers.placement import ENGINES
 
 assert set(TASK_DATASETS) == set(GENERAL_TASKS), "every general task needs its data set in workers.data"
@@ -424,7 +423,7 @@ class SpecValidator:
         return value
 
     def as_list(self, value, field_name: str) -> list:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, str) or is_number(value):
             return [value]
         if not isinstance(value, list) or not value:
             self.fail(field_name, "expected a non-empty list")
@@ -447,7 +446,7 @@ class SpecValidator:
         return value
 
     def number(self, value, field_name: str, *, minimum: float = 0.0) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not is_finite_number(value):
             self.fail(field_name, f"expected a finite number, got {value!r}")
         if value < minimum:
             self.fail(field_name, f"must be at least {minimum}, got {value}")

@@ -32,6 +32,7 @@ from typing import Any, Mapping
 
 from orchestrator.spec import (ExperimentSpec, MethodVariant, SpecError, SpecValidator, read_spec_yaml,
                                resolve_hparams, spec_from_dict)
+from workers.fields import is_finite_number
 
 METRIC = "objective"  # the value a trial reports and the search maximises
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice")
@@ -249,7 +250,7 @@ class SearchValidator(SpecValidator):
                 self.fail(where, f"{distribution}: expected a list, got {values!r}")
             if distribution != "choice":
                 arity = 3 if distribution == "quniform" else 2
-                if len(values) != arity or not all(_is_number(x) for x in values):
+                if len(values) != arity or not all(is_finite_number(x) for x in values):
                     self.fail(where, f"{distribution}: expected {arity} numbers, got {values!r}")
                 if not values[0] < values[1]:
                     self.fail(where, f"{distribution}: the lower bound {values[0]} is not below {values[1]}")
@@ -314,7 +315,7 @@ class SearchValidator(SpecValidator):
                 self.fail(f"search.objective.{name}", f"not used with combine: {CONSTRAINED} (it reads constraint)")
         constraint = self.term(raw.get("constraint", ":".join(DEFAULT_CONSTRAINT)), "search.objective.constraint")
         tolerance = raw.get("tolerance", Objective.tolerance)
-        if not _is_number(tolerance) or tolerance < 0:
+        if not is_finite_number(tolerance) or tolerance < 0:
             self.fail("search.objective.tolerance", f"expected a number >= 0, got {tolerance!r}")
         config = EvalConfig.from_dict(experiment.evaluation.config_fields(), source="evaluation")
         if not constraint[0].startswith("edit/") or constraint[0].removeprefix("edit/") not in config.edit_metrics:
@@ -341,7 +342,7 @@ class SearchValidator(SpecValidator):
         if grace > experiment.n_edits:
             self.fail("search.scheduler.grace_period", f"{grace} is beyond n_edits ({experiment.n_edits})")
         factor = raw.get("reduction_factor", 2.0)
-        if not _is_number(factor) or factor <= 1:
+        if not is_finite_number(factor) or factor <= 1:
             self.fail("search.scheduler.reduction_factor", f"expected a number > 1, got {factor!r}")
         return SchedulerSpec(kind, grace, float(factor))
 
@@ -353,7 +354,3 @@ class SearchValidator(SpecValidator):
                 resolve_hparams(model, probe)
             except (TypeError, ValueError) as exc:
                 self.fail(f"search.space.{dimension.name}", f"{variant.name} on {model}: {exc}")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

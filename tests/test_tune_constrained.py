@@ -61,6 +61,8 @@ SMALL = {"experiment": "t", "models": ["tiny-gpt2"], "methods": ["rome-eac"], "d
     ({"search": {"objective": {"combine": "constrained", "constraint": "edit/toolkit:reliability"}}},
      "search.objective.constraint"),  # the evaluation computes only the counterfact family
     ({"search": {"objective": {"combine": "constrained", "tolerance": -0.1}}}, "search.objective.tolerance"),
+    ({"search": {"objective": {"combine": "constrained", "tolerance": float("nan")}}},
+     "search.objective.tolerance"),  # NaN passes "tolerance < 0"
     ({"evaluation": {"tasks": {}, "edit_metrics": ["counterfact"], "deviation_norms": False}},
      "search.objective.combine"),
     ({"search": {"objective": {"combine": "constrained", "edit": ["edit/counterfact:efficacy"]}}},

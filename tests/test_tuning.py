@@ -73,6 +73,9 @@ def test_trial_variant_carries_the_sample_as_overrides_and_is_tagged_tune():
     ({"search": {"space": {"eac.gamma": {"uniform": [70, 99]}}}}, "search.space.eac.gamma"),
     ({"search": {"space": {"eac.l1_weight": {"loguniform": [0, 1e-5]}}}}, "search.space.eac.l1_weight"),
     ({"search": {"space": {"eac.l1_weight": {"normal": [0, 1]}}}}, "search.space.eac.l1_weight"),
+    ({"search": {"space": {"eac.gamma_percentile": {"uniform": [50, float("inf")]}}}},
+     "search.space.eac.gamma_percentile"),  # a bound must be finite (inf passes "lower < upper")
+    ({"search": {"scheduler": {"reduction_factor": float("inf")}}}, "search.scheduler.reduction_factor"),
     ({"evaluation": {"tasks": {}}}, "search.objective.combine"),  # retention needs a general task
     ({"search": {"objective": {"retention": ["nli:retention/accuracy_all"]}}}, "search.objective.retention[0]"),
     ({"search": {"objective": {"edit": ["edit/toolkit-reliability"]}}}, "search.objective.edit[0]"),

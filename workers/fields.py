@@ -20,6 +20,16 @@ import typing
 from dataclasses import dataclass
 
 
+def is_number(value) -> bool:
+    """A real number as YAML gives one: ``int`` or ``float``, never ``bool`` (``True`` is an int in Python).
+    The one number test of every settings check: hyper-parameters, run specs and tune specs."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_finite_number(value) -> bool:
+    return is_number(value) and math.isfinite(value)
+
+
 @dataclass(frozen=True)
 class Range:
     """Bounds on a number (each number of a tuple): ``minimum``/``maximum`` inclusive, ``above``/``below``
@@ -33,7 +43,7 @@ class Range:
     def problem(self, value) -> str | None:
         if isinstance(value, tuple):
             return next((f"item {i}: {p}" for i, p in enumerate(map(self.problem, value)) if p), None)
-        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        if not is_number(value):
             return None  # a None of an optional field; types are checked first
         if self.minimum is not None and value < self.minimum:
             return f"must be at least {self.minimum:g}, got {value!r}"
@@ -102,9 +112,9 @@ def type_problem(value, hint) -> str | None:
         return None if any(value == arg and type(value) is type(arg) for arg in args) else \
             f"{value!r} is not one of {list(args)}"
     if hint is float:
-        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        if not is_number(value):
             return f"expected a number, got {value!r}"
-        return None if math.isfinite(value) else f"expected a finite number, got {value!r}"
+        return None if is_finite_number(value) else f"expected a finite number, got {value!r}"
     if origin is tuple or hint is tuple:
         if not isinstance(value, tuple):
             return f"expected a list, got {value!r}"
