@@ -9,6 +9,7 @@ For every experiment in the store: PNG figures and one Markdown summary (``repor
     Fig. 8      anchor-selection methods (group: anchor-selection) on editing metrics
     Table 1     seconds per edit, per model and method (and per phase)
     retention   edited / unedited general-task score at the last checkpoint, per task
+    data        evaluations.csv: every stored evaluation row with its trajectory's labels
 
 Lines follow the paper: a colour per base method, dashed for the method itself and solid once EAC is
 applied (dash-dot with PRUNE, dotted with RECT). Several seeds of one setting are averaged. A figure
@@ -537,6 +538,24 @@ def trajectories_section(frames: Frames) -> Section:
     return Section("Trajectories", _markdown_table(table.rename(columns={"variant": "method"})))
 
 
+EVALUATION_CSV_COLUMNS = ["model", "variant", "method", "group", "dataset", "seed", "n_edits", "task", "metric",
+                          "value", "ci_low", "ci_high", "n_examples", "trajectory_id"]
+
+
+def evaluations_csv(frames: Frames, out: Path) -> Section:
+    """The evaluations table as one small CSV beside the figures (what a reader re-plots or tests
+    against without the Parquet store): a row per stored metric, its interval, its trajectory's labels."""
+    if not len(frames.evaluations):
+        return _note("Data", "no evaluation rows")
+    out.mkdir(parents=True, exist_ok=True)
+    table = (frames.evaluations[EVALUATION_CSV_COLUMNS]
+             .sort_values(["model", "dataset", "variant", "seed", "n_edits", "task", "metric"], ignore_index=True))
+    path = out / "evaluations.csv"
+    table.to_csv(path, index=False, float_format="%.6g")
+    return Section("Data", f"[`{path.name}`]({path.parent.name}/{path.name}): {len(table)} evaluation rows "
+                           f"({table['trajectory_id'].nunique()} trajectories), the values behind every figure above.")
+
+
 def _final_table(frame: pd.DataFrame, keys: list[str]) -> str:
     """Each variant's value at its last checkpoint, per (task, metric), averaged over seeds, with its 95%
     interval in brackets where the rows carry one."""
@@ -573,7 +592,7 @@ def experiment_sections(store: Store, experiment: str, out: Path) -> list[Sectio
     return [trajectories_section(frames), l1_norm_figure(frames, out), *editing_figures(frames, out),
             *general_task_figures(frames, out), ablation_figure(frames, out), anchor_selection_figure(frames, out),
             norm_figure(frames, out), tuning_tradeoff_figure(frames, out), edit_times_table(frames),
-            retention_section(frames, out)]
+            retention_section(frames, out), evaluations_csv(frames, out)]
 
 
 def build_report(store_root: str | Path, out_dir: str | Path | None = None,

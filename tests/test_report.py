@@ -105,6 +105,24 @@ def test_tables_hold_the_stored_numbers(report):
     assert row_of(retention, "rome-eac", "10")[-1] == f"{(0.30 - 0.01) / 0.30:.3f}"
 
 
+def test_the_evaluations_csv_holds_every_stored_row_with_its_labels(report):
+    import pandas as pd
+
+    path, text = report
+    table = pd.read_csv(path.parent / "synth" / "evaluations.csv")
+    assert "(synth/evaluations.csv)" in text
+    # Per trajectory: 3 editing metrics at 5 and 10 edits, 3 NQ metrics at 0, 5 and 10.
+    trajectories = sum(len(seeds) for _, _, seeds in VARIANTS.values())
+    assert len(table) == trajectories * (3 * 2 + 3 * 3)
+    row = table[(table["variant"] == "memit-eac") & (table["n_edits"] == 10) & (table["metric"] == "reliability")]
+    assert row["value"].tolist() == [pytest.approx(reliability("memit-eac", 0, 10))]
+    assert row["task"].tolist() == ["edit/toolkit"] and row["n_examples"].tolist() == [10]
+    seed1 = table[(table["variant"] == "rome") & (table["seed"] == 1) & (table["metric"] == "exact_match")]
+    assert seed1["n_edits"].tolist() == [0, 5, 10]
+    assert seed1["value"].tolist() == pytest.approx([qa_score("rome", n) for n in (0, 5, 10)])
+    assert set(table.loc[table["variant"] == "rome-eac-no-saliency", "group"]) == {"ablation"}
+
+
 def test_ablation_variants_stay_out_of_the_main_figures(report):
     _, text = report
     main = text.split("### Fig. 7")[0]
@@ -121,8 +139,9 @@ def test_an_empty_store_skips_every_figure(tmp_path):
                           "edits_done": 0, "updated_at": None})
     path = build_report(store.root)
     text = path.read_text()
-    assert not list(path.parent.rglob("*.png"))
-    assert text.count("_Skipped:") == 9  # Figs. 2, 5/9, 6/10, 7, 8, norms, tuning trade-off, Table 1, retention
+    assert not list(path.parent.rglob("*.png")) and not list(path.parent.rglob("*.csv"))
+    # Figs. 2, 5/9, 6/10, 7, 8, norms, tuning trade-off, Table 1, retention, the evaluations CSV
+    assert text.count("_Skipped:") == 10
     assert "failed: actor died" in text
 
 
