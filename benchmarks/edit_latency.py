@@ -5,12 +5,15 @@ edits (statistics and context templates are cached beforehand, as in any long tr
 cost of the same edits is measured in the same run: for each edit, (optimisation steps it took) ×
 (one full forward + backward of its rewriting batch through the whole model, logits at every
 position, δ injected by a hook — what the naive ROME loop does each step), timed on that batch.
-EAC variants are also reported as EAC time / base time (paper Table 1: no overhead).
 
-Locate-then-edit methods run twice in the same run: with the target optimiser's prefix reuse (the
-default, ``new``) and without it (``prefix_reuse: false``, the cached-hidden-state path, ``old``),
-on the same edits; each record's per-phase seconds (keys, targets, update, ...) are averaged and
-printed. On a shared machine the ratios are the meaningful numbers, not the seconds.
+Locate-then-edit methods run with the target optimiser's prefix reuse (the default, ``new``) and
+without it (``prefix_reuse: false``, the cached-hidden-state path, ``old``), on the same edits. The
+arms of one base method (ROME, ROME-EAC, each new and old) are **interleaved**: each arm edits its own
+copy of the model, and every request is edited by every arm before the next request, so a change in
+the machine's load during the run falls on all of them alike and the ratios between them
+(new / old, EAC / base — paper Table 1: no overhead) are measured side by side. Each record's
+per-phase seconds (keys, targets, update, ...) are averaged and printed. On a shared machine the
+ratios are the meaningful numbers, not the seconds.
 
     python benchmarks/edit_latency.py --methods rome,rome-eac,memit,memit-eac -n 5 --json out.json
 """
@@ -18,10 +21,11 @@ printed. On a shared machine the ratios are the meaningful numbers, not the seco
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -52,44 +56,94 @@ def naive_step_seconds(model, problem: TargetProblem, layer_module: str, repeats
     return min(timings)
 
 
-def measure(model, tokenizer, method: str, requests, n: int, overrides: dict | None = None) -> dict:
+@dataclass
+class Arm:
+    """One method on one path, editing its own copy of the model."""
+
+    method: str
+    path: str  # "new" (prefix reuse), "old" (prefix_reuse: false) or "" (no target optimiser)
+    model: torch.nn.Module
+    editor: Editor
+    layer: int
+    injected: str  # the module the naive loop injects δ at
+    templates: list[str] | None
+    seconds: list[float] = field(default_factory=list)
+    naive: list[float] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)
+    case_ids: list[int] = field(default_factory=list)
+
+    def edit(self, tokenizer, request) -> None:
+        record = self.editor.edit_step([request])
+        if record.skipped:
+            raise RuntimeError(f"{self.method} ({self.path}): edit of case {request.case_id} was skipped: "
+                               f"{record.error}")
+        self.seconds.append(record.seconds["total"])
+        self.steps.append(record.steps)
+        self.case_ids.append(request.case_id)
+        for phase, value in record.seconds.items():
+            self.phases[phase] = self.phases.get(phase, 0.0) + value
+        if self.templates is not None:
+            config = replace(self.editor.hparams.target_config(), prefix_reuse=False)
+            problem = TargetProblem(self.model, tokenizer, request, self.layer, self.templates, init_from="mlp",
+                                    config=config)
+            self.naive.append(record.steps * naive_step_seconds(self.model, problem, self.injected))
+
+    def summary(self) -> dict:
+        n = len(self.seconds)
+        per_edit = statistics.mean(self.seconds)
+        naive = statistics.mean(self.naive) if self.naive else float("nan")
+        return {"seconds_per_edit": per_edit, "naive_seconds": naive,
+                "ratio": per_edit / naive if self.naive else float("nan"), "mean_steps": statistics.mean(self.steps),
+                "phases": {k: v / n for k, v in self.phases.items()}, "case_ids": list(self.case_ids)}
+
+
+def make_arm(model, tokenizer, method: str, path: str) -> Arm:
+    """An arm on a private copy of ``model``: statistics and templates are prepared at construction."""
+    model = copy.deepcopy(model)
+    overrides = {"prefix_reuse": False} if path == "old" else None
     hparams = load_hparams(method, model, overrides=overrides)
-    editor = Editor(model, tokenizer, method, hparams)  # statistics + templates prepared here, once
+    editor = Editor(model, tokenizer, method, hparams)
     base, _ = split_method(method)
     layer = hparams.layer if hasattr(hparams, "layer") else list(hparams.layers)[-1]
     spec = arch_spec(model)
     injected = spec.mlp_out_name(layer) if base == "rome" else spec.layer_name(layer)
     templates = editor.ctx.context_templates(hparams) if hasattr(hparams, "context_template_lengths") else None
-    editor.edit_step([requests[0]])  # warm-up
-    seconds, naive, steps, phases = [], [], [], {}
+    return Arm(method, path, model, editor, layer, injected, templates)
+
+
+def measure_group(model, tokenizer, methods: list[str], requests, n: int) -> list[dict]:
+    """Rows for ``methods`` (one base method and its constrained variants), their arms interleaved."""
+    arms = [make_arm(model, tokenizer, method, path) for method in methods
+            for path in (("new", "old") if hasattr(load_hparams(method, model), "prefix_reuse") else ("",))]
+    for arm in arms:  # warm-up, not counted
+        arm.editor.edit_step([requests[0]])
     for request in requests[1: n + 1]:
-        record = editor.edit_step([request])
-        if record.skipped:
-            raise RuntimeError(f"{method}: edit of case {request.case_id} was skipped: {record.error}")
-        seconds.append(record.seconds["total"])
-        steps.append(record.steps)
-        for phase, value in record.seconds.items():
-            phases[phase] = phases.get(phase, 0.0) + value / n
-        if templates is not None:
-            problem = TargetProblem(model, tokenizer, request, layer, templates, init_from="mlp",
-                                    config=replace(hparams.target_config(), prefix_reuse=False))
-            naive.append(record.steps * naive_step_seconds(model, problem, injected))
-    editor.revert()
-    per_edit = statistics.mean(seconds)
-    naive_mean = statistics.mean(naive) if naive else float("nan")
-    return {"method": method, "seconds_per_edit": per_edit, "naive_seconds": naive_mean,
-            "ratio": per_edit / naive_mean if naive else float("nan"), "mean_steps": statistics.mean(steps),
-            "phases": phases}
+        for arm in arms:
+            arm.edit(tokenizer, request)
+    rows = []
+    for method in methods:
+        own = {arm.path: arm.summary() for arm in arms if arm.method == method}
+        row = {"method": method, **own.get("new", own.get(""))}
+        if "old" in own:
+            old = own["old"]
+            row.update(old_seconds_per_edit=old["seconds_per_edit"], old_ratio=old["ratio"], old_phases=old["phases"],
+                       new_over_old=row["seconds_per_edit"] / old["seconds_per_edit"], old_steps=old["mean_steps"])
+        rows.append(row)
+    by_method = {row["method"]: row for row in rows}
+    for row in rows:
+        base, constraint = split_method(row["method"])
+        row["eac_over_base"] = (row["seconds_per_edit"] / by_method[base]["seconds_per_edit"]
+                                if constraint and base in by_method else None)
+    return rows
 
 
-def measure_both(model, tokenizer, method: str, requests, n: int) -> dict:
-    """The method with prefix reuse and, for the target-optimising methods, without it."""
-    row = measure(model, tokenizer, method, requests, n)
-    if hasattr(load_hparams(method, model), "prefix_reuse"):
-        old = measure(model, tokenizer, method, requests, n, overrides={"prefix_reuse": False})
-        row.update(old_seconds_per_edit=old["seconds_per_edit"], old_ratio=old["ratio"], old_phases=old["phases"],
-                   new_over_old=row["seconds_per_edit"] / old["seconds_per_edit"], old_steps=old["mean_steps"])
-    return row
+def groups_of(methods: list[str]) -> list[list[str]]:
+    """Methods grouped by base method, in the order first given (``rome-eac,memit,rome`` -> rome, memit)."""
+    groups: dict[str, list[str]] = {}
+    for method in methods:
+        groups.setdefault(split_method(method)[0], []).append(method)
+    return list(groups.values())
 
 
 def phase_text(phases: dict) -> str:
@@ -110,24 +164,21 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     requests = load_counterfact("edit")[: args.n + 1]
     rows = []
-    for method in args.methods.split(","):
-        rows.append(measure_both(model, tokenizer, method, requests, args.n))
-        row = rows[-1]
-        print(f"{method:14s} new {row['seconds_per_edit']:7.2f} s/edit  naive {row['naive_seconds']:7.2f} s  "
-              f"ratio {row['ratio']:.2f}  ({row['mean_steps']:.1f} steps)  phases: {phase_text(row['phases'])}",
-              flush=True)
-        if "old_seconds_per_edit" in row:
-            print(f"{'':14s} old {row['old_seconds_per_edit']:7.2f} s/edit  ratio {row['old_ratio']:.2f}  "
-                  f"({row['old_steps']:.1f} steps)  phases: {phase_text(row['old_phases'])}  "
-                  f"new/old {row['new_over_old']:.2f}", flush=True)
-    by_method = {r["method"]: r for r in rows}
+    for group in groups_of(args.methods.split(",")):
+        for row in measure_group(model, tokenizer, group, requests, args.n):
+            rows.append(row)
+            label = "new" if "old_seconds_per_edit" in row else "   "
+            print(f"{row['method']:14s} {label} {row['seconds_per_edit']:7.2f} s/edit  naive {row['naive_seconds']:7.2f} s  "
+                  f"ratio {row['ratio']:.2f}  ({row['mean_steps']:.1f} steps)  phases: {phase_text(row['phases'])}",
+                  flush=True)
+            if "old_seconds_per_edit" in row:
+                print(f"{'':14s} old {row['old_seconds_per_edit']:7.2f} s/edit  ratio {row['old_ratio']:.2f}  "
+                      f"({row['old_steps']:.1f} steps)  phases: {phase_text(row['old_phases'])}  "
+                      f"new/old {row['new_over_old']:.2f}", flush=True)
     print(f"\n{'method':14s} {'s/edit':>8s} {'naive s':>8s} {'ratio':>6s} {'old s':>8s} {'old/nv':>6s} "
           f"{'new/old':>7s} {'EAC/base':>9s}")
     for row in rows:
-        base, constraint = split_method(row["method"])
-        overhead = (f"{row['seconds_per_edit'] / by_method[base]['seconds_per_edit']:.2f}"
-                    if constraint and base in by_method else "")
-        row["eac_over_base"] = float(overhead) if overhead else None
+        overhead = f"{row['eac_over_base']:.2f}" if row["eac_over_base"] is not None else ""
         print(f"{row['method']:14s} {row['seconds_per_edit']:8.2f} {row['naive_seconds']:8.2f} {row['ratio']:6.2f} "
               f"{row.get('old_seconds_per_edit', float('nan')):8.2f} {row.get('old_ratio', float('nan')):6.2f} "
               f"{row.get('new_over_old', float('nan')):7.2f} {overhead:>9s}")
