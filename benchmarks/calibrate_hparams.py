@@ -161,7 +161,7 @@ def main() -> None:
             targets, opt_results, _ = optimise_targets(model, tokenizer, [request], hp, ctx)
             for i, (name, override, factor) in enumerate(variants):
                 variant_hp = with_overrides(alpha_base if name == "alphaedit" else hp, {"layers": layers, **override})
-                ctx.key_cache.clear()
+                ctx.clear_edit_state()
                 deltas = spread_targets(model, tokenizer, [request], targets, variant_hp, ctx, factor(variant_hp))
                 dw = sum(float(d.dense().norm() ** 2) for d in deltas) ** 0.5
                 rows[i].append({**score(model, tokenizer, request, neighbour), "dw_fro": dw,

@@ -77,3 +77,80 @@ def test_rome_computes_its_keys_in_one_pass(residual_key, tmp_path):
     finally:
         handle.remove()
     assert len(runs) == 2
+
+
+def released_alphaedit_right_factor(hparams):
+    """The released code's form: solve(P (K Kᵀ + K_p K_pᵀ) + α I, P K), P times the whole running sum."""
+    def right(ctx, layer, keys):
+        projector = ctx.null_space_projector(layer, hparams.null_space_threshold)
+        earlier = ctx.key_cache.get(layer)
+        gram = keys @ keys.T + (earlier if earlier is not None else 0.0)
+        return torch.linalg.solve(projector @ gram + hparams.l2 * torch.eye(keys.shape[0], dtype=keys.dtype),
+                                  projector @ keys)
+    return right
+
+
+def alphaedit_hparams(model):
+    return with_overrides(load_hparams("alphaedit", model), {"layers": (1, 2), "num_steps": 2})
+
+
+THREE = REQUESTS + [EditRequest(2, "The official religion of Edwin of Northumbria is", "Edwin of Northumbria",
+                                "Islam", "Christianity")]
+
+
+def test_alphaedit_projects_the_running_key_sum_once_per_layer_not_once_per_edit(tmp_path, monkeypatch):
+    """Three AlphaEdit edits over two layers: P (d × d) is multiplied by a d × d matrix once per layer
+    (after the first edit, to start P K_p K_pᵀ), not at every edit (the released form's P (K Kᵀ + K_p K_pᵀ))."""
+    from workers.editing import alphaedit
+
+    model, tokenizer = load_model("tiny-llama")
+    hp = alphaedit_hparams(model)
+    ctx = EditContext(model, tokenizer, cache_dir=tmp_path, second_moments=moments(model, hp.layers))
+    d_in = ctx.second_moment(1).shape[0]
+    for layer in hp.layers:
+        ctx.null_space_projector(layer, hp.null_space_threshold)  # made before counting
+    square_products = []
+    real_projector = ctx.null_space_projector
+
+    def counted_projector(layer, threshold):
+        projector = real_projector(layer, threshold)
+
+        def matmul(other):
+            if other.dim() == 2 and other.shape == (d_in, d_in):
+                square_products.append(layer)
+            return torch.Tensor.__matmul__(projector, other)
+        wrapper = type("P", (), {"__matmul__": lambda self, other: matmul(other), "to": lambda self, *a, **k: self})
+        return wrapper()
+
+    monkeypatch.setattr(ctx, "null_space_projector", counted_projector)
+    for request in THREE:
+        alphaedit.apply_alphaedit(model, tokenizer, [request], hp, ctx)
+    assert sorted(square_products) == [1, 2]
+
+
+def test_alphaedit_updates_equal_the_released_form_also_after_a_resume(tmp_path, monkeypatch):
+    from workers.editing import Editor, alphaedit
+
+    model, tokenizer = load_model("tiny-llama")
+    hp = alphaedit_hparams(model)
+    stats = moments(model, hp.layers)
+
+    def run(requests, resume_from=None):
+        editor = Editor(model, tokenizer, "alphaedit", hp, cache_dir=tmp_path, second_moments=stats, on_error="raise")
+        if resume_from is not None:
+            editor.resume(resume_from)
+        for request in requests:
+            editor.edit_step([request])
+        log = editor.log
+        editor.revert()
+        return log
+
+    ours = run(THREE)
+    resumed = run(THREE[2:], resume_from=type(ours)(ours.deltas[:2], dict(ours.metadata)))
+    monkeypatch.setattr(alphaedit, "alphaedit_right_factor", released_alphaedit_right_factor)
+    released = run(THREE)
+    for mine, theirs in ((ours, released), (resumed, released)):
+        assert len(mine.deltas) == len(theirs.deltas) == 3
+        for a, b in zip(mine.deltas, theirs.deltas):
+            for la, lb in zip(a.layers, b.layers):
+                torch.testing.assert_close(la.dense().double(), lb.dense().double(), rtol=1e-6, atol=1e-9)

@@ -5,7 +5,9 @@
 Written as the released code solves it: A = (P (K Kᵀ + K_p K_pᵀ) + α I)⁻¹ P K and ΔW = R Aᵀ (the
 transpose of the same expression, since P is symmetric). For any preserved key k₀ with P k₀ = 0,
 ΔW k₀ = 0. After each batch the running sum K_p K_pᵀ += K Kᵀ, per layer, is kept in the edit context
-and rebuilt from a saved log's keys on resume.
+and rebuilt from a saved log's keys on resume. So is P K_p K_pᵀ: by distributivity
+P (K Kᵀ + K_p K_pᵀ) = (P K) Kᵀ + P K_p K_pᵀ, so each edit costs a d×b product and a d×d solve, not a
+d×d×d product of P with the whole running sum (the released code's form; equal up to float64 round-off).
 """
 
 from __future__ import annotations
@@ -19,12 +21,26 @@ from workers.editing.memit import solve, spread_over_layers
 
 def alphaedit_right_factor(hparams: AlphaEditHParams):
     def right(ctx: EditContext, layer: int, keys: torch.Tensor) -> torch.Tensor:
-        projector = ctx.null_space_projector(layer, hparams.null_space_threshold).to(keys.device)
-        earlier = ctx.key_cache.get(layer)
-        gram = keys @ keys.T + (earlier.to(keys.device) if earlier is not None else 0.0)
+        threshold = hparams.null_space_threshold
+        projector = ctx.null_space_projector(layer, threshold).to(keys.device)
+        projected_keys = projector @ keys  # P K
+        earlier = projected_earlier_keys(ctx, layer, threshold)  # P K_p K_pᵀ
+        system = projected_keys @ keys.T + (earlier.to(keys.device) if earlier is not None else 0.0)
         identity = torch.eye(keys.shape[0], dtype=keys.dtype, device=keys.device)
-        return solve(projector @ gram + hparams.l2 * identity, projector @ keys)
+        return solve(system + hparams.l2 * identity, projected_keys)
     return right
+
+
+def projected_earlier_keys(ctx: EditContext, layer: int, threshold: float) -> torch.Tensor | None:
+    """P K_p K_pᵀ of the earlier edits at ``layer``; made once from the running sum where only that is
+    known (the first edit after a resume), then kept up to date by ``remember_keys``."""
+    earlier = ctx.key_cache.get(layer)
+    if earlier is None:
+        return None
+    key = (layer, threshold)
+    if key not in ctx.projected_key_cache:
+        ctx.projected_key_cache[key] = ctx.null_space_projector(layer, threshold).to(earlier.device) @ earlier
+    return ctx.projected_key_cache[key]
 
 
 def apply_alphaedit(model, tokenizer, requests, hparams: AlphaEditHParams, ctx: EditContext,
@@ -45,6 +61,10 @@ def remember_keys(ctx: EditContext, delta) -> None:
         gram = keys @ keys.T
         previous = ctx.key_cache.get(layer)
         ctx.key_cache[layer] = gram if previous is None else previous + gram.to(previous.device)
+        for (cached_layer, threshold), projected in list(ctx.projected_key_cache.items()):
+            if cached_layer == layer:  # replaced, not changed in place (edit_state keeps the old one)
+                projector = ctx.null_space_projector(layer, threshold).to(projected.device)
+                ctx.projected_key_cache[(layer, threshold)] = projected + (projector @ keys.to(projected.device)) @ keys.T.to(projected.device)
 
 
 def layer_index(module_name: str) -> int:

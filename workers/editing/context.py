@@ -55,6 +55,9 @@ class EditContext:
         self._cholesky: dict[int, torch.Tensor] = {}
         self._projectors: dict[tuple[int, float], torch.Tensor] = {}
         self.key_cache: dict[int, torch.Tensor] = {}  # AlphaEdit: Σ K Kᵀ of earlier edits, per layer
+        # AlphaEdit: P Σ K Kᵀ per (layer, null-space threshold), kept in step with key_cache so an edit
+        # adds (P K) Kᵀ (d² b) instead of multiplying P by the whole running sum again (d³ per layer).
+        self.projected_key_cache: dict[tuple[int, float], torch.Tensor] = {}
         self._templates = ContextTemplates(self.cache_dir / "context_templates" if self.cache_dir else None)
         # Hashed once, before any edit: the templates' disk key names the base model, never the
         # weights of the moment (hashing at every edit cost a full state-dict pass per edit).
@@ -115,13 +118,20 @@ class EditContext:
 
     # ---- the state an edit step changes -------------------------------------------------------
 
-    def edit_state(self) -> dict[int, torch.Tensor]:
-        """A copy of AlphaEdit's running key cache (its tensors are replaced, never changed in place)."""
-        return dict(self.key_cache)
+    def edit_state(self) -> tuple[dict, dict]:
+        """A copy of AlphaEdit's running key caches (their tensors are replaced, never changed in place)."""
+        return dict(self.key_cache), dict(self.projected_key_cache)
 
-    def restore_edit_state(self, state: dict[int, torch.Tensor]) -> None:
+    def restore_edit_state(self, state: tuple[dict, dict]) -> None:
+        keys, projected = state
         self.key_cache.clear()
-        self.key_cache.update(state)
+        self.key_cache.update(keys)
+        self.projected_key_cache.clear()
+        self.projected_key_cache.update(projected)
+
+    def clear_edit_state(self) -> None:
+        """Back to no earlier edits (the base weights)."""
+        self.restore_edit_state(({}, {}))
 
     def optimise(self, problem: TargetProblem, hparams) -> tuple[OptimisationResult, dict]:
         """The plain target optimisation, or EAC's two phases around it when the method asks for it."""

@@ -143,7 +143,7 @@ class Editor:
         self.base.restore(self.model)
         self.log = EditLog(metadata=self.log.metadata)
         self.records = []
-        self.ctx.key_cache.clear()
+        self.ctx.clear_edit_state()
 
     def resume(self, log: EditLog) -> None:
         """Replay ``log`` onto the base weights and continue editing after it."""
