@@ -23,23 +23,44 @@ def unedited_answers(default_model, case0):
     return greedy_continuations(model, tokenizer, [case0.prompt, case0.locality_prompts[0]], max_new_tokens=6)
 
 
-def edit_case0(default_model, case0, method):
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One cache for the module's editors: second moments (50k tokens through the model per layer set)
+    and context templates are computed once per base model and layer set, as in a real trajectory,
+    not once per editor. Both are keyed on the unedited weights, which every test restores."""
+    return tmp_path_factory.mktemp("edit-cache")
+
+
+def edit_case0(default_model, case0, method, cache_dir):
+    """Edit case 0 with ``method`` on the restored model: (record, answer, neighbour's continuation)."""
     model, tokenizer = default_model
-    editor = Editor(model, tokenizer, method, load_hparams(method, model), on_error="raise")
-    record = editor.edit_step([case0])
-    answer, neighbour = greedy_continuations(model, tokenizer, [case0.prompt, case0.locality_prompts[0]],
-                                             max_new_tokens=6)
+    with restored_weights(model):
+        editor = Editor(model, tokenizer, method, load_hparams(method, model), on_error="raise", cache_dir=cache_dir)
+        record = editor.edit_step([case0])
+        answer, neighbour = greedy_continuations(model, tokenizer, [case0.prompt, case0.locality_prompts[0]],
+                                                 max_new_tokens=6)
     return record, answer, neighbour
+
+
+@pytest.fixture(scope="module")
+def base_edits(default_model, case0, cache_dir):
+    """Each base method's case-0 edit, made once for both tests below (an edit of this model takes
+    7-14 s on a quiet machine, several times that under load)."""
+    made = {}
+
+    def edit(method):
+        if method not in made:
+            made[method] = edit_case0(default_model, case0, method, cache_dir)
+        return made[method]
+    return edit
 
 
 # Measured on a quiet machine: ROME 14 s, MEMIT 7 s, AlphaEdit 9 s per case-0 edit (statistics cached).
 # ROME and MEMIT turn the neighbour into " the UK."; AlphaEdit's null-space projection keeps " the French language.".
 @pytest.mark.parametrize("method", ["rome", "memit", "alphaedit"])
-def test_edit_rewrites_case0_and_keeps_the_neighbour(default_model, case0, unedited_answers, method):
-    model, _ = default_model
+def test_edit_rewrites_case0_and_keeps_the_neighbour(unedited_answers, base_edits, method):
     assert unedited_answers[0].strip().startswith("French")
-    with restored_weights(model):
-        record, answer, neighbour = edit_case0(default_model, case0, method)
+    record, answer, neighbour = base_edits(method)
     assert begins_with(answer, "English"), f"{method}: {answer!r}"
     # The neighbour ("Michel Rocard is a native speaker of" → " the French language.") must not take
     # the new fact. On this 135M model ROME does perturb its continuation (" the UK." — measured with
@@ -52,12 +73,10 @@ def test_edit_rewrites_case0_and_keeps_the_neighbour(default_model, case0, unedi
 
 # Measured ‖ΔW‖₁ on case 0: ROME 5402 vs ROME-EAC 1961; MEMIT 9259 vs 4599; AlphaEdit 8802 vs 4362.
 @pytest.mark.parametrize("base", ["rome", "memit", "alphaedit"])
-def test_eac_edit_succeeds_with_a_smaller_update(default_model, case0, base):
+def test_eac_edit_succeeds_with_a_smaller_update(default_model, case0, base_edits, cache_dir, base):
     model, _ = default_model
-    with restored_weights(model):
-        plain, _, _ = edit_case0(default_model, case0, base)
-    with restored_weights(model):
-        eac, answer, _ = edit_case0(default_model, case0, base + "-eac")
+    plain, _, _ = base_edits(base)
+    eac, answer, _ = edit_case0(default_model, case0, base + "-eac", cache_dir)
     assert begins_with(answer, "English"), f"{base}-eac: {answer!r}"
     assert eac.anchors is not None and eac.anchors < model.config.hidden_size
     assert eac.dw_l1 < plain.dw_l1, f"{base}-eac ‖ΔW‖₁ {eac.dw_l1:.1f} vs {base} {plain.dw_l1:.1f}"
