@@ -73,7 +73,9 @@ class Arm:
     phases: dict[str, float] = field(default_factory=dict)
     case_ids: list[int] = field(default_factory=list)
 
-    def edit(self, tokenizer, request) -> None:
+    def edit(self, request, naive_steps: dict) -> None:
+        """Edit ``request``; its naive cost is this edit's steps × one naive step of the same batch,
+        timed once per request for all arms sharing (layer, injected module, templates)."""
         record = self.editor.edit_step([request])
         if record.skipped:
             raise RuntimeError(f"{self.method} ({self.path}): edit of case {request.case_id} was skipped: "
@@ -84,10 +86,16 @@ class Arm:
         for phase, value in record.seconds.items():
             self.phases[phase] = self.phases.get(phase, 0.0) + value
         if self.templates is not None:
-            config = replace(self.editor.hparams.target_config(), prefix_reuse=False)
-            problem = TargetProblem(self.model, tokenizer, request, self.layer, self.templates, init_from="mlp",
-                                    config=config)
-            self.naive.append(record.steps * naive_step_seconds(self.model, problem, self.injected))
+            key = (self.layer, self.injected, tuple(self.templates))
+            if key not in naive_steps:
+                naive_steps[key] = self.naive_step_seconds(request)
+            self.naive.append(record.steps * naive_steps[key])
+
+    def naive_step_seconds(self, request) -> float:
+        config = replace(self.editor.hparams.target_config(), prefix_reuse=False)
+        problem = TargetProblem(self.model, self.editor.tokenizer, request, self.layer, self.templates,
+                                init_from="mlp", config=config)
+        return naive_step_seconds(self.model, problem, self.injected)
 
     def summary(self) -> dict:
         n = len(self.seconds)
@@ -119,8 +127,9 @@ def measure_group(model, tokenizer, methods: list[str], requests, n: int) -> lis
     for arm in arms:  # warm-up, not counted
         arm.editor.edit_step([requests[0]])
     for request in requests[1: n + 1]:
+        naive_steps: dict = {}  # the naive loop's cost depends on the batch's shapes, not on the arm
         for arm in arms:
-            arm.edit(tokenizer, request)
+            arm.edit(request, naive_steps)
     rows = []
     for method in methods:
         own = {arm.path: arm.summary() for arm in arms if arm.method == method}

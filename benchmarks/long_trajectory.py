@@ -15,6 +15,7 @@ weights to exactly the edited weights (bit for bit).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -34,8 +35,6 @@ FLAT = 0.10  # last 10% within 10% of the first 10%
 def resident_mib() -> float:
     """The process's resident set size now (not its peak), from /proc (Linux)."""
     pages = int(Path("/proc/self/statm").read_text().split()[1])
-    import os
-
     return pages * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 

@@ -4,7 +4,10 @@ evaluations share it); tests that change its weights must restore them (see ``re
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,3 +59,14 @@ def restored_weights(model):
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.copy_(saved[name])
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ (not a package) as a module, registered under its name so that its
+    dataclasses can find their module."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

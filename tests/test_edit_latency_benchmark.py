@@ -1,25 +1,13 @@
 """benchmarks/edit_latency.py interleaves the arms of one base method, each on its own model copy."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
+from conftest import load_benchmark
 from workers.data import load_counterfact
 
 
-def load_script():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "edit_latency.py"
-    spec = importlib.util.spec_from_file_location("edit_latency", path)
-    script = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = script  # its dataclasses look their module up by name
-    spec.loader.exec_module(script)
-    return script
-
-
 def test_arms_edit_the_same_requests_on_their_own_copies(tiny_llama, data_root):
-    script = load_script()
+    script = load_benchmark("edit_latency")
     model, tokenizer = tiny_llama
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     requests = load_counterfact("edit")[:2]
@@ -33,6 +21,6 @@ def test_arms_edit_the_same_requests_on_their_own_copies(tiny_llama, data_root):
 
 
 def test_methods_are_grouped_by_base_in_the_order_given():
-    script = load_script()
+    script = load_benchmark("edit_latency")
     assert script.groups_of(["rome-eac", "memit", "rome", "memit-rect", "ft-l"]) == [
         ["rome-eac", "rome"], ["memit", "memit-rect"], ["ft-l"]]

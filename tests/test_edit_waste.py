@@ -112,16 +112,21 @@ def test_alphaedit_projects_the_running_key_sum_once_per_layer_not_once_per_edit
     square_products = []
     real_projector = ctx.null_space_projector
 
-    def counted_projector(layer, threshold):
-        projector = real_projector(layer, threshold)
+    class CountedProjector:
+        """P as the AlphaEdit code uses it (``.to(device) @ X``), noting each product with a d × d X."""
 
-        def matmul(other):
-            if other.dim() == 2 and other.shape == (d_in, d_in):
-                square_products.append(layer)
-            return torch.Tensor.__matmul__(projector, other)
-        wrapper = type("P", (), {"__matmul__": lambda self, other: matmul(other), "to": lambda self, *a, **k: self})
-        return wrapper()
+        def __init__(self, layer, threshold):
+            self.layer, self.matrix = layer, real_projector(layer, threshold)
 
+        def to(self, *args, **kwargs):
+            return self
+
+        def __matmul__(self, other):
+            if other.shape == (d_in, d_in):
+                square_products.append(self.layer)
+            return self.matrix @ other
+
+    counted_projector = CountedProjector
     monkeypatch.setattr(ctx, "null_space_projector", counted_projector)
     for request in THREE:
         alphaedit.apply_alphaedit(model, tokenizer, [request], hp, ctx)
@@ -130,6 +135,7 @@ def test_alphaedit_projects_the_running_key_sum_once_per_layer_not_once_per_edit
 
 def test_alphaedit_updates_equal_the_released_form_also_after_a_resume(tmp_path, monkeypatch):
     from workers.editing import Editor, alphaedit
+    from workers.editing.delta import EditLog
 
     model, tokenizer = load_model("tiny-llama")
     hp = alphaedit_hparams(model)
@@ -146,7 +152,7 @@ def test_alphaedit_updates_equal_the_released_form_also_after_a_resume(tmp_path,
         return log
 
     ours = run(THREE)
-    resumed = run(THREE[2:], resume_from=type(ours)(ours.deltas[:2], dict(ours.metadata)))
+    resumed = run(THREE[2:], resume_from=EditLog(ours.deltas[:2], dict(ours.metadata)))
     monkeypatch.setattr(alphaedit, "alphaedit_right_factor", released_alphaedit_right_factor)
     released = run(THREE)
     for mine, theirs in ((ours, released), (resumed, released)):

@@ -1,16 +1,11 @@
 """benchmarks/gpu_edit_latency.py runs end to end in its CPU mode (tiny shapes), every method."""
 
-import importlib.util
-from pathlib import Path
-
+from conftest import load_benchmark
 from workers.editing import load_hparams
 
 
 def test_tiny_mode_times_every_method_on_both_architectures():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_edit_latency.py"
-    spec = importlib.util.spec_from_file_location("gpu_edit_latency", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark("gpu_edit_latency")
     rows = script.main(["--tiny"])
     methods = ("rome", "rome-eac", "memit", "memit-eac")
     assert [(r["model"], r["method"]) for r in rows] == [(m, x) for m in ("tiny-llama", "tiny-gpt2") for x in methods]

@@ -63,8 +63,9 @@ def remember_keys(ctx: EditContext, delta) -> None:
         ctx.key_cache[layer] = gram if previous is None else previous + gram.to(previous.device)
         for (cached_layer, threshold), projected in list(ctx.projected_key_cache.items()):
             if cached_layer == layer:  # replaced, not changed in place (edit_state keeps the old one)
+                here = keys.to(projected.device)
                 projector = ctx.null_space_projector(layer, threshold).to(projected.device)
-                ctx.projected_key_cache[(layer, threshold)] = projected + (projector @ keys.to(projected.device)) @ keys.T.to(projected.device)
+                ctx.projected_key_cache[(layer, threshold)] = projected + (projector @ here) @ here.T
 
 
 def layer_index(module_name: str) -> int:
