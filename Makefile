@@ -14,7 +14,11 @@ TORCH_PIN ?= $(shell grep -E '^torch==' lock/torch-constraint.txt)
 PIP_PIN   ?= pip==26.1
 UV_PIN    ?= uv==0.13.9
 PY        := $(VENV)/bin/python
-UV        := $(VENV)/bin/uv pip install --python $(PY) --quiet
+# --compile-bytecode: uv, unlike pip, installs without .pyc files, and where PYTHONDONTWRITEBYTECODE is
+# set (this machine and CI) none are ever written, so every process compiled transformers and Ray from
+# source at import: ~5 CPU-seconds of each Ray actor's start-up (measured: 14.6 -> 9.3 s user time for
+# one actor's imports and tiny model). Compiled once here instead.
+UV        := $(VENV)/bin/uv pip install --python $(PY) --quiet --compile-bytecode
 export EAC_DATA_DIR := $(DATA_DIR)
 
 .PHONY: setup run test model lock

@@ -31,7 +31,9 @@ SPEC = {
     "n_edits": 4,
     "checkpoints": [0, 2, 4],
     "evaluation": {"tasks": {"wikitext": 2}, "perplexity_window": 64, "perplexity_stride": 64},
-    "resources": {"trajectory": {"num_cpus": 1}, "evaluation": {"num_cpus": 1, "actors": 1}},
+    # The demo's resources: both trajectories edit at once while the evaluator scores (one actor start-up
+    # of wall-clock per run instead of two in a row).
+    "resources": {"trajectory": {"num_cpus": 0.75}, "evaluation": {"num_cpus": 0.5, "actors": 1}},
     "max_restarts": 0,
 }
 TIMINGS = ["seconds_total", "seconds"]  # wall-clock: the only columns allowed to differ between runs
@@ -234,7 +236,7 @@ def test_dry_run_lists_the_plan_what_the_store_holds_and_the_cost_and_starts_not
     table = plan_table(store, plan).set_index("method")
     assert table.loc["rome-eac", "store"] == "complete" and table.loc["rome-eac", "seconds"] == 0
     assert table.loc["rome", "store"] == "resumes at 2/4"
-    assert (table.loc["rome", "actor"], table.loc["rome", "checkpoints"]) == ("1 CPU, 0 GPU", "0,2,4")
+    assert (table.loc["rome", "actor"], table.loc["rome", "checkpoints"]) == ("0.75 CPU, 0 GPU", "0,2,4")
     # Seconds per step measured in the store for the same model and method: the two steps left.
     edits = store.frame("edits").merge(store.frame("trajectories")[["trajectory_id", "model", "batch_size"]],
                                        on="trajectory_id")

@@ -9,6 +9,8 @@ import pytest
 from conftest import restored_weights
 from workers.data import load_counterfact
 from workers.editing import Editor, load_hparams
+from workers.editing.context import EditContext
+from workers.editing.methods import BASES, LOCATE_THEN_EDIT
 from workers.generation import begins_with, greedy_continuations
 
 
@@ -24,11 +26,24 @@ def unedited_answers(default_model, case0):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
+def cache_dir(tmp_path_factory, default_model):
     """One cache for the module's editors: second moments (50k tokens through the model per layer set)
     and context templates are computed once per base model and layer set, as in a real trajectory,
-    not once per editor. Both are keyed on the unedited weights, which every test restores."""
-    return tmp_path_factory.mktemp("edit-cache")
+    not once per editor. Both are keyed on the unedited weights, which every test restores.
+
+    The second moments of every layer the three base methods edit are collected first, in one pass
+    (ROME's layer 5 lies inside MEMIT's and AlphaEdit's 4-8, and a pass to layer 8 yields it too), so
+    ROME does not make a pass of its own."""
+    model, tokenizer = default_model
+    directory = tmp_path_factory.mktemp("edit-cache")
+    settings = [load_hparams(method, model) for method in LOCATE_THEN_EDIT]
+    stats = {(h.stats_corpus, h.stats_token_budget, h.stats_max_length) for h in settings}
+    assert len(stats) == 1, f"the base methods' statistics settings differ: {stats}"
+    layers = sorted({layer for method, h in zip(LOCATE_THEN_EDIT, settings)
+                     for layer in BASES[method].layers(h)})
+    with restored_weights(model):
+        EditContext(model, tokenizer, cache_dir=directory).prepare_second_moments(layers, settings[1])
+    return directory
 
 
 def edit_case0(default_model, case0, method, cache_dir):
