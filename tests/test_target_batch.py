@@ -81,3 +81,29 @@ def test_memit_batch_runs_one_forward_per_step(tmp_path):
     assert info.steps == 2 * hp.num_steps
     # 1 set-up + 4 steps, then the keys and current-z passes stop at layer 1 (never reach layer 2).
     assert len(runs) == 1 + hp.num_steps
+
+
+@pytest.mark.parametrize("prefix_reuse", [True, False])
+def test_requests_that_have_stopped_are_not_run_again(prefix_reuse):
+    """Once a request of the batch stops, later steps run only the other requests' rows (a stopped
+    request used to go through the forward pass at every later step, for a loss nobody read)."""
+    model, tokenizer = load_model("tiny-gpt2")
+    config = TargetConfig(num_steps=10, lr=0.2, early_stop_loss=0.0, prefix_reuse=prefix_reuse)
+    full, _ = sequential_and_batched(model, tokenizer, config)
+    values = sorted(l for r in full for l in r.losses)
+    gaps = [(b - a, (a + b) / 2) for a, b in zip(values, values[1:])]
+    threshold = max((gap, t) for gap, t in gaps if len({stop_step(r.losses, t) for r in full}) > 1)[1]
+    config = dataclasses.replace(config, early_stop_loss=threshold)
+    batch = TargetBatch(model, tokenizer, REQUESTS, 2, TEMPLATES, init_from="residual", config=config)
+    rows_run = []
+    upper = model.get_submodule(arch_spec(model).layer_name(3))
+    handle = upper.register_forward_hook(lambda module, args, output: rows_run.append(
+        (output[0] if isinstance(output, tuple) else output).shape[0]))
+    try:
+        results = optimise_deltas(batch)
+    finally:
+        handle.remove()
+    steps = [r.steps for r in results]
+    assert len(set(steps)) > 1, steps  # the requests stop at different steps
+    per_request = len(TEMPLATES) + 1  # its rewriting prompts and its KL prompt
+    assert rows_run == [per_request * sum(s > step for s in steps) for step in range(max(steps))]

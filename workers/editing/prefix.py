@@ -19,6 +19,7 @@ column = position in the row's own sequence − ``offset[row]``.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -76,18 +77,28 @@ class FullRun:
             final = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         self.setup = SetupOutputs(trace, layer_name, mlp_name, final, slice(None))
         self.offset = torch.zeros_like(batch.lookup)
-        self.rows = torch.arange(len(batch.lookup), device=batch.lookup.device)
 
-    def final_hidden(self, deltas: torch.Tensor) -> torch.Tensor:
-        """Final hidden states with ``deltas[row]`` (rows, hidden) added at each row's subject token."""
+    def final_hidden(self, deltas: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states with ``deltas`` (one per row run) added at each row's subject token; only
+        the batch rows ``rows`` are run when given (in that order), every row otherwise."""
+        pick = functools.partial(select_rows, rows=rows)
+        lookup = pick(self.batch.lookup)
+        positions = torch.arange(len(lookup), device=lookup.device)
+
         def inject(cached: torch.Tensor) -> torch.Tensor:
             update = torch.zeros_like(cached)
-            update = update.index_put((self.rows, self.batch.lookup), deltas.to(cached.dtype))
+            update = update.index_put((positions, lookup), deltas.to(cached.dtype))
             return cached + update
 
-        with layers_replaced(self.model, self.layer, Replay(self.setup.layer_out, self.setup.tuple_output, inject)):
-            return self.model.base_model(input_ids=self.batch.input_ids,
-                                         attention_mask=self.batch.attention_mask).last_hidden_state
+        replay = Replay(pick(self.setup.layer_out), self.setup.tuple_output, inject)
+        with layers_replaced(self.model, self.layer, replay):
+            return self.model.base_model(input_ids=pick(self.batch.input_ids),
+                                         attention_mask=pick(self.batch.attention_mask)).last_hidden_state
+
+
+def select_rows(tensor: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """``tensor``'s batch rows ``rows`` (its first dimension), or all of it when ``rows`` is None."""
+    return tensor if rows is None else tensor[rows]
 
 
 def additive_mask(real: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -125,8 +136,11 @@ class SuffixRun:
         self.suffix_positions = batch.position_ids[:, prefix:]
         self.offset = batch.lookup
 
-    def final_hidden(self, deltas: torch.Tensor) -> torch.Tensor:
-        """Final hidden states with ``deltas[row]`` (rows, hidden) added at each row's subject token."""
+    def final_hidden(self, deltas: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states with ``deltas`` (one per row run) added at each row's subject token; only
+        the batch rows ``rows`` are run when given (in that order), every row otherwise."""
+        pick = functools.partial(select_rows, rows=rows)
+
         def inject(cached: torch.Tensor) -> torch.Tensor:
             # δ at column 0, the subject's last token of every row.
             return torch.cat([cached[:, :1] + deltas.to(cached.dtype).unsqueeze(1), cached[:, 1:]], dim=1)
@@ -134,8 +148,8 @@ class SuffixRun:
         # A fresh cache per step: the layers append the suffix's keys/values to it.
         cache = DynamicCache(config=self.model.config)
         for i, keys, values in self.prefix_kv:
-            cache.update(keys, values, i)
-        with layers_replaced(self.model, self.layer, Replay(self.setup.layer_out, self.setup.tuple_output, inject)):
-            return self.model.base_model(input_ids=self.suffix_ids, attention_mask=self.suffix_mask,
-                                         position_ids=self.suffix_positions, cache=cache,
+            cache.update(pick(keys), pick(values), i)
+        with layers_replaced(self.model, self.layer, Replay(pick(self.setup.layer_out), self.setup.tuple_output, inject)):
+            return self.model.base_model(input_ids=pick(self.suffix_ids), attention_mask=pick(self.suffix_mask),
+                                         position_ids=pick(self.suffix_positions), cache=cache,
                                          use_cache=True).last_hidden_state

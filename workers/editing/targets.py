@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from workers.data import EditRequest
 from workers.editing.errors import EditFailure
 from workers.editing.hparams import TargetConfig
-from workers.editing.prefix import FullRun, SuffixRun
+from workers.editing.prefix import FullRun, SuffixRun, select_rows
 from workers.editing.tokens import (aligned_on_lookup, check_length, rewriting_prompts, right_padded,
                                     target_token_ids)
 from workers.models import model_device
@@ -114,22 +114,38 @@ class TargetBatch:
         lm_head = model.get_output_embeddings()
         self.kl_reference = F.log_softmax(lm_head(setup.final[self.kl_rows, self.kl_cols]).float(), dim=-1).detach()
 
-    def losses(self, deltas: torch.Tensor) -> LossParts:
-        """The loss of every request at ``deltas`` (n, hidden): (n,) tensors."""
-        hidden = self.run.final_hidden(deltas[self.row_request])
+    def losses(self, deltas: torch.Tensor, requests: Sequence[int] | None = None) -> LossParts:
+        """The loss of each request at ``deltas`` (n, hidden): (n,) tensors; with ``requests`` (ascending
+        indices), only theirs, in that order — and only their rows are run, so a batch whose other
+        requests have stopped costs what the remaining ones cost."""
+        if requests is None or len(requests) == self.n:
+            requests, rows = list(range(self.n)), None
+            row_of = torch.arange(len(self.row_request), device=self.device)
+        else:
+            wanted = torch.as_tensor(list(requests), device=self.device)
+            rows = torch.isin(self.row_request, wanted).nonzero().squeeze(1)
+            # Batch row -> its position among the rows run (-1: not run).
+            row_of = torch.full_like(self.row_request, -1)
+            row_of[rows] = torch.arange(len(rows), device=self.device)
+        hidden = self.run.final_hidden(deltas[select_rows(self.row_request, rows)], rows)
         lm_head = self.model.get_output_embeddings()
-        target_logits = lm_head(hidden[self.target_rows, self.target_cols]).float()
-        token_nll = -F.log_softmax(target_logits, dim=-1).gather(1, self.target_tok.unsqueeze(1)).squeeze(1)
+        kept = row_of[self.target_rows] >= 0
+        target_logits = lm_head(hidden[row_of[self.target_rows[kept]], self.target_cols[kept]]).float()
+        target_tok = self.target_tok[kept]
+        token_nll = -F.log_softmax(target_logits, dim=-1).gather(1, target_tok.unsqueeze(1)).squeeze(1)
         # Mean over each prompt's target tokens, then over the request's prompts (all the same count).
+        # The kept requests' tokens are contiguous and in request order, as in the full batch.
         nll, start = [], 0
-        for prompts, tokens in self.counts:
+        for prompts, tokens in (self.counts[r] for r in requests):
             nll.append(token_nll[start:start + prompts * tokens].view(prompts, tokens).mean(dim=1).mean())
             start += prompts * tokens
         nll = torch.stack(nll)
-        kl_logprobs = F.log_softmax(lm_head(hidden[self.kl_rows, self.kl_cols]).float(), dim=-1)
-        kl = self.config.kl_factor * F.kl_div(self.kl_reference, kl_logprobs, log_target=True,
+        index = torch.as_tensor(requests, device=self.device)
+        kl_rows, kl_cols = self.kl_rows[index], self.kl_cols[index]
+        kl_logprobs = F.log_softmax(lm_head(hidden[row_of[kl_rows], kl_cols]).float(), dim=-1)
+        kl = self.config.kl_factor * F.kl_div(self.kl_reference[index], kl_logprobs, log_target=True,
                                               reduction="none").sum(dim=-1)
-        weight_decay = self.config.weight_decay * (deltas.norm(dim=-1) / self.v_init_sq_norms)
+        weight_decay = self.config.weight_decay * (deltas[index].norm(dim=-1) / self.v_init_sq_norms[index])
         return LossParts(nll + kl + weight_decay, nll, kl, weight_decay)
 
 
@@ -183,8 +199,8 @@ def optimise_deltas(problem: TargetBatch, *, num_steps: int | None = None, lr: f
 
     θ is (n, hidden), ``init`` (n, hidden), ``mask`` (hidden,) or (n, hidden), ``penalty`` a function
     of one request's δ. Each request keeps its own step count and stops at its own step: once it
-    stops, its δ is frozen (put back after each later Adam step) and its loss no longer enters the
-    backward pass, so its result is the one it would have had alone.
+    stops, its δ is frozen (put back after each later Adam step) and its rows are no longer run, so
+    its result is the one it would have had alone and the later steps cost what the others cost.
     """
     config = problem.config
     num_steps = config.num_steps if num_steps is None else num_steps
@@ -204,22 +220,23 @@ def optimise_deltas(problem: TargetBatch, *, num_steps: int | None = None, lr: f
     for step in range(num_steps):
         optimiser.zero_grad(set_to_none=True)
         delta = current(theta)
-        parts = problem.losses(delta)
-        total = parts.total + (torch.stack([penalty(row) for row in delta]) if penalty is not None else 0.0)
+        # Only the requests still optimising are run: position i of the parts is request active[i].
+        parts = problem.losses(delta, active)
+        total = parts.total + (torch.stack([penalty(delta[r]) for r in active]) if penalty is not None else 0.0)
         values, plain, nll = total.detach().tolist(), parts.total.detach().tolist(), parts.nll.detach().tolist()
         stopping = []
-        for r in active:
-            if not math.isfinite(values[r]):
+        for i, r in enumerate(active):
+            if not math.isfinite(values[i]):
                 which = f" for request {r} of the batch" if problem.n > 1 else ""
-                raise EditFailure(f"the target loss became {values[r]} at step {step}{which}")
+                raise EditFailure(f"the target loss became {values[i]} at step {step}{which}")
             result = results[r]
-            result.steps, result.loss, result.nll = step + 1, values[r], nll[r]
-            result.losses.append(values[r])
+            result.steps, result.loss, result.nll = step + 1, values[i], nll[i]
+            result.losses.append(values[i])
             # The stopping rule reads the plain target loss, not the penalty (EAC's elastic net), so a
             # constrained run stops exactly when its base would.
-            if plain[r] < config.early_stop_loss or (step == num_steps - 1 and not update_last):
+            if plain[i] < config.early_stop_loss or (step == num_steps - 1 and not update_last):
                 stopping.append(r)
-        backward = active if record_gradients else [r for r in active if r not in stopping]
+        backward = [i for i, r in enumerate(active) if record_gradients or r not in stopping]
         if backward:
             total[backward].sum().backward()
         if record_gradients:
