@@ -122,6 +122,8 @@ class TargetBatch:
             requests, rows = list(range(self.n)), None
             row_of = torch.arange(len(self.row_request), device=self.device)
         else:
+            if list(requests) != sorted(set(requests)):  # rows are picked in batch order
+                raise ValueError(f"requests must be distinct and ascending, got {list(requests)}")
             wanted = torch.as_tensor(list(requests), device=self.device)
             rows = torch.isin(self.row_request, wanted).nonzero().squeeze(1)
             # Batch row -> its position among the rows run (-1: not run).
