@@ -16,8 +16,8 @@ UV_PIN    ?= uv==0.13.9
 PY        := $(VENV)/bin/python
 # --compile-bytecode: uv, unlike pip, installs without .pyc files, and where PYTHONDONTWRITEBYTECODE is
 # set (this machine and CI) none are ever written, so every process compiled transformers and Ray from
-# source at import: ~5 CPU-seconds of each Ray actor's start-up (measured: 14.6 -> 9.3 s user time for
-# one actor's imports and tiny model). Compiled once here instead.
+# source at import: a fresh actor's start-up took 21.0 CPU-s against 10.3 compiled (0.49, measured in one
+# run by benchmarks/process_startup.py). Compiled once here instead.
 UV        := $(VENV)/bin/uv pip install --python $(PY) --quiet --compile-bytecode
 export EAC_DATA_DIR := $(DATA_DIR)
 

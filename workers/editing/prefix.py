@@ -149,7 +149,8 @@ class SuffixRun:
         cache = DynamicCache(config=self.model.config)
         for i, keys, values in self.prefix_kv:
             cache.update(pick(keys), pick(values), i)
-        with layers_replaced(self.model, self.layer, Replay(pick(self.setup.layer_out), self.setup.tuple_output, inject)):
+        replay = Replay(pick(self.setup.layer_out), self.setup.tuple_output, inject)
+        with layers_replaced(self.model, self.layer, replay):
             return self.model.base_model(input_ids=pick(self.suffix_ids), attention_mask=pick(self.suffix_mask),
                                          position_ids=pick(self.suffix_positions), cache=cache,
                                          use_cache=True).last_hidden_state
