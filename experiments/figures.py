@@ -313,7 +313,9 @@ def general_task_figures(frames: Frames, out: Path) -> list[Section]:
 
 
 def ablation_figure(frames: Frames, out: Path) -> Section:
-    title = "Fig. 7 — ablations: EAC without the saliency map / without the elastic net"
+    # The paper's Fig. 7 ablates EAC (no saliency map, no elastic net); any variant tagged ``ablation``
+    # (e.g. ROME with the paper-equation residual key) is drawn against its full method here.
+    title = "Fig. 7 — ablations (variants tagged group: ablation) against their full method"
     return _group_figure(frames, out, "ablation", title, general=True, filename="fig7_ablations.png")
 
 
@@ -487,24 +489,47 @@ def edit_times_table(frames: Frames) -> Section:
     return Section(title, body)
 
 
+def unedited_at_chance(evaluations: pd.DataFrame, task: str, metric: str) -> str:
+    """For a score with a chance level whose unedited rows' 95% intervals all contain it: the unedited
+    value(s) with interval and the level, as text; otherwise ''."""
+    level = CHANCE_LEVELS.get((task, metric))
+    if level is None:
+        return ""
+    rows = with_intervals(evaluations[(evaluations["task"] == task) & (evaluations["metric"] == metric)
+                                      & (evaluations["n_edits"] == 0)])
+    if not at_chance(rows, level):
+        return ""
+    values = rows.drop_duplicates(["model", "value", "ci_low", "ci_high"])
+    shown = ", ".join(f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in
+                      zip(values["value"], values["ci_low"], values["ci_high"]))
+    return f"{shown}, chance {level:g}"
+
+
 def retention_section(frames: Frames, out: Path) -> Section:
     title = "Retention per task at the last checkpoint"
     evaluations = frames.evaluations
     if not len(evaluations):
         return _note(title, "the store holds no evaluation rows")
-    rows = []
+    rows, without_margin = [], []
     for task in general_tasks(evaluations):
         for metric in task_metrics(evaluations, task):
             retention = evaluations[(evaluations["task"] == task) & (evaluations["metric"] == f"retention/{metric}")]
             if not len(retention):
                 continue  # e.g. an unedited score of 0: no ratio
+            unedited = unedited_at_chance(evaluations, task, metric)
+            if unedited:
+                without_margin.append(f"{task} ({metric}): unedited {unedited}")
+                continue
             last = retention.sort_values("n_edits").groupby("trajectory_id", as_index=False).last()
             for _, row in last.iterrows():
                 rows.append({"model": row["model"], "dataset": row["dataset"], "method": row["variant"],
                              "seed": row["seed"], "edits": int(row["n_edits"]), "task": f"{task} ({metric})",
                              "retention": row["value"]})
+    margin_note = ("\n\nNot shown: " + "; ".join(without_margin) + ". Their unedited 95% interval already contains the "
+                   "chance level: there is no margin above chance to keep, so a ratio of it measures noise.") if without_margin else ""
     if not rows:
-        return _note(title, "the store holds no retention rows (general tasks scored before and after edits)")
+        return _note(title, "the store holds no retention rows (general tasks scored before and after edits)"
+                     + margin_note)
     table = pd.DataFrame(rows)
     wide = (table.groupby(["model", "dataset", "method", "edits", "task"])["retention"].mean().unstack("task")
             .reset_index())
@@ -525,8 +550,10 @@ def retention_section(frames: Frames, out: Path) -> Section:
     path = out / "retention.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    body = ("Score after the last edit divided by the unedited model's score (perplexity: inverted), so 1 means "
-            "preserved:\n\n" + _markdown_table(wide))
+    body = ("Score after the last edit divided by the unedited model's score (perplexity: inverted); for a score "
+            "with a chance level c, the share of the unedited margin above chance that is kept, (edited − c) / "
+            "(unedited − c). So 1 means preserved and 0 no better than guessing:\n\n" + _markdown_table(wide)
+            + margin_note)
     return Section(title, body, path)
 
 

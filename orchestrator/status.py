@@ -44,8 +44,9 @@ def parse_status(text: str, reason: str | None = None) -> tuple[Status, str | No
 
 
 def status_text(status: Status | str, reason: str | None) -> str:
-    """One line for people: ``failed: actor died: ...``, or the status alone."""
-    return f"{status}: {reason}" if reason else str(status)
+    """One line for people: ``failed: actor died: ...``, or the status alone (also for a missing reason
+    read from a table, where pandas gives NaN)."""
+    return f"{status}: {reason}" if isinstance(reason, str) and reason else str(status)
 
 
 def split_statuses(table: pa.Table) -> pa.Table:

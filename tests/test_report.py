@@ -310,3 +310,32 @@ def test_tuning_trials_show_efficacy_against_the_update_norm(tmp_path):
     assert row_of(section, "rome-eac[gamma=95]")[-2:] == ["0.004", "-0.4375"]
     assert row_of(section, "rome[reference]")[3] == "0.938 [0.812, 1.000]"  # 13 and 16 of 16: binomial percentiles
     assert "tune" not in text.split("### Tuning")[0].split("### Trajectories")[1].split("### Fig. 2")[1]
+
+
+def test_retention_leaves_out_a_score_already_at_chance_before_editing_and_says_so(tmp_path):
+    """MMLU 17 of 64 unedited (0.266, interval about [0.16, 0.38] around chance 0.25) falling to 16 of 64
+    would read as retention 0 — "lost everything" — though there was nothing above chance to lose; NLI 52 of
+    64 (0.81) has a margin, and its ratio is kept. The trajectory's status with no reason reads alone."""
+    store = Store(tmp_path / "store")
+    store.put_trajectory({"experiment": "ret", "trajectory_id": "t0", "model": MODEL, "method": "memit",
+                          "variant": "memit", "group": None, "dataset": "counterfact", "seed": 0, "n_edits": 10,
+                          "batch_size": 1, "hparams": "{}", "config": "{}", "status": "running", "reason": None,
+                          "edits_done": 5, "updated_at": None})
+    scores = {0: {"mmlu": 17, "nli": 52}, 10: {"mmlu": 16, "nli": 44}}
+    for n, counts in scores.items():
+        rows = [mean_row("mmlu", "accuracy_letter", [1.0] * counts["mmlu"] + [0.0] * (64 - counts["mmlu"])).as_dict(),
+                mean_row("nli", "label_ll_accuracy", [1.0] * counts["nli"] + [0.0] * (64 - counts["nli"])).as_dict()]
+        if n:
+            rows += [{"task": "mmlu", "metric": "retention/accuracy_letter", "value": 0.0, "n_examples": 64},
+                     {"task": "nli", "metric": "retention/label_ll_accuracy", "value": (44 / 64 - 0.5) / (52 / 64 - 0.5),
+                      "n_examples": 64}]
+        store.put_evaluations("ret", "t0", n, rows)
+    text = build_report(store.root).read_text()
+    section = text.split("### Retention per task")[1].split("###")[0]
+    assert cell(section, "nli (label_ll_accuracy)", MODEL, "memit", "10") == f"{(44 / 64 - 0.5) / (52 / 64 - 0.5):.3f}"
+    assert "mmlu (accuracy_letter)" not in section.split("Not shown:")[0]
+    note = section.split("Not shown:")[1]
+    assert note.startswith(" mmlu (accuracy_letter): unedited 0.266 [") and "chance 0.25" in note
+    assert "nli" not in note
+    trajectories = text.split("### Trajectories")[1].split("###")[0]
+    assert cell(trajectories, "status", MODEL, "memit") == "running"
