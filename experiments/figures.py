@@ -7,6 +7,7 @@ For every experiment in the store: PNG figures and one Markdown summary (``repor
     Figs. 6/10  general tasks vs edits (ZsRE: Fig. 6, CounterFact: Fig. 10)    (evaluations, general tasks)
     Fig. 7      ablations (variants tagged group: ablation) on general tasks
     Fig. 8      anchor-selection methods (group: anchor-selection) on editing metrics
+    summary     every arm at its last checkpoint: perplexity, drift, editing metrics, norms
     Table 1     seconds per edit, per model and method (and per phase)
     retention   edited / unedited general-task score at the last checkpoint, per task
     data        evaluations.csv: every stored evaluation row with its trajectory's labels
@@ -557,6 +558,53 @@ def retention_section(frames: Frames, out: Path) -> Section:
     return Section(title, body, path)
 
 
+# The summary table's columns: (header, task, metric); ``deviation`` is the mean over edited matrices.
+SUMMARY_COLUMNS = (("WikiText ppl", "wikitext", "perplexity"), ("drift KL", "drift", "kl_mean"),
+                   ("CF efficacy", "edit/counterfact", "efficacy"), ("reliability", "edit/toolkit", "reliability"),
+                   ("generalisation", "edit/toolkit", "generalisation"), ("locality", "edit/toolkit", "locality"),
+                   ("‖W‖₁ / ‖W₀‖₁ − 1", "deviation", "l1_relative_change"),
+                   ("‖ΔW‖₁ / ‖W₀‖₁", "deviation", "update_l1_relative"))
+
+
+def summary_section(frames: Frames) -> Section:
+    """One row per arm (not tuning trials) at its last scored checkpoint, averaged over seeds, with the
+    signals that move on a small model beside the editing metrics and the norms; WikiText perplexity also
+    before any edit. A column the store has no rows for is left out."""
+    title = "Summary — every arm at its last checkpoint"
+    evaluations = frames.evaluations
+    if len(evaluations):
+        evaluations = evaluations[evaluations["group"].fillna("") != TUNE_GROUP]
+    if not len(evaluations):
+        return _note(title, "the store holds no evaluation rows")
+    last = evaluations.groupby("trajectory_id")["n_edits"].max()  # every column at this checkpoint
+    keys = ["model", "dataset", "variant"]
+    table = (evaluations.drop_duplicates("trajectory_id").assign(edits=lambda f: f["trajectory_id"].map(last))
+             .groupby(keys)["edits"].min().reset_index())
+    for header, task, metric in SUMMARY_COLUMNS:
+        if task == "deviation":
+            part = deviation_norms(evaluations, metric)
+        else:
+            part = evaluations[(evaluations["task"] == task) & (evaluations["metric"] == metric)]
+        if not len(part):
+            continue
+        if task == "wikitext":
+            before = part[part["n_edits"] == 0].groupby(keys)["value"].mean().rename("WikiText ppl, unedited")
+            table = table.merge(before.reset_index(), on=keys, how="left")
+        at_last = part[part["n_edits"] == part["trajectory_id"].map(last)]
+        cells = at_last.groupby(keys)
+        values = cells["value"].mean()
+        if {"ci_low", "ci_high"} <= set(at_last) and at_last["ci_low"].notna().any():
+            bounds = cells[["ci_low", "ci_high"]].mean()
+            values = pd.Series([_with_interval(v, lo, hi) for v, lo, hi in
+                                zip(values, bounds["ci_low"], bounds["ci_high"])], index=values.index, dtype=object)
+        table = table.merge(values.rename(header).reset_index(), on=keys, how="left")
+    table = table.rename(columns={"variant": "method"}).sort_values(["model", "dataset", "method"])
+    return Section(title, "Each arm after its last scored checkpoint (mean over seeds; 95% intervals in brackets "
+                          "where the rows carry one): WikiText perplexity before and after, next-token drift, the "
+                          "editing metrics on all edits so far, and the edited matrices' norms (mean over them)."
+                          "\n\n" + _markdown_table(table))
+
+
 def trajectories_section(frames: Frames) -> Section:
     trajectories = frames.trajectories
     table = trajectories[["model", "variant", "dataset", "seed", "edits_done", "n_edits"]].assign(
@@ -616,7 +664,7 @@ def _slug(text: str) -> str:
 
 def experiment_sections(store: Store, experiment: str, out: Path) -> list[Section]:
     frames = load_frames(store, experiment)
-    return [trajectories_section(frames), l1_norm_figure(frames, out), *editing_figures(frames, out),
+    return [trajectories_section(frames), summary_section(frames), l1_norm_figure(frames, out), *editing_figures(frames, out),
             *general_task_figures(frames, out), ablation_figure(frames, out), anchor_selection_figure(frames, out),
             norm_figure(frames, out), tuning_tradeoff_figure(frames, out), edit_times_table(frames),
             retention_section(frames, out), evaluations_csv(frames, out)]

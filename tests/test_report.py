@@ -140,8 +140,8 @@ def test_an_empty_store_skips_every_figure(tmp_path):
     path = build_report(store.root)
     text = path.read_text()
     assert not list(path.parent.rglob("*.png")) and not list(path.parent.rglob("*.csv"))
-    # Figs. 2, 5/9, 6/10, 7, 8, norms, tuning trade-off, Table 1, retention, the evaluations CSV
-    assert text.count("_Skipped:") == 10
+    # the summary, Figs. 2, 5/9, 6/10, 7, 8, norms, tuning trade-off, Table 1, retention, the evaluations CSV
+    assert text.count("_Skipped:") == 11
     assert "failed: actor died" in text
 
 
@@ -339,3 +339,18 @@ def test_retention_leaves_out_a_score_already_at_chance_before_editing_and_says_
     assert "nli" not in note
     trajectories = text.split("### Trajectories")[1].split("###")[0]
     assert cell(trajectories, "status", MODEL, "memit") == "running"
+
+
+def test_the_summary_has_one_row_per_arm_with_perplexity_before_and_after_drift_and_norms(general_report):
+    _, text, _ = general_report
+    section = text.split("### Summary")[1].split("###")[0]
+    rows = [line for line in section.splitlines() if line.startswith(f"| {MODEL} ")]
+    assert len(rows) == 2  # rome, rome-eac
+    assert cell(section, "edits", MODEL, "rome") == "10"
+    assert cell(section, "WikiText ppl, unedited", MODEL, "rome") == "30.000"
+    assert cell(section, "WikiText ppl", MODEL, "rome-eac") == f"{31.0:.3f} [{28.0:.3f}, {35.0:.3f}]"
+    assert cell(section, "drift KL", MODEL, "rome") == "0.100"
+    # the mean over layers 2 and 3 after 10 edits: 0.03 * 10 * 0.8, and 0.03 * 10 * (2 + layer)
+    assert cell(section, "‖W‖₁ / ‖W₀‖₁ − 1", MODEL, "rome") == f"{0.24:.3f}"
+    assert cell(section, "‖ΔW‖₁ / ‖W₀‖₁", MODEL, "rome-eac") == f"{0.002 * 10 * 4.5:.3f}"
+    assert "CF efficacy" not in section  # no such rows in this store
