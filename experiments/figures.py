@@ -414,8 +414,10 @@ TRADEOFF_EFFICACY = (("edit/counterfact", "efficacy"), ("edit/toolkit", "reliabi
 
 def tuning_tradeoff_figure(frames: Frames, out: Path) -> Section:
     """`eac tune` trials: efficacy vs the accumulated update's relative L1 norm at each trial's last
-    checkpoint, a panel per (model, base method); the base method's own trial (the constrained
-    objective's reference) as a star."""
+    checkpoint, a panel per (model, base method). The base method's own trial (the constrained
+    objective's reference) is a star at each checkpoint a trial ended at: a trial stopped early has fewer
+    edits, hence a smaller update, and is compared with the reference at its own checkpoint (hollow
+    markers), never with the reference's last one."""
     title = "Tuning — efficacy vs ‖ΔW‖₁ of the search's trials"
     evaluations = frames.evaluations
     trials = evaluations[evaluations["group"] == TUNE_GROUP] if len(evaluations) else evaluations
@@ -427,44 +429,62 @@ def tuning_tradeoff_figure(frames: Frames, out: Path) -> Section:
     if not len(norms):
         return _note(title, "the tuning trials have no deviation rows (evaluation.deviation_norms)")
     scores = trials[(trials["task"] == term[0]) & (trials["metric"] == term[1])]
-    points = scores.merge(norms[["trajectory_id", "n_edits", "value"]].rename(columns={"value": "l1"}),
+    scored = scores.merge(norms[["trajectory_id", "n_edits", "value"]].rename(columns={"value": "l1"}),
                           on=["trajectory_id", "n_edits"], how="inner")
+    scored["base"] = scored["method"].map(base_method)
+    is_reference = scored["method"] == scored["base"]
+    references = scored[is_reference]
+    points = scored[~is_reference]
     points = points[points["n_edits"] == points.groupby("trajectory_id")["n_edits"].transform("max")].copy()
-    points["base"] = points["method"].map(base_method)
+    if not len(points):
+        points = references[references["n_edits"] == references.groupby("trajectory_id")["n_edits"].transform("max")]
     plt = _pyplot()
-    settings = sorted(set(zip(points["model"], points["base"])))
+    settings = sorted(set(zip(scored["model"], scored["base"])))
     fig, axes = plt.subplots(1, len(settings), figsize=(5.0 * len(settings), 4.0), squeeze=False)
     rows = []
     for ax, (model, base) in zip(axes.flat, settings):
         part = points[(points["model"] == model) & (points["base"] == base)]
-        reference = part[part["method"] == base]
-        reference_value = reference["value"].mean() if len(reference) else math.nan
-        for method, group in part[part["method"] != base].groupby("method"):
+        own = references[(references["model"] == model) & (references["base"] == base)]
+        reference = own.groupby("n_edits")[["value", "l1"]].mean()  # per checkpoint (seeds averaged)
+        final = max(scored.loc[(scored["model"] == model) & (scored["base"] == base), "n_edits"])
+        for (method, edits), group in part[part["method"] != base].groupby(["method", "n_edits"]):
+            early = edits < final
             ax.errorbar(group["l1"], group["value"], yerr=[group["value"] - group["ci_low"],
                                                            group["ci_high"] - group["value"]],
-                        fmt="o", markersize=4, capsize=2, label=method, alpha=0.8)
-        if len(reference):
-            ax.scatter(reference["l1"], reference["value"], marker="*", s=160, color="black", zorder=3,
-                       label=f"{base} (reference)")
-            ax.axhline(reference_value, color="black", linestyle=":", linewidth=0.9)
+                        fmt="o", markersize=5, capsize=2, alpha=0.8, mfc="white" if early else None,
+                        label=f"{method}, {edits} edits" + (" (stopped early)" if early else ""))
+        for edits in sorted(set(part["n_edits"]) | ({final} if len(reference) else set())):
+            if edits in reference.index:
+                ax.scatter(reference.loc[edits, "l1"], reference.loc[edits, "value"], marker="*", s=160, zorder=3,
+                           color="black" if edits == final else "white", edgecolors="black",
+                           label=f"{base} (reference), {edits} edits")
+        if final in reference.index:
+            ax.axhline(reference.loc[final, "value"], color="black", linestyle=":", linewidth=0.9)
         ax.set_xlabel("‖ΔW‖₁ / ‖W₀‖₁ (mean over edited matrices)")
         ax.set_ylabel(f"{term[0].removeprefix(EDIT_PREFIX)} {term[1]}")
         ax.set_title(f"{model} · {base}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        for _, point in part.sort_values("l1").iterrows():
-            rows.append({"model": model, "trial": point["variant"], "edits": int(point["n_edits"]),
+        shown = pd.concat([part, own[own["n_edits"] == final]]) if len(own) else part
+        for _, point in shown.drop_duplicates(["trajectory_id"]).sort_values(["n_edits", "l1"]).iterrows():
+            edits = int(point["n_edits"])
+            ref_value, ref_l1 = (reference.loc[edits, "value"], reference.loc[edits, "l1"]) \
+                if edits in reference.index else (math.nan, math.nan)
+            rows.append({"model": model, "trial": point["variant"], "edits": edits,
                          term[1]: _with_interval(point["value"], point["ci_low"], point["ci_high"]),
-                         "‖ΔW‖₁/‖W₀‖₁": point["l1"], "− base": point["value"] - reference_value})
+                         "‖ΔW‖₁/‖W₀‖₁": point["l1"], "− base": point["value"] - ref_value,
+                         "‖ΔW‖₁ / base's": point["l1"] / ref_l1})
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     path = out / "tuning_tradeoff.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    body = (f"Each trial at its last scored checkpoint (an early-stopped trial has fewer edits); the star is the "
-            f"base method's trial, the dotted line its {term[1]}. Trials by ‖ΔW‖₁:\n\n"
-            + _markdown_table(pd.DataFrame(rows), ".4g"))
+    body = (f"Each trial at its last scored checkpoint; a trial stopped early (hollow) has fewer edits, hence a "
+            f"smaller update, so it is compared with the base method's trial (star) at the same checkpoint: "
+            f"'− base' is the {term[1]} difference and '‖ΔW‖₁ / base's' the update's ratio, both at the trial's "
+            f"own checkpoint; the dotted line is the base's {term[1]} at the last. Trials by checkpoint and "
+            f"‖ΔW‖₁:\n\n" + _markdown_table(pd.DataFrame(rows), ".4g"))
     return Section(title, body, path)
 
 

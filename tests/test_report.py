@@ -292,22 +292,33 @@ def test_norms_and_drift_are_drawn_for_every_arm_over_the_sequence(general_repor
 
 def test_tuning_trials_show_efficacy_against_the_update_norm(tmp_path):
     store = Store(tmp_path / "store")
-    # (method, requests of 16 edited, relative L1 of the update)
-    trials = {"rome[reference]": ("rome", 15, 0.05), "rome-eac[gamma=60]": ("rome-eac", 14, 0.02),
-              "rome-eac[gamma=95]": ("rome-eac", 8, 0.004)}
-    for variant, (method, edited, l1) in trials.items():
+    # variant -> (method, {checkpoint: (requests of 16 edited, relative L1 of the update)}); the trial at
+    # gamma=80 was stopped after 8 edits, when its update (0.012) was smaller than gamma=60's at 16 (0.02)
+    # but larger than the reference's own at 8 (0.01).
+    trials = {"rome[reference]": ("rome", {8: (16, 0.01), 16: (15, 0.05)}),
+              "rome-eac[gamma=60]": ("rome-eac", {8: (16, 0.005), 16: (14, 0.02)}),
+              "rome-eac[gamma=80]": ("rome-eac", {8: (12, 0.012)}),
+              "rome-eac[gamma=95]": ("rome-eac", {8: (10, 0.002), 16: (8, 0.004)})}
+    for variant, (method, checkpoints) in trials.items():
         tid = variant.replace("[", "-").replace("]", "").replace("=", "")
         store.put_trajectory({"experiment": "tune-x", "trajectory_id": tid, "model": MODEL, "method": method,
                               "variant": variant, "group": "tune", "dataset": "counterfact-val", "seed": 0,
                               "n_edits": 16, "batch_size": 1, "hparams": "{}", "config": "{}",
-                              "status": "completed", "edits_done": 16, "updated_at": None})
-        store.put_evaluations("tune-x", tid, 16, [
-            mean_row("edit/counterfact", "efficacy", [1.0] * edited + [0.0] * (16 - edited)).as_dict(), {"task": "deviation/m", "metric": "update_l1_relative", "value": l1, "n_examples": 1}])
+                              "status": "completed", "edits_done": max(checkpoints), "updated_at": None})
+        for n, (edited, l1) in checkpoints.items():
+            store.put_evaluations("tune-x", tid, n, [
+                mean_row("edit/counterfact", "efficacy", [1.0] * edited + [0.0] * (16 - edited)).as_dict(),
+                {"task": "deviation/m", "metric": "update_l1_relative", "value": l1, "n_examples": 1}])
     text = build_report(store.root).read_text()
     assert (tmp_path / "store" / "report" / "tune-x" / "tuning_tradeoff.png").is_file()
     section = text.split("### Tuning — efficacy vs")[1].split("###")[0]
-    assert row_of(section, "rome-eac[gamma=60]")[-2:] == ["0.02", "-0.0625"]  # 14/16 - 15/16
-    assert row_of(section, "rome-eac[gamma=95]")[-2:] == ["0.004", "-0.4375"]
+    # (update, efficacy − the reference's, update / the reference's), both at the trial's last checkpoint
+    assert row_of(section, "rome-eac[gamma=60]")[2] == "16"
+    assert row_of(section, "rome-eac[gamma=60]")[-3:] == ["0.02", "-0.0625", "0.4"]  # 14/16 - 15/16; 0.02/0.05
+    assert row_of(section, "rome-eac[gamma=95]")[-3:] == ["0.004", "-0.4375", "0.08"]
+    # stopped at 8: against the reference at 8 edits (16 of 16, 0.01), not at 16
+    assert row_of(section, "rome-eac[gamma=80]")[2] == "8"
+    assert row_of(section, "rome-eac[gamma=80]")[-3:] == ["0.012", "-0.25", "1.2"]
     assert row_of(section, "rome[reference]")[3] == "0.938 [0.812, 1.000]"  # 13 and 16 of 16: binomial percentiles
     assert "tune" not in text.split("### Tuning")[0].split("### Trajectories")[1].split("### Fig. 2")[1]
 
