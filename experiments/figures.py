@@ -436,8 +436,6 @@ def tuning_tradeoff_figure(frames: Frames, out: Path) -> Section:
     references = scored[is_reference]
     points = scored[~is_reference]
     points = points[points["n_edits"] == points.groupby("trajectory_id")["n_edits"].transform("max")].copy()
-    if not len(points):
-        points = references[references["n_edits"] == references.groupby("trajectory_id")["n_edits"].transform("max")]
     plt = _pyplot()
     settings = sorted(set(zip(scored["model"], scored["base"])))
     fig, axes = plt.subplots(1, len(settings), figsize=(5.0 * len(settings), 4.0), squeeze=False)
@@ -512,12 +510,13 @@ def edit_times_table(frames: Frames) -> Section:
 
 def unedited_at_chance(evaluations: pd.DataFrame, task: str, metric: str) -> str:
     """For a score with a chance level whose unedited rows' 95% intervals all contain it: the unedited
-    value(s) with interval and the level, as text; otherwise ''."""
+    value(s) with interval and the level, as text; otherwise ''. ``evaluations`` as ``load_frames``
+    gives them (with intervals)."""
     level = CHANCE_LEVELS.get((task, metric))
     if level is None:
         return ""
-    rows = with_intervals(evaluations[(evaluations["task"] == task) & (evaluations["metric"] == metric)
-                                      & (evaluations["n_edits"] == 0)])
+    rows = evaluations[(evaluations["task"] == task) & (evaluations["metric"] == metric)
+                       & (evaluations["n_edits"] == 0)]
     if not at_chance(rows, level):
         return ""
     values = rows.drop_duplicates(["model", "value", "ci_low", "ci_high"])
@@ -602,7 +601,7 @@ def summary_section(frames: Frames) -> Section:
              .groupby(keys)["edits"].min().reset_index())
     for header, task, metric in SUMMARY_COLUMNS:
         if task == "deviation":
-            part = deviation_norms(evaluations, metric)
+            part = deviation_norms(evaluations, metric).assign(ci_low=math.nan, ci_high=math.nan)  # no intervals
         else:
             part = evaluations[(evaluations["task"] == task) & (evaluations["metric"] == metric)]
         if not len(part):
@@ -611,13 +610,7 @@ def summary_section(frames: Frames) -> Section:
             before = part[part["n_edits"] == 0].groupby(keys)["value"].mean().rename("WikiText ppl, unedited")
             table = table.merge(before.reset_index(), on=keys, how="left")
         at_last = part[part["n_edits"] == part["trajectory_id"].map(last)]
-        cells = at_last.groupby(keys)
-        values = cells["value"].mean()
-        if {"ci_low", "ci_high"} <= set(at_last) and at_last["ci_low"].notna().any():
-            bounds = cells[["ci_low", "ci_high"]].mean()
-            values = pd.Series([_with_interval(v, lo, hi) for v, lo, hi in
-                                zip(values, bounds["ci_low"], bounds["ci_high"])], index=values.index, dtype=object)
-        table = table.merge(values.rename(header).reset_index(), on=keys, how="left")
+        table = table.merge(_mean_cells(at_last.groupby(keys)).rename(header).reset_index(), on=keys, how="left")
     table = table.rename(columns={"variant": "method"}).sort_values(["model", "dataset", "method"])
     return Section(title, "Each arm after its last scored checkpoint (mean over seeds; 95% intervals in brackets "
                           "where the rows carry one): WikiText perplexity before and after, next-token drift, the "
@@ -657,14 +650,17 @@ def _final_table(frame: pd.DataFrame, keys: list[str]) -> str:
     last = frame[frame["n_edits"] == frame.groupby("trajectory_id")["n_edits"].transform("max")]
     grouped = (last.assign(column=last["task"].str.removeprefix(EDIT_PREFIX) + " " + last["metric"])
                .groupby(["model", "variant", "n_edits", "column"]))
-    cells = grouped["value"].mean()
-    if {"ci_low", "ci_high"} <= set(last):
-        bounds = grouped[["ci_low", "ci_high"]].mean()
-        cells = pd.Series([_with_interval(v, lo, hi) for v, lo, hi in zip(cells, bounds["ci_low"], bounds["ci_high"])],
-                          index=cells.index, dtype=object)
-    table = cells.unstack("column").reset_index()
+    table = _mean_cells(grouped).unstack("column").reset_index()
     return "Values at the last checkpoint:\n\n" + _markdown_table(table.rename(columns={"variant": "method",
                                                                                           "n_edits": "edits"}))
+
+
+def _mean_cells(grouped) -> pd.Series:
+    """Per group, the mean value, with the mean of its rows' 95% bounds in brackets where they have them."""
+    values = grouped["value"].mean()
+    bounds = grouped[["ci_low", "ci_high"]].mean()
+    return pd.Series([_with_interval(v, lo, hi) for v, lo, hi in zip(values, bounds["ci_low"], bounds["ci_high"])],
+                     index=values.index, dtype=object)
 
 
 def _with_interval(value: float, low: float, high: float) -> float | str:
