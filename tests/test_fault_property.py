@@ -163,6 +163,9 @@ def kill_driver_after(spec_path: Path, store_root: Path, kill_after: int) -> Non
         while store_files(store_root) < kill_after and driver.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         assert driver.poll() is None, f"the driver ended before {kill_after} store files were written"
+        # Not killed at the deadline instead: a driver that never joined the instance (what a subprocess
+        # joining a loopback instance did, waiting for a raylet at the routable address) wrote nothing.
+        assert store_files(store_root) >= kill_after, f"{store_files(store_root)} of {kill_after} store files in 240 s"
         os.kill(driver.pid, signal.SIGKILL)
     finally:
         driver.wait()

@@ -1,16 +1,27 @@
 """Issue 12, item 2: the local Ray instance `eac run` starts listens on the loopback interface only
-(Ray has no authentication: a server on another interface lets anyone who reaches the machine run
-code in the job). Runs in a fresh interpreter so that no Ray instance of another test is reused."""
+(a server on another interface lets anyone who reaches the machine and passes Ray's authentication,
+if it is on at all, run code in the job). Runs in a fresh interpreter so that no Ray instance of another test is reused.
+A second driver joins that instance by its address, as `eac run --address 127.0.0.1:PORT` does."""
 
 import json
 import subprocess
 import sys
 import textwrap
 
+JOIN = textwrap.dedent("""
+    import sys
+    import ray
+    from orchestrator.driver import connect
+
+    assert connect(sys.argv[1])
+    assert ray.cluster_resources()["CPU"] > 0
+    ray.shutdown()
+""")
 PROBE = textwrap.dedent("""
-    import json, os, sys
+    import json, os, subprocess, sys
     import psutil, ray
     from orchestrator.driver import connect
+    JOIN = sys.argv[2]
 
     assert connect()  # what `eac run` and `eac tune` do without --address
     try:
@@ -18,6 +29,11 @@ PROBE = textwrap.dedent("""
         def pid():
             return os.getpid()
         ray.get(pid.remote())  # a worker process is up too
+        # Another driver joins by the address (a driver taking the routable node address waited for
+        # a raylet there without end).
+        joined = subprocess.run([sys.executable, "-c", JOIN, ray.get_runtime_context().gcs_address],
+                                capture_output=True, text=True, timeout=90)
+        assert joined.returncode == 0, joined.stderr[-2000:]
         me = psutil.Process()
         processes = [me, *me.children(recursive=True)]
         listening = sorted({(c.laddr.ip, p.name()) for p in processes
@@ -29,7 +45,7 @@ PROBE = textwrap.dedent("""
 
 
 def test_local_ray_listens_on_loopback_only(tmp_path):
-    done = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / "store")], capture_output=True,
+    done = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / "store"), JOIN], capture_output=True,
                           text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
@@ -37,3 +53,11 @@ def test_local_ray_listens_on_loopback_only(tmp_path):
     assert found["node_ip"] == "127.0.0.1"
     exposed = [(ip, name) for ip, name in found["listening"] if ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
     assert not exposed, f"servers listening beyond loopback: {exposed}"
+
+
+def test_only_host_port_addresses_on_loopback_join_as_a_loopback_node():
+    from orchestrator.driver import is_loopback_address
+
+    assert all(is_loopback_address(a) for a in ("127.0.0.1:6379", "localhost:6379", "[::1]:6379"))
+    # A routable cluster keeps its own network settings; `auto` and Ray Client addresses are Ray's to resolve.
+    assert not any(is_loopback_address(a) for a in ("10.0.0.5:6379", "auto", "ray://127.0.0.1:10001", "127.0.0.1"))
