@@ -612,10 +612,16 @@ def summary_section(frames: Frames) -> Section:
         at_last = part[part["n_edits"] == part["trajectory_id"].map(last)]
         table = table.merge(_mean_cells(at_last.groupby(keys)).rename(header).reset_index(), on=keys, how="left")
     table = table.rename(columns={"variant": "method"}).sort_values(["model", "dataset", "method"])
+    # An arm scored only before its first edit (a study still running) has nothing to summarise: its row
+    # would read as an edited model with the unedited numbers.
+    unedited = table[table["edits"] == 0]
+    waiting = ("\n\nNot edited yet (only the unedited model scored): "
+               + ", ".join(f"{m} ({model}, {d})" for model, d, m in unedited[["model", "dataset", "method"]].values)
+               + "." if len(unedited) else "")
     return Section(title, "Each arm after its last scored checkpoint (mean over seeds; 95% intervals in brackets "
                           "where the rows carry one): WikiText perplexity before and after, next-token drift, the "
                           "editing metrics on all edits so far, and the edited matrices' norms (mean over them)."
-                          "\n\n" + _markdown_table(table))
+                          "\n\n" + _markdown_table(table[table["edits"] > 0]) + waiting)
 
 
 def trajectories_section(frames: Frames) -> Section:

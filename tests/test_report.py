@@ -365,3 +365,23 @@ def test_the_summary_has_one_row_per_arm_with_perplexity_before_and_after_drift_
     assert cell(section, "‖W‖₁ / ‖W₀‖₁ − 1", MODEL, "rome") == f"{0.24:.3f}"
     assert cell(section, "‖ΔW‖₁ / ‖W₀‖₁", MODEL, "rome-eac") == f"{0.002 * 10 * 4.5:.3f}"
     assert "CF efficacy" not in section  # no such rows in this store
+
+
+def test_an_arm_scored_only_before_its_first_edit_is_named_not_summarised(tmp_path):
+    """A study still running: memit scored at 0 and 10 edits, alphaedit only before its first edit. A
+    row for alphaedit would read as an edited model with the unedited numbers (0 drift, perplexity 30)."""
+    store = Store(tmp_path / "store")
+    for tid, variant, checkpoints in (("t0", "memit", (0, 10)), ("t1", "alphaedit", (0,))):
+        store.put_trajectory({"experiment": "wip", "trajectory_id": tid, "model": MODEL, "method": variant,
+                              "variant": variant, "group": None, "dataset": "counterfact", "seed": 0, "n_edits": 10,
+                              "batch_size": 1, "hparams": "{}", "config": "{}", "status": "running", "reason": None,
+                              "edits_done": max(checkpoints), "updated_at": None})
+        for n in checkpoints:
+            store.put_evaluations("wip", tid, n, [
+                {"task": "wikitext", "metric": "perplexity", "value": 30.0 + n, "n_examples": 8},
+                {"task": "drift", "metric": "kl_mean", "value": 0.01 * n, "n_examples": 16}])
+    section = build_report(store.root).read_text().split("### Summary")[1].split("###")[0]
+    assert [line.split("|")[3].strip() for line in section.splitlines() if line.startswith(f"| {MODEL} ")] == ["memit"]
+    assert cell(section, "WikiText ppl", MODEL, "memit") == "40.000"
+    assert section.split("Not edited yet (only the unedited model scored): ")[1].startswith(
+        f"alphaedit ({MODEL}, counterfact).")
