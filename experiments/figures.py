@@ -162,12 +162,16 @@ def _styles(variants: list[tuple[str, str]]) -> dict[str, dict]:
     return styles
 
 
+SHARED_LEGEND_FROM = 4  # arms in a figure above which one legend below the panels replaces a legend per panel
+
+
 def _line_panels(frame: pd.DataFrame, x: str, y: str, panels: list[tuple[str, pd.Series]], title: str,
                  path: Path, ylabel: str, chance: dict[str, float] | None = None) -> Path:
     """One subplot per (name, row mask); in each a line per variant, averaged over seeds, with its 95%
     interval as a band where the rows carry one (``ci_low``/``ci_high``; over several seeds the mean of
     their bounds, wider than the interval of the mean), and a dashed black line at the panel's chance
-    level (``chance``: panel name -> level)."""
+    level (``chance``: panel name -> level). With more than ``SHARED_LEGEND_FROM`` arms one legend below
+    the panels names them all: a legend of a study's eleven arms in every panel covered its lines."""
     chance = chance or {}
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
@@ -176,6 +180,7 @@ def _line_panels(frame: pd.DataFrame, x: str, y: str, panels: list[tuple[str, pd
     rows = math.ceil(len(panels) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(max(4.2 * columns, 7.0), 3.3 * rows + 0.4), squeeze=False)
     styles = _styles(sorted(set(zip(frame["variant"], frame["method"]))))
+    shared = len(styles) > SHARED_LEGEND_FROM
     for ax, (name, mask) in zip(axes.flat, panels):
         part = frame[mask]
         for variant, lines in part.groupby("variant", sort=True):
@@ -195,11 +200,26 @@ def _line_panels(frame: pd.DataFrame, x: str, y: str, panels: list[tuple[str, pd
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel, fontsize=8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, handlelength=4)  # long enough to show dashed vs solid
+        if not shared:
+            ax.legend(fontsize=7, handlelength=4)  # long enough to show dashed vs solid
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    if shared:
+        from matplotlib.lines import Line2D
+
+        seeds = frame.groupby("variant")["seed"].nunique()
+        handles = [Line2D([], [], label=v + (f" ({seeds[v]} seeds)" if seeds[v] > 1 else ""), **styles[v])
+                   for v in sorted(styles)]
+        if any(name in chance for name, _ in panels):
+            handles.append(Line2D([], [], color="black", linestyle="--", linewidth=0.9, label="chance level"))
+        columns = min(len(handles), 6)
+        height = 0.3 * math.ceil(len(handles) / columns) + 0.2  # inches the legend takes below the panels
+        fig.set_figheight(fig.get_figheight() + height)
+        fig.legend(handles=handles, loc="lower center", ncol=columns, fontsize=8, handlelength=4, frameon=False)
+        fig.tight_layout(rect=(0, height / fig.get_figheight(), 1, 1))
+    else:
+        fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

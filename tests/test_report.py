@@ -385,3 +385,38 @@ def test_an_arm_scored_only_before_its_first_edit_is_named_not_summarised(tmp_pa
     assert cell(section, "WikiText ppl", MODEL, "memit") == "40.000"
     assert section.split("Not edited yet (only the unedited model scored): ")[1].startswith(
         f"alphaedit ({MODEL}, counterfact).")
+
+
+def test_a_figure_of_many_arms_names_them_in_one_legend_below_the_panels(tmp_path, monkeypatch):
+    """Eleven arms in a legend per panel covered the lines of every panel (the study's Fig. 10); past
+    four arms one legend of the figure names them all, and no panel carries its own."""
+    import matplotlib.axes
+    import matplotlib.figure
+
+    legends = {"panel": 0, "figure": []}
+    panel_legend, figure_legend = matplotlib.axes.Axes.legend, matplotlib.figure.Figure.legend
+
+    def record_panel(ax, *args, **kwargs):
+        legends["panel"] += 1
+        return panel_legend(ax, *args, **kwargs)
+
+    def record_figure(fig, *args, **kwargs):
+        legends["figure"].append([h.get_label() for h in kwargs["handles"]])
+        return figure_legend(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "legend", record_panel)
+    monkeypatch.setattr(matplotlib.figure.Figure, "legend", record_figure)
+    store = Store(tmp_path / "store")
+    arms = ["alphaedit", "memit", "memit-eac", "memit-prune", "rome"]
+    for variant in arms:
+        store.put_trajectory({"experiment": "many", "trajectory_id": variant, "model": MODEL, "method": variant,
+                              "variant": variant, "group": None, "dataset": "counterfact", "seed": 0, "n_edits": 10,
+                              "batch_size": 1, "hparams": "{}", "config": "{}", "status": "completed", "reason": None,
+                              "edits_done": 10, "updated_at": None})
+        for n in (0, 10):
+            store.put_evaluations("many", variant, n, [
+                {"task": "wikitext", "metric": "perplexity", "value": 30.0 + n, "n_examples": 8},
+                {"task": "drift", "metric": "kl_mean", "value": 0.01 * n, "n_examples": 16}])
+    build_report(store.root)
+    assert legends["figure"] and all(labels == arms for labels in legends["figure"])
+    assert legends["panel"] == 0
