@@ -162,6 +162,10 @@ def _styles(variants: list[tuple[str, str]]) -> dict[str, dict]:
     return styles
 
 
+def _arm_label(variant: str, seeds: int) -> str:
+    return variant + (f" ({seeds} seeds)" if seeds > 1 else "")
+
+
 SHARED_LEGEND_FROM = 4  # arms in a figure above which one legend below the panels replaces a legend per panel
 
 
@@ -185,9 +189,7 @@ def _line_panels(frame: pd.DataFrame, x: str, y: str, panels: list[tuple[str, pd
         part = frame[mask]
         for variant, lines in part.groupby("variant", sort=True):
             mean = lines.groupby(x)[y].mean().sort_index()
-            seeds = lines["seed"].nunique()
-            label = variant + (f" ({seeds} seeds)" if seeds > 1 else "")
-            ax.plot(mean.index, mean.values, label=label, **styles[variant])
+            ax.plot(mean.index, mean.values, label=_arm_label(variant, lines["seed"].nunique()), **styles[variant])
             if {"ci_low", "ci_high"} <= set(lines) and lines["ci_low"].notna().any():
                 bounds = lines.groupby(x)[["ci_low", "ci_high"]].mean().sort_index().dropna()
                 ax.fill_between(bounds.index, bounds["ci_low"], bounds["ci_high"], color=styles[variant]["color"],
@@ -209,8 +211,7 @@ def _line_panels(frame: pd.DataFrame, x: str, y: str, panels: list[tuple[str, pd
         from matplotlib.lines import Line2D
 
         seeds = frame.groupby("variant")["seed"].nunique()
-        handles = [Line2D([], [], label=v + (f" ({seeds[v]} seeds)" if seeds[v] > 1 else ""), **styles[v])
-                   for v in sorted(styles)]
+        handles = [Line2D([], [], label=_arm_label(v, seeds[v]), **styles[v]) for v in sorted(styles)]
         if any(name in chance for name, _ in panels):
             handles.append(Line2D([], [], color="black", linestyle="--", linewidth=0.9, label="chance level"))
         columns = min(len(handles), 6)

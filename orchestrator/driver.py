@@ -128,11 +128,9 @@ def connect(address: str | None = None) -> bool:
         return False
     env = {name: os.environ[name] for name in FORWARDED_ENVIRONMENT if name in os.environ}
     options = dict(runtime_env={"env_vars": env}, logging_level="WARNING")
-    if address and is_loopback_address(address):
-        with loopback_node():
+    if address:  # the user's explicit choice: the cluster's own network settings apply, loopback's if it is one
+        with loopback_node() if is_loopback_address(address) else contextlib.nullcontext():
             ray.init(address=address, **options)
-    elif address:  # the user's explicit choice: the cluster's own network settings apply
-        ray.init(address=address, **options)
     else:
         init_loopback_ray(include_dashboard=False, **options)
     return True
