@@ -1,0 +1,54 @@
+"""Run the study's arms in rounds: each round's `eac run` is stopped (SIGINT, resumable) once every arm
+of the round has its evaluation at the round's target checkpoint. Trajectories are those of the full
+study specs (same fields), so they resume later from the same store."""
+import os, signal, subprocess, sys, time
+from pathlib import Path
+sys.path.insert(0, "/work/main")
+os.environ.setdefault("EAC_DATA_DIR", "/work/shared/data")
+from orchestrator.spec import load_spec
+
+STUDY = Path("/work/eac-study"); STORE = STUDY / "store"; EAC = "/work/main/.venv/bin/eac"
+PLAN = [(1, 100), (2, 100), (3, 100), (4, 100), (5, 50), (1, 150), (2, 150), (3, 150), (5, 100)]
+
+def log(msg):
+    with open(STUDY / "controller.log", "a") as f:
+        f.write(time.strftime("%H:%M:%S ") + msg + "\n")
+
+def alive(pid):
+    return os.path.exists(f"/proc/{pid}") and "Z" not in open(f"/proc/{pid}/stat").read().split()[2]
+
+def stop_when_reached(pid, wanted, what):
+    """Wait for the run; SIGINT it (resumable) once every wanted evaluation file exists."""
+    while alive(pid):
+        if all(p.exists() for p in wanted.values()):
+            log(f"{what}: reached; stopping"); os.kill(pid, signal.SIGINT)
+            for _ in range(60):
+                if not alive(pid):
+                    break
+                time.sleep(5)
+            else:
+                os.killpg(pid, signal.SIGKILL)
+            break
+        time.sleep(20)
+    log(f"{what}: run ended")
+
+for rnd, target in PLAN:
+    spec_path = STUDY / f"round{rnd}.yaml"
+    spec = load_spec(spec_path)
+    wanted = {t.label: STORE / "evaluations" / t.experiment / f"{t.trajectory_id}-at-{target:06d}.parquet"
+              for t in spec.trajectories()}
+    if all(p.exists() for p in wanted.values()):
+        log(f"round {rnd} target {target}: already there"); continue
+    log(f"round {rnd} target {target}: start {list(wanted)}")
+    running = subprocess.run(["pgrep", "-f", f"eac run {spec_path}"], capture_output=True, text=True).stdout.split()
+    if running:  # adopt a run this controller's previous instance started
+        pid = int(running[0]); log(f"adopting pid {pid}")
+    else:
+        out = open(STUDY / f"run-round{rnd}.log", "a")
+        pid = subprocess.Popen([EAC, "run", str(spec_path), "--store", str(STORE), "--no-report",
+                                "--progress", "lines"], stdout=out, stderr=subprocess.STDOUT,
+                               cwd="/work/main", start_new_session=True).pid
+    stop_when_reached(pid, wanted, f"round {rnd} target {target}")
+    subprocess.run(["pkill", "-f", "ray::"], check=False)
+    time.sleep(5)
+log("plan done")
