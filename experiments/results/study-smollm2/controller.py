@@ -8,7 +8,10 @@ os.environ.setdefault("EAC_DATA_DIR", "/work/shared/data")
 from orchestrator.spec import load_spec
 
 STUDY = Path("/work/eac-study"); STORE = STUDY / "store"; EAC = "/work/main/.venv/bin/eac"
-PLAN = [(1, 100), (2, 100), (3, 100), (4, 100), (5, 50), (1, 150), (2, 150), (3, 150), (5, 100)]
+# Whole rounds, longest first: the edit logs a resume needs do not outlive a session (see README), so a
+# session finishes the rounds it starts; a round's run is stopped early only when a later PLAN says so.
+PLAN = [(int(r), int(t)) for r, t in (x.split(":") for x in os.environ.get(
+    "STUDY_PLAN", "1:300 2:300 5:100 3:300 4:300").split())]
 
 def log(msg):
     with open(STUDY / "controller.log", "a") as f:
