@@ -52,6 +52,11 @@ for rnd, target in PLAN:
                                 "--progress", "lines"], stdout=out, stderr=subprocess.STDOUT,
                                cwd="/work/main", start_new_session=True).pid
     stop_when_reached(pid, wanted, f"round {rnd} target {target}")
-    subprocess.run(["pkill", "-f", "ray::"], check=False)
+    # What the run's own shutdown left of its Ray instance (it is the process group's leader); not a
+    # global pkill, which would take down another experiment's round running beside this one.
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
     time.sleep(5)
 log("plan done")
