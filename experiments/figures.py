@@ -257,14 +257,19 @@ def _main_variants(frame: pd.DataFrame) -> pd.DataFrame:
 # Figures and tables
 
 
+def mean_relative_l1(pairs) -> float:
+    """An edit row's ‖W‖₁ / ‖W₀‖₁, the mean over its edited matrices ((name, value) pairs: MEMIT and
+    AlphaEdit edit several); NaN for a row that carries none."""
+    return sum(v for _, v in pairs) / len(pairs) if pairs is not None and len(pairs) else math.nan
+
+
 def l1_norm_figure(frames: Frames, out: Path) -> Section:
     title = "Fig. 2 — L1 norm of the edited matrices vs number of edits"
     edits = _main_variants(frames.edits)
     if not len(edits):
         return _note(title, "the store holds no edit rows")
     edits = edits[~edits["skipped"]].copy()
-    edits["l1"] = [sum(v for _, v in pairs) / len(pairs) if pairs is not None and len(pairs) else math.nan
-                   for pairs in edits["relative_l1"]]
+    edits["l1"] = [mean_relative_l1(pairs) for pairs in edits["relative_l1"]]
     edits = edits.dropna(subset=["l1"])
     if not len(edits):
         return _note(title, "no edit row carries relative L1 norms")

@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import pyarrow.dataset as ds
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[2]))
+from experiments.figures import mean_relative_l1  # noqa: E402
+from orchestrator.store import Store  # noqa: E402
 METRICS = {  # column -> (task, metric)
     "ppl": ("wikitext", "perplexity"), "ppl_retention": ("wikitext", "retention/perplexity"),
     "drift_kl": ("drift", "kl_mean"), "samsum_retention": ("samsum", "retention/rouge_mean"),
@@ -21,13 +23,10 @@ METRICS = {  # column -> (task, metric)
 }
 
 
-def table(store: Path, name: str) -> pd.DataFrame:
-    return ds.dataset(store / name, format="parquet", partitioning=None).to_table().to_pandas()
-
-
-def main(store: Path) -> None:
-    arms = table(store, "trajectories")[["trajectory_id", "experiment", "variant"]]
-    evaluations = table(store, "evaluations").merge(arms, on=["trajectory_id", "experiment"])
+def main(root: Path) -> None:
+    store = Store(root)
+    arms = store.frame("trajectories")[["trajectory_id", "experiment", "variant"]]
+    evaluations = store.frame("evaluations").merge(arms, on=["trajectory_id", "experiment"])
     wide = evaluations.assign(key=list(zip(evaluations.task, evaluations.metric)))
     rows = []
     for (experiment, variant, n_edits), group in wide.groupby(["experiment", "variant", "n_edits"]):
@@ -35,9 +34,8 @@ def main(store: Path) -> None:
         rows.append({"experiment": experiment, "arm": variant, "edits": n_edits,
                      **{column: values.get(key) for column, key in METRICS.items()}})
     scores = pd.DataFrame(rows).sort_values(["experiment", "arm", "edits"])
-    edits = table(store, "edits").merge(arms, on=["trajectory_id", "experiment"])
-    # relative_l1: (matrix, value) per edited matrix (MEMIT and AlphaEdit edit several); the mean, as the report
-    edits["l1_change_pct"] = [100 * (sum(v for _, v in r) / len(r) - 1) for r in edits.relative_l1]
+    edits = store.frame("edits").merge(arms, on=["trajectory_id", "experiment"])
+    edits["l1_change_pct"] = [100 * (mean_relative_l1(pairs) - 1) for pairs in edits.relative_l1]
     norms = edits[edits.edit_index % 50 == 49].assign(edits=lambda d: d.edit_index + 1)
     pd.set_option("display.width", 200)
     print("Fig. 2 -- ||W||_1 / ||W0||_1 - 1 (%) after each 50 edits")
