@@ -7,7 +7,10 @@ sys.path.insert(0, "/work/main")
 os.environ.setdefault("EAC_DATA_DIR", "/work/shared/data")
 from orchestrator.spec import load_spec
 
-STUDY = Path("/work/eac-study"); STORE = STUDY / "store"; EAC = "/work/main/.venv/bin/eac"
+STUDY = Path("/work/eac-study"); EAC = "/work/main/.venv/bin/eac"
+# A second store lets a round of the same experiment run beside another (each store locks its experiment);
+# its tables are per trajectory id, so merging it into the main store later is a plain file copy.
+STORE = STUDY / os.environ.get("STUDY_STORE", "store")
 # Whole rounds, longest first: the edit logs a resume needs do not outlive a session (see README), so a
 # session finishes the rounds it starts; a round's run is stopped early only when a later PLAN says so.
 PLAN = [(int(r), int(t)) for r, t in (x.split(":") for x in os.environ.get(
