@@ -39,6 +39,9 @@ TASK_TITLES = {"nli": "NLI (RTE)", "sst2": "Sentiment (SST-2)", "nq": "Open-doma
 # that moves on small models, whose task scores often sit at chance).
 PLOTTED_METRICS = {**TASK_METRICS, "drift": ("kl_mean",)}
 EDIT_PREFIX = "edit/"
+# Scores drawn on a log axis: perplexity is exp(loss), and one collapsing arm (ROME reaches 2454 on the
+# default model) on a linear axis flattens every other arm (31 to 75) into the panel's bottom line.
+LOG_SCALE_METRICS = frozenset({("wikitext", "perplexity")})
 # Paper figure numbers per edit data set: (editing metrics, general tasks).
 PAPER_FIGURES = {"zsre": ("Fig. 5", "Fig. 6"), "counterfact": ("Fig. 9", "Fig. 10")}
 # A method's constraint (workers.editing.methods.CONSTRAINTS) -> its line style; the base method
@@ -125,6 +128,11 @@ def at_chance(rows: pd.DataFrame, level: float) -> bool:
     return bool(len(rows)) and bool(((rows["ci_low"] <= level) & (level <= rows["ci_high"])).all())
 
 
+def log_panels(panels: list[tuple[str, pd.Series]]) -> frozenset[str]:
+    """The panels whose title says they are drawn on a log axis (see ``LOG_SCALE_METRICS``)."""
+    return frozenset(name for name, _ in panels if "log scale" in name)
+
+
 def chance_note(part: pd.DataFrame, panels: list[tuple[str, pd.Series]], chance: dict[str, float]) -> str:
     """The report's note on the panels whose every interval contains the chance level."""
     flat = [f"{name} (chance {chance[name]:g})" for name, mask in panels
@@ -170,11 +178,12 @@ SHARED_LEGEND_FROM = 4  # arms in a figure above which one legend below the pane
 
 
 def _line_panels(frame: pd.DataFrame, x: str, y: str, panels: list[tuple[str, pd.Series]], title: str,
-                 path: Path, ylabel: str, chance: dict[str, float] | None = None) -> Path:
+                 path: Path, ylabel: str, chance: dict[str, float] | None = None,
+                 log_panels: frozenset[str] = frozenset()) -> Path:
     """One subplot per (name, row mask); in each a line per variant, averaged over seeds, with its 95%
     interval as a band where the rows carry one (``ci_low``/``ci_high``; over several seeds the mean of
     their bounds, wider than the interval of the mean), and a dashed black line at the panel's chance
-    level (``chance``: panel name -> level). With more than ``SHARED_LEGEND_FROM`` arms one legend below
+    level (``chance``: panel name -> level); the panels named in ``log_panels`` on a log axis. With more than ``SHARED_LEGEND_FROM`` arms one legend below
     the panels names them all: a legend of a study's eleven arms in every panel covered its lines."""
     chance = chance or {}
     plt = _pyplot()
@@ -199,6 +208,8 @@ def _line_panels(frame: pd.DataFrame, x: str, y: str, panels: list[tuple[str, pd
         flat = name in chance and at_chance(part, chance[name])
         ax.set_title(name + ("\n(at chance: every interval contains it)" if flat else ""), fontsize=9)
         ax.set_xlabel("number of edits")
+        if name in log_panels:
+            ax.set_yscale("log")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel, fontsize=8)
         ax.grid(alpha=0.3)
@@ -323,7 +334,8 @@ def general_task_figures(frames: Frames, out: Path) -> list[Section]:
                 for metric in task_metrics(part, task):
                     mask = (part["model"] == model) & (part["task"] == task) & (part["metric"] == metric)
                     if mask.any():
-                        name = f"{model} · {TASK_TITLES.get(task, task)} ({metric})"
+                        scale = ", log scale" if (task, metric) in LOG_SCALE_METRICS else ""
+                        name = f"{model} · {TASK_TITLES.get(task, task)} ({metric}{scale})"
                         panels.append((name, mask))
                         keep.append(mask)
                         if (task, metric) in CHANCE_LEVELS:
@@ -332,7 +344,7 @@ def general_task_figures(frames: Frames, out: Path) -> list[Section]:
             continue
         title = f"{figure} — general tasks vs number of edits, edited on {dataset}"
         path = _line_panels(part, "n_edits", "value", panels, title, out / f"general_tasks_{_slug(dataset)}.png",
-                            "score", chance)
+                            "score", chance, log_panels(panels))
         selected = part[pd.concat(keep, axis=1).any(axis=1)]
         sections.append(Section(title, INTERVAL_NOTE + chance_note(part, panels, chance)
                                 + _final_table(selected, ["task", "metric"]), path))
@@ -376,11 +388,13 @@ def _group_figure(frames: Frames, out: Path, group: str, title: str, *, general:
                 mask = ((part["model"] == model) & (part["dataset"] == dataset) & (part["task"] == task)
                         & (part["metric"] == metric) & (part["method"].map(base_method) == method))
                 if mask.any():
-                    name = f"{model} · {dataset} · {method} · {TASK_TITLES.get(task, task)} {metric}"
+                    scale = " (log scale)" if (task, metric) in LOG_SCALE_METRICS else ""
+                    name = f"{model} · {dataset} · {method} · {TASK_TITLES.get(task, task)} {metric}{scale}"
                     panels.append((name, mask))
                     if (task, metric) in CHANCE_LEVELS:
                         chance[name] = CHANCE_LEVELS[(task, metric)]
-    path = _line_panels(part, "n_edits", "value", panels, title, out / filename, "score", chance)
+    path = _line_panels(part, "n_edits", "value", panels, title, out / filename, "score", chance,
+                        log_panels(panels))
     selected = part[pd.Series(list(zip(part["task"], part["metric"])), index=part.index).isin(wanted)]
     return Section(title, INTERVAL_NOTE + chance_note(part, panels, chance) + _final_table(selected, ["task", "metric"]),
                    path)

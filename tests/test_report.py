@@ -222,8 +222,9 @@ def general_report(tmp_path, monkeypatch):
     """The report of ``fill_general``'s store, with every band and horizontal line drawn recorded."""
     import matplotlib.axes
 
-    drawn = {"bands": [], "lines": []}
+    drawn = {"bands": [], "lines": [], "scales": []}
     fill_between, axhline = matplotlib.axes.Axes.fill_between, matplotlib.axes.Axes.axhline
+    set_yscale = matplotlib.axes.Axes.set_yscale
 
     def record_band(ax, x, low, high, **kwargs):
         drawn["bands"].append((ax, list(x), list(low), list(high)))
@@ -233,7 +234,12 @@ def general_report(tmp_path, monkeypatch):
         drawn["lines"].append((ax, y, kwargs.get("linestyle"), kwargs.get("label")))
         return axhline(ax, y, **kwargs)
 
+    def record_scale(ax, value, **kwargs):
+        drawn["scales"].append((ax, value))
+        return set_yscale(ax, value, **kwargs)
+
     monkeypatch.setattr(matplotlib.axes.Axes, "fill_between", record_band)
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_yscale", record_scale)
     monkeypatch.setattr(matplotlib.axes.Axes, "axhline", record_line)
     store = Store(tmp_path / "store")
     fill_general(store)
@@ -277,6 +283,14 @@ def test_a_metric_at_chance_is_marked_in_the_figure_and_the_report(general_repor
     note = section.split("**At chance**")[1].split("\n")[0]
     assert "NLI (RTE) (label_ll_accuracy) (chance 0.5)" in note
     assert "MMLU" not in note  # 0.6 of 400: its interval lies far above 0.25
+
+
+def test_perplexity_is_drawn_on_a_log_scale_and_the_other_panels_are_not(general_report):
+    """A collapsing arm (ROME at 2454 after 300 edits on the default model) drawn on a linear axis
+    flattens every other arm's perplexity (31 to 75) into the bottom line of the panel."""
+    _, _, drawn = general_report
+    log_panels = {title.split(" · ")[1] for title, value in drawn["scales"] if value == "log"}
+    assert log_panels == {"WikiText perplexity (perplexity, log scale)"}
 
 
 def test_norms_and_drift_are_drawn_for_every_arm_over_the_sequence(general_report):
