@@ -217,7 +217,7 @@ def plan_trajectories(spec: ExperimentSpec, store: Store, *, data_root: str | Pa
         res = one.resources.trajectory
         task = TrajectoryTask(
             one.trajectory_id, Replica(one.model, one.dtype, res.num_gpus > 0, max(1, int(res.num_cpus))),
-            one.method, dict(one.variant.hparams), one.variant.hparams_file, tuple(requests),
+            one.method, one.hparams, tuple(requests),
             one.batch_size, one.edit_checkpoints(), one.seed,
             str(store.log_path(one.experiment, one.trajectory_id)), cache_dir, data_root)
         trajectory = Trajectory(one, task, json.dumps(one.resolved_hparams, sort_keys=True))
@@ -533,7 +533,7 @@ class EvalPool:
         steps = steps_for(checkpoint, spec.batch_size)
         index = min(range(len(self.actors)), key=self.queued.__getitem__)
         ref = self.actors[index].evaluate.remote(spec.model, spec.dtype, task.log_path if steps else None, steps,
-                                                 requests, spec.evaluation.config_fields())
+                                                 requests, spec.evaluation.config)
         self.queued[index] += 1
         self.pending[ref] = (trajectory, checkpoint, index, self.actors[index], attempt)
 

@@ -45,13 +45,14 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
 from workers import settings
 from workers.data import EDIT_DATASETS, TASK_DATASETS, edit_dataset_file, task_dataset
 from workers.editing import METHODS, load_hparams
+from workers.editing.hparams import with_overrides
 from workers.editing.methods import BASES, split_method
 from workers.evaluation import EvalConfig
 from workers.evaluation.config import GENERAL_TASKS
@@ -123,15 +124,22 @@ class MethodVariant:
 class EvaluationSpec:
     """What is scored at each checkpoint: the editing metrics on the requests edited so far (all of
     them, or a seeded sample of at most ``edit_sample``) and general tasks with sample counts.
-    ``options`` are the evaluation config's other fields (``edit_metrics``, ``prompt_format``, ...)."""
+    ``config`` is the evaluation config, typed and checked once when the spec is loaded, and shipped
+    as it is to the evaluation actors; ``options`` are its fields other than ``tasks`` as the spec
+    wrote them (what the trajectory id hashes, so that a new default does not rename old work)."""
 
-    tasks: dict = field(default_factory=dict)  # task name -> number of examples
+    config: EvalConfig
     edit_sample: int | None = None
     options: dict = field(default_factory=dict)
 
-    def config_fields(self) -> dict:
-        """The evaluation config (``workers.evaluation.EvalConfig``) as a dict of its fields."""
-        return {"tasks": dict(self.tasks), **self.options}
+    @property
+    def tasks(self) -> dict[str, int]:
+        """Task name -> number of examples."""
+        return self.config.tasks
+
+    def identity(self) -> dict:
+        """The evaluation as the trajectory id hashes it: the tasks and options as written."""
+        return {"tasks": dict(self.config.tasks), "edit_sample": self.edit_sample, "options": dict(self.options)}
 
 
 @dataclass(frozen=True)
@@ -141,6 +149,7 @@ class TrajectorySpec:
     experiment: str
     model: str
     variant: MethodVariant
+    hparams: Any  # the typed hyper-parameters, resolved once with the spec: what the editor receives
     dataset: str
     seed: int
     n_edits: int
@@ -161,18 +170,20 @@ class TrajectorySpec:
 
     def config(self) -> dict:
         """Everything that determines the trajectory's results, as plain JSON-able data — with the
-        hyper-parameters as resolved now, so that new shipped defaults make new work, not a skip."""
+        hyper-parameters the editor receives (resolved when the spec was loaded), so that new shipped
+        defaults make new work, not a skip."""
         return {"experiment": self.experiment, "model": self.model, "variant": self.variant.name,
                 "method": self.variant.method, "hparams": self.variant.hparams, "group": self.variant.group,
                 "resolved_hparams": self.resolved_hparams, "dataset": self.dataset, "seed": self.seed,
                 "n_edits": self.n_edits,
                 "batch_size": self.batch_size, "checkpoints": list(self.checkpoints),
-                "selection": self.selection, "dtype": self.dtype, "evaluation": dataclasses.asdict(self.evaluation),
+                "selection": self.selection, "dtype": self.dtype, "evaluation": self.evaluation.identity(),
                 "data_digest": self.data_digest, "model_fingerprint": self.model_fingerprint}
 
     @functools.cached_property
     def resolved_hparams(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(resolve_hparams(self.model, self.variant))))
+        """``hparams`` as plain JSON data (tuples as lists): what the id and the edit log's binding hash."""
+        return json.loads(json.dumps(dataclasses.asdict(self.hparams)))
 
     @functools.cached_property
     def trajectory_id(self) -> str:
@@ -204,6 +215,15 @@ class TrajectorySpec:
 
 
 @dataclass(frozen=True)
+class ResolvedHParams:
+    """The typed hyper-parameters of one variant on one model, with the variant they come from."""
+
+    model: str
+    variant: MethodVariant
+    hparams: Any
+
+
+@dataclass(frozen=True)
 class ExperimentSpec:
     experiment: str
     models: tuple[str, ...]
@@ -221,6 +241,26 @@ class ExperimentSpec:
     dtype: str = "float32"
     source: str = "<dict>"
     data_root: str | None = None  # None: settings.data_dir() when the digests are taken
+    # Every (model, variant)'s typed hyper-parameters, resolved once when the spec is validated (or a
+    # variant added by ``with_methods``); trajectories take theirs from here.
+    resolved: tuple[ResolvedHParams, ...] = ()
+
+    def hparams_of(self, model: str, variant: MethodVariant):
+        """The typed hyper-parameters ``variant`` runs with on ``model``, as resolved with the spec."""
+        for entry in self.resolved:
+            if entry.model == model and entry.variant == variant:
+                return entry.hparams
+        raise ValueError(f"{variant.name} on {model}: its hyper-parameters were not resolved with the spec "
+                         "(a variant added after loading goes through ExperimentSpec.with_methods)")
+
+    def with_methods(self, methods: Sequence[MethodVariant]) -> "ExperimentSpec":
+        """This spec running ``methods`` instead; a variant it did not hold is resolved here, once."""
+        resolved = list(self.resolved)
+        for model in self.models:
+            for variant in methods:
+                if not any(e.model == model and e.variant == variant for e in resolved):
+                    resolved.append(ResolvedHParams(model, variant, resolve_hparams(model, variant)))
+        return dataclasses.replace(self, methods=tuple(methods), resolved=tuple(resolved))
 
     @functools.cached_property
     def input_digests(self) -> dict[str, str]:
@@ -231,7 +271,8 @@ class ExperimentSpec:
 
     def trajectories(self) -> list["TrajectorySpec"]:
         digests = self.input_digests
-        return [TrajectorySpec(self.experiment, model, variant, dataset, seed, self.n_edits, self.batch_size,
+        return [TrajectorySpec(self.experiment, model, variant, self.hparams_of(model, variant), dataset, seed,
+                               self.n_edits, self.batch_size,
                                self.checkpoints, self.selection, self.evaluation, self.resources, self.dtype,
                                digests[dataset], digests[model])
                 for model in self.models for dataset in self.datasets for variant in self.methods
@@ -370,20 +411,22 @@ def spec_from_dict(raw: Any, *, source: str | Path = "<dict>", base_dir: str | P
     if check_models:
         for i, model in enumerate(models):
             v.model_available(model, f"models[{i}]")
+    resolved = []
     for i, model in enumerate(models):
         for j, variant in enumerate(methods):
-            v.hparams_resolve(model, variant, f"models[{i}]", f"methods[{j}]")
-            v.perplexity_text(model, variant, evaluation, data_root)
+            hparams = v.hparams_resolve(model, variant, f"models[{i}]", f"methods[{j}]")
+            v.perplexity_text(model, variant, hparams, evaluation, data_root)
+            resolved.append(ResolvedHParams(model, variant, hparams))
     if check_data:
         root = settings.data_dir(data_root)
         for i, dataset in enumerate(datasets):
             v.file_present(root, edit_dataset_file(dataset), f"datasets[{i}]")
         for task in evaluation.tasks:
-            relpath = task_dataset(task, evaluation.options.get("nli_split", "train")).file
+            relpath = task_dataset(task, evaluation.config.nli_split).file
             v.file_present(root, relpath, f"evaluation.tasks.{task}")
     return ExperimentSpec(experiment, tuple(models), methods, datasets, seeds, n_edits, batch_size, checkpoints,
                           selection, evaluation, resources, store, max_restarts, dtype, source=str(source),
-                          data_root=None if data_root is None else str(data_root))
+                          data_root=None if data_root is None else str(data_root), resolved=tuple(resolved))
 
 
 def resolve_hparams(model: str, variant: MethodVariant):
@@ -557,14 +600,13 @@ class SpecValidator:
         edit_sample = raw.pop("edit_sample", None)
         if edit_sample is not None:
             edit_sample = self.integer(edit_sample, "evaluation.edit_sample", minimum=1)
-        spec = EvaluationSpec(tasks, edit_sample, raw)
         try:
-            EvalConfig.from_dict(spec.config_fields(), source="evaluation")
+            config = EvalConfig.from_dict({"tasks": tasks, **raw}, source="evaluation")
         except FieldError as exc:
             self.fail(f"evaluation.{exc.path}", exc.problem)
         except (TypeError, ValueError) as exc:
             self.fail("evaluation", str(exc).removeprefix("evaluation: "))
-        return spec
+        return EvaluationSpec(config, edit_sample, raw)
 
     def actor_resources(self, raw, where: str, extra: set) -> tuple[ActorResources, dict]:
         raw = self.mapping(raw, where)
@@ -612,21 +654,24 @@ class SpecValidator:
             self.fail(where + "ranks", f"{ranks} ranks for {gpus:g} GPUs: each rank holds one GPU")
         return engine, ranks
 
-    def hparams_resolve(self, model: str, variant: MethodVariant, model_field: str, variant_field: str) -> None:
-        """The published defaults exist for (method, model), and the overrides name real fields."""
+    def hparams_resolve(self, model: str, variant: MethodVariant, model_field: str, variant_field: str):
+        """The typed hyper-parameters ``variant`` runs with on ``model``: the published defaults (or its
+        ``hparams_file``) must exist, the overrides name real fields with fitting values, and the
+        layers edited must be the model's. Resolved here, once; the spec keeps them."""
         try:
-            load_hparams(variant.method, model, path=variant.hparams_file)
+            defaults = load_hparams(variant.method, model, path=variant.hparams_file)
         except ValueError as exc:
             self.fail(variant_field + ".hparams_file" if variant.hparams_file else model_field,
                       f"{variant.method} on {model}: {exc}")
         try:
-            hparams = resolve_hparams(model, variant)
+            hparams = with_overrides(defaults, variant.hparams or None)
         except FieldError as exc:  # a value of the wrong type or out of range, or an unknown name
             written = self.override_fields.get(variant.name, {})
             self.fail(written.get(exc.path, variant_field + ".hparams"), f"{variant.method} on {model}: {exc.problem}")
         except (TypeError, ValueError) as exc:
             self.fail(variant_field + ".hparams", f"{variant.method} on {model}: {exc}")
         self.layers_exist(model, variant, hparams, model_field, variant_field)
+        return hparams
 
     def layers_exist(self, model: str, variant: MethodVariant, hparams, model_field: str, variant_field: str) -> None:
         """The layers the method edits are layers of the model (its config file, read without weights)."""
@@ -646,12 +691,12 @@ class SpecValidator:
             self.fail(where, f"{variant.method} edits layer(s) {beyond}, but {model} has {count} "
                              f"(layers 0-{count - 1})")
 
-    def perplexity_text(self, model: str, variant: MethodVariant, evaluation: EvaluationSpec, data_root) -> None:
+    def perplexity_text(self, model: str, variant: MethodVariant, hparams, evaluation: EvaluationSpec,
+                        data_root) -> None:
         """Perplexity is not scored on the text the variant's second moments come from (unless allowed)."""
-        config = EvalConfig.from_dict(evaluation.config_fields(), source="evaluation")
-        stats_corpus = getattr(resolve_hparams(model, variant), "stats_corpus", None)
+        stats_corpus = getattr(hparams, "stats_corpus", None)
         try:
-            check_statistics_text(config, stats_corpus, data_root)
+            check_statistics_text(evaluation.config, stats_corpus, data_root)
         except ValueError as exc:
             self.fail("evaluation.perplexity_corpus", f"{variant.name} on {model}: {exc}")
 

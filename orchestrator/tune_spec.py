@@ -273,7 +273,6 @@ class SearchValidator(SpecValidator):
         return tuple(self.term(item, f"{where}[{i}]") for i, item in enumerate(raw))
 
     def objective(self, raw, experiment: ExperimentSpec) -> Objective:
-        from workers.evaluation import EvalConfig
         from workers.evaluation.config import GENERAL_TASKS
 
         raw = self.mapping(raw, "search.objective")
@@ -288,7 +287,7 @@ class SearchValidator(SpecValidator):
         retention_raw = raw.get("retention", HEADLINE_RETENTION)
         retention = None if retention_raw == HEADLINE_RETENTION else self.terms(retention_raw,
                                                                                 "search.objective.retention")
-        config = EvalConfig.from_dict(experiment.evaluation.config_fields(), source="evaluation")
+        config = experiment.evaluation.config
         if combine in ("product", "edit"):
             for i, (task, _) in enumerate(edit):
                 family = task.removeprefix("edit/")
@@ -308,7 +307,6 @@ class SearchValidator(SpecValidator):
 
     def constrained(self, raw: dict, experiment: ExperimentSpec) -> Objective:
         from workers.editing.methods import split_method
-        from workers.evaluation import EvalConfig
 
         for name in ("edit", "retention"):
             if name in raw:
@@ -317,7 +315,7 @@ class SearchValidator(SpecValidator):
         tolerance = raw.get("tolerance", Objective.tolerance)
         if not is_finite_number(tolerance) or tolerance < 0:
             self.fail("search.objective.tolerance", f"expected a number >= 0, got {tolerance!r}")
-        config = EvalConfig.from_dict(experiment.evaluation.config_fields(), source="evaluation")
+        config = experiment.evaluation.config
         if not constraint[0].startswith("edit/") or constraint[0].removeprefix("edit/") not in config.edit_metrics:
             self.fail("search.objective.constraint", f"{constraint[0]!r} is not an editing-metric family the "
                                                      f"evaluation computes (edit/<one of {list(config.edit_metrics)}>)")

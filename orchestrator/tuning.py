@@ -79,7 +79,7 @@ class TrialContext:
 
     def trial_spec(self, sampled: Mapping[str, Any]) -> ExperimentSpec:
         (variant,) = self.experiment.methods
-        return dataclasses.replace(self.experiment, methods=(trial_variant(variant, sampled),))
+        return self.experiment.with_methods((trial_variant(variant, sampled),))
 
 
 def checkpoint_values(store: Store, experiment: str, trajectory_id: str) -> dict[int, dict[tuple[str, str], float]]:
@@ -173,7 +173,7 @@ def run_search(tune_spec: TuneSpec, model: str, variant: MethodVariant, store: S
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     search, experiment = tune_spec.search, tune_spec.experiment
-    context = TrialContext(dataclasses.replace(experiment, models=(model,), methods=(variant,)),
+    context = TrialContext(dataclasses.replace(experiment, models=(model,)).with_methods((variant,)),
                            search.objective, str(store.root.resolve()), data_root, cache_dir)
     if search.objective.combine == CONSTRAINED:
         context = dataclasses.replace(context, objective=dataclasses.replace(
@@ -231,7 +231,7 @@ def reference_scores(context: TrialContext, constraint: tuple[str, str]) -> tupl
     from orchestrator.driver import Driver
 
     (variant,) = context.experiment.methods
-    spec = dataclasses.replace(context.experiment, methods=(reference_variant(variant),))
+    spec = context.experiment.with_methods((reference_variant(variant),))
     store = Store(context.store_root)
     result = Driver(spec, store, progress=False, data_root=context.data_root, cache_dir=context.cache_dir,
                     take_lock=False).run()  # run_tune holds the experiment's lock

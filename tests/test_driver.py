@@ -268,3 +268,26 @@ def test_rows_moved_aside_from_a_completed_trajectory_are_redone(uninterrupted, 
     for name in uninterrupted_tables:
         assert_frame_equal(uninterrupted_tables[name], redone[name], check_exact=True)
 
+
+
+def test_the_actor_edits_with_the_planned_hparams_even_when_the_yaml_changes_after_planning(tmp_path, data_root):
+    """Settings are resolved once, with the spec: the trajectory id hashes the typed hyper-parameters
+    the task carries, and the actor edits with those, not with what its copy of the YAML says later."""
+    from workers.actors import TrajectoryRunner, hparams_digest
+
+    hparams_file = tmp_path / "rome-tiny.yaml"
+    planned = {"layer": 1, "num_steps": 2, "lr": 0.5, "context_template_lengths": [[5, 2]],
+               "stats_token_budget": 2000, "stats_max_length": 64}
+    hparams_file.write_text(yaml.safe_dump(planned))
+    spec = load_spec(write_spec(tmp_path, methods=[{"method": "rome", "hparams_file": str(hparams_file)}],
+                                n_edits=1, checkpoints=[1], evaluation={}), data_root=data_root)
+    (trajectory,) = Driver(spec, Store(tmp_path / "store"), progress=False, data_root=data_root).plan()
+    assert trajectory.task.hparams.num_steps == 2 == trajectory.spec.resolved_hparams["num_steps"]
+
+    hparams_file.write_text(yaml.safe_dump({**planned, "num_steps": 4, "layer": 2}))  # edited under the actor
+    runner = TrajectoryRunner(trajectory.task)
+    assert (runner.editor.hparams.num_steps, runner.editor.hparams.layer) == (2, 1)
+    assert runner.binding["hparams_digest"] == hparams_digest(trajectory.spec.resolved_hparams)
+    (edit, checkpoint) = list(runner.run())
+    assert list(edit.record["relative_l1"]) == ["transformer.h.1.mlp.c_proj"] and edit.record["steps"] <= 2
+    assert checkpoint.requests_done == 1

@@ -12,6 +12,7 @@ from orchestrator.store import Store
 from workers import actors
 from workers.actors import LogMismatch, Replica, TrajectoryRunner, TrajectoryTask
 from workers.data import load_edit_dataset
+from workers.editing import load_hparams
 from workers.editing.delta import DeltaError, EditLog, LayerDelta, WeightDelta
 from workers.models import load_model, mlp_out_weight
 
@@ -44,7 +45,8 @@ def test_a_well_formed_delta_still_applies(gpt2):
 
 
 def task_for(tmp_path, requests, **changes):
-    task = TrajectoryTask("t", Replica("tiny-gpt2"), "rome", {}, None, tuple(requests), 1, (1, 2), 0,
+    task = TrajectoryTask("t", Replica("tiny-gpt2"), "rome", load_hparams("rome", "tiny-gpt2"), tuple(requests), 1,
+                          (1, 2), 0,
                           str(tmp_path / "log.safetensors"), str(tmp_path / "cache"), "")
     return dataclasses.replace(task, **changes)
 
@@ -92,7 +94,7 @@ def test_resuming_with_other_requests_or_hparams_is_refused(saved_log):
     with pytest.raises(LogMismatch, match="case ids \\(request 0"):
         resume(dataclasses.replace(saved_log, requests=swapped))
     with pytest.raises(LogMismatch, match="hparams digest"):
-        resume(dataclasses.replace(saved_log, hparams_overrides={"num_steps": 3}))
+        resume(dataclasses.replace(saved_log, hparams=dataclasses.replace(saved_log.hparams, num_steps=3)))
 
 
 def test_the_driver_refuses_a_mismatched_log_before_ray_starts(tmp_path, data_root):

@@ -25,17 +25,20 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import ray
 import torch
 
 from workers.data import EditRequest
-from workers.editing import EditLog, Editor, load_hparams
+from workers.editing import EditLog, Editor
 from workers.editing.delta import saved_log_metadata
 from workers.faults import fault_point
 from workers.models import load_model, weights_fingerprint
 from workers.placement import EvaluationGroupPlan
+
+if TYPE_CHECKING:  # the evaluation package loads when the first checkpoint is scored
+    from workers.evaluation import EvalConfig
 
 
 @dataclass(frozen=True)
@@ -50,13 +53,13 @@ class Replica:
 
 @dataclass(frozen=True)
 class TrajectoryTask:
-    """Everything a trajectory actor needs, as plain data."""
+    """Everything a trajectory actor needs, as plain data: ``hparams`` are the typed hyper-parameters
+    resolved with the spec (the ones its trajectory id hashes); the actor reads no YAML of its own."""
 
     trajectory_id: str
     replica: Replica
     method: str
-    hparams_overrides: dict
-    hparams_file: str | None
+    hparams: object
     requests: tuple[EditRequest, ...]
     batch_size: int
     checkpoints: tuple[int, ...]  # numbers of requests edited after which the log is saved and scored
@@ -171,13 +174,11 @@ class TrajectoryRunner:
     def __init__(self, task: TrajectoryTask):
         self.task = task
         self.model, self.tokenizer = load_replica(task.replica)
-        hparams = load_hparams(task.method, task.replica.model, overrides=task.hparams_overrides or None,
-                               path=task.hparams_file)
         # Statistics, context templates and the base weights' fingerprint are computed here, on the
         # base weights, before any edit; the log binding reuses the editor's fingerprint (one hash).
-        self.editor = Editor(self.model, self.tokenizer, task.method, hparams, cache_dir=task.cache_dir,
+        self.editor = Editor(self.model, self.tokenizer, task.method, task.hparams, cache_dir=task.cache_dir,
                              data_root=task.data_root)
-        self.binding = log_binding(task.requests, dataclasses.asdict(hparams), self.editor.ctx.base_fingerprint)
+        self.binding = log_binding(task.requests, dataclasses.asdict(task.hparams), self.editor.ctx.base_fingerprint)
 
     def run(self, start_step: int = 0) -> Iterator[EditEvent | CheckpointEvent]:
         task = self.task
@@ -231,19 +232,22 @@ class CheckpointEvaluator:
             self._replica, self._suites = None, {}  # one base model in memory at a time
             model, tokenizer = load_replica(replica, role="evaluation")
             scorer = self.scorer_factory() if self.scorer_factory else None
-            self._replica = (replica, model, tokenizer, model_key(model, tokenizer), weights_fingerprint(model),
-                             scorer)
+            fingerprint = weights_fingerprint(model)  # hashed once per load: the cache key and the log check
+            self._replica = (replica, model, tokenizer, model_key(model, tokenizer, fingerprint=fingerprint),
+                             fingerprint, scorer)
         return self._replica[1:]
 
     def evaluate(self, model: str, dtype: str, log_path: str | None, steps: int,
-                 requests: Sequence[EditRequest], eval_fields: dict) -> list[dict]:
-        """Rows (``MetricRow`` as dicts) for base ``model`` + the first ``steps`` steps of the log."""
-        from workers.evaluation import EvalConfig, TaskSuite, evaluate_checkpoint
+                 requests: Sequence[EditRequest], config: EvalConfig) -> list[dict]:
+        """Rows (``MetricRow`` as dicts) for base ``model`` + the first ``steps`` steps of the log, scored
+        as ``config`` (the spec's, typed once when it was loaded) says; no progress bars in an actor."""
+        from workers.evaluation import TaskSuite, evaluate_checkpoint
         from workers.models import context_length
 
         replica = Replica(model, dtype, self.use_accelerator, self.num_threads)
         base, tokenizer, base_key, fingerprint, scorer = self._base(replica)
-        config = EvalConfig.from_dict({**eval_fields, "progress": False}, source="evaluation")
+        if config.progress:
+            config = dataclasses.replace(config, progress=False)
         # Samples and perplexity windows depend on the tokenizer and context: keyed by model too.
         digest = (base_key, config.digest())
         if digest not in self._suites:
@@ -280,8 +284,8 @@ class EvalActor:
         self.evaluator = CheckpointEvaluator(cache_dir, data_root, use_accelerator=use_accelerator,
                                              num_threads=num_threads)
 
-    def evaluate(self, model: str, dtype: str, log_path: str | None, steps: int, requests, eval_fields: dict):
-        return self.evaluator.evaluate(model, dtype, log_path, steps, requests, eval_fields)
+    def evaluate(self, model: str, dtype: str, log_path: str | None, steps: int, requests, config: EvalConfig):
+        return self.evaluator.evaluate(model, dtype, log_path, steps, requests, config)
 
 
 @ray.remote
@@ -312,8 +316,8 @@ class EvalRank:
         os.environ.update({"MASTER_ADDR": host, "MASTER_PORT": port})
         join_group(self.rank, self.ranks, address, backend_for(self.use_accelerator))
 
-    def evaluate(self, model: str, dtype: str, log_path: str | None, steps: int, requests, eval_fields: dict):
-        rows = self.evaluator.evaluate(model, dtype, log_path, steps, requests, eval_fields)
+    def evaluate(self, model: str, dtype: str, log_path: str | None, steps: int, requests, config: EvalConfig):
+        rows = self.evaluator.evaluate(model, dtype, log_path, steps, requests, config)
         return rows if self.rank == 0 else None
 
 

@@ -41,10 +41,11 @@ def text_key(*parts: object) -> str:
     return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:20]
 
 
-def model_key(model, tokenizer) -> str:
-    """Fingerprint of the weights and of the tokenizer's vocabulary (both decide every prediction)."""
+def model_key(model, tokenizer, *, fingerprint: str | None = None) -> str:
+    """Fingerprint of the weights and of the tokenizer's vocabulary (both decide every prediction);
+    ``fingerprint``: the weights' ``weights_fingerprint`` where the caller has already taken it."""
     vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:8]
-    return f"{weights_fingerprint(model)}-{vocab}"
+    return f"{fingerprint or weights_fingerprint(model)}-{vocab}"
 
 
 # Modules (a package stands for all of its modules) whose source decides the reference predictions.
