@@ -30,18 +30,15 @@ from orchestrator.store import Store
 from orchestrator.tuning import TUNE_GROUP
 from workers.editing.methods import split_method
 from workers.evaluation.intervals import proportion_interval
-from workers.evaluation.metrics import BINARY_SCORES, CHANCE_LEVELS, TASK_METRICS
+from workers.evaluation.metrics import BINARY_SCORES, CHANCE_LEVELS, LOG_SCALE_METRICS, TASK_METRICS
+from workers.evaluation.tasks import TASKS
 
-TASK_TITLES = {"nli": "NLI (RTE)", "sst2": "Sentiment (SST-2)", "nq": "Open-domain QA (NQ)",
-               "samsum": "Summarisation (SAMSum)", "mmlu": "MMLU", "wikitext": "WikiText perplexity",
+TASK_TITLES = {**{name: task.title for name, task in TASKS.items()},
                "drift": "Next-token drift KL(edited ‖ unedited)"}
 # The general-ability panels: each task's scores, and the next-token drift over all prompts (a signal
 # that moves on small models, whose task scores often sit at chance).
 PLOTTED_METRICS = {**TASK_METRICS, "drift": ("kl_mean",)}
 EDIT_PREFIX = "edit/"
-# Scores drawn on a log axis: perplexity is exp(loss), and one collapsing arm (ROME reaches 2454 on the
-# default model) on a linear axis flattens every other arm (31 to 75) into the panel's bottom line.
-LOG_SCALE_METRICS = frozenset({("wikitext", "perplexity")})
 # Paper figure numbers per edit data set: (editing metrics, general tasks).
 PAPER_FIGURES = {"zsre": ("Fig. 5", "Fig. 6"), "counterfact": ("Fig. 9", "Fig. 10")}
 # A method's constraint (workers.editing.methods.CONSTRAINTS) -> its line style; the base method

@@ -19,7 +19,7 @@
 
 What else drives trajectories (``orchestrator/tuning.py``: a Tune trial is one trajectory) uses the
 same steps without a whole ``Driver``: ``connect`` (the Ray instance), ``plan_trajectories`` (what the
-store says is done), ``write_status`` (the trajectory's row) and ``first_line`` (an error as a reason).
+store says is done), ``write_status`` (the trajectory's row) and ``error_reason`` (an error as a reason).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from workers.actors import (CheckpointEvent, EditEvent, EvalActor, EvalGroup, Re
 from workers.data import EditRequest, load_edit_dataset
 from workers.editing.delta import saved_log_metadata
 from workers.editing.methods import split_method
+from workers.evaluation.text_metrics import first_line
 from workers.sampling import seeded_sample
 from workers.placement import EvaluationGroupPlan, deepspeed_installed, plan_evaluation_group
 
@@ -323,7 +324,7 @@ class Driver:
         except Exception as exc:
             for trajectory in todo:
                 if not trajectory.finished:
-                    self._fail(trajectory, f"the driver stopped: {type(exc).__name__}: {first_line(exc)}")
+                    self._fail(trajectory, f"the driver stopped: {type(exc).__name__}: {error_reason(exc)}")
             raise
         finally:
             if started_ray:
@@ -453,7 +454,7 @@ class Driver:
                     if not pool.has(trajectory, checkpoint):
                         pool.submit(trajectory, checkpoint)
                 return "restart"
-            self._fail(trajectory, f"actor died: {first_line(exc)}")
+            self._fail(trajectory, f"actor died: {error_reason(exc)}")
             return "failed"
         except ray.exceptions.RayTaskError as exc:  # an exception inside the editor
             self._release(trajectory)
@@ -554,7 +555,7 @@ class EvalPool:
             if attempt < self.spec.max_restarts:  # an evaluation only reads: running it again is safe
                 self.submit(trajectory, checkpoint, attempt + 1)
                 return trajectory, checkpoint, None, None
-            return trajectory, checkpoint, None, f"evaluation actor died: {first_line(exc)}"
+            return trajectory, checkpoint, None, f"evaluation actor died: {error_reason(exc)}"
         except ray.exceptions.RayTaskError as exc:
             return trajectory, checkpoint, None, _reason(exc)
 
@@ -603,11 +604,11 @@ def format_summary(summary: pd.DataFrame) -> str:
 def _reason(exc: Exception) -> str:
     cause = getattr(exc, "cause", None)
     if cause is not None:
-        return f"{type(cause).__name__}: {first_line(cause)}"
-    return first_line(exc)
+        return f"{type(cause).__name__}: {error_reason(cause)}"
+    return error_reason(exc)
 
 
-def first_line(exc: BaseException) -> str:
-    """An error's first non-blank line (at most 300 characters), as a status reason."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:300]
+def error_reason(exc: BaseException) -> str:
+    """An error's first non-blank line (at most 300 characters; its type where it has no text), as a
+    status reason."""
+    return (first_line(str(exc)) or type(exc).__name__)[:300]

@@ -50,18 +50,17 @@ from typing import Any, Sequence
 import yaml
 
 from workers import settings
-from workers.data import EDIT_DATASETS, TASK_DATASETS, edit_dataset_file, task_dataset
+from workers.data import EDIT_DATASETS, edit_dataset_file
 from workers.editing import METHODS, load_hparams
 from workers.editing.hparams import with_overrides
 from workers.editing.methods import BASES, split_method
 from workers.evaluation import EvalConfig
-from workers.evaluation.config import GENERAL_TASKS
 from workers.evaluation.prompts import check_statistics_text
+from workers.evaluation.tasks import TASKS
 from workers.sampling import seeded_order
 from workers.fields import FieldError, is_finite_number, is_number
 from workers.placement import ENGINES
 
-assert set(TASK_DATASETS) == set(GENERAL_TASKS), "every general task needs its data set in workers.data"
 SELECTIONS = ("random", "first")
 DTYPES = ("float32", "float16", "bfloat16")
 GROUPS = ("ablation", "anchor-selection")
@@ -422,7 +421,7 @@ def spec_from_dict(raw: Any, *, source: str | Path = "<dict>", base_dir: str | P
         for i, dataset in enumerate(datasets):
             v.file_present(root, edit_dataset_file(dataset), f"datasets[{i}]")
         for task in evaluation.tasks:
-            relpath = task_dataset(task, evaluation.config.nli_split).file
+            relpath = TASKS[task].data_set(evaluation.config).file
             v.file_present(root, relpath, f"evaluation.tasks.{task}")
     return ExperimentSpec(experiment, tuple(models), methods, datasets, seeds, n_edits, batch_size, checkpoints,
                           selection, evaluation, resources, store, max_restarts, dtype, source=str(source),
@@ -594,8 +593,8 @@ class SpecValidator:
         raw = dict(self.mapping(raw, "evaluation"))
         tasks = {}
         for task, count in self.mapping(raw.pop("tasks", {}), "evaluation.tasks").items():
-            if task not in TASK_DATASETS:
-                self.fail(f"evaluation.tasks.{task}", f"unknown task; known: {sorted(TASK_DATASETS)}")
+            if task not in TASKS:
+                self.fail(f"evaluation.tasks.{task}", f"unknown task; known: {sorted(TASKS)}")
             tasks[task] = self.integer(count, f"evaluation.tasks.{task}", minimum=1)
         edit_sample = raw.pop("edit_sample", None)
         if edit_sample is not None:

@@ -273,7 +273,7 @@ class SearchValidator(SpecValidator):
         return tuple(self.term(item, f"{where}[{i}]") for i, item in enumerate(raw))
 
     def objective(self, raw, experiment: ExperimentSpec) -> Objective:
-        from workers.evaluation.config import GENERAL_TASKS
+        from workers.evaluation.tasks import TASKS
 
         raw = self.mapping(raw, "search.objective")
         self.no_unknown(raw, {"edit", "retention", "combine", "constraint", "tolerance"}, "search.objective.")
@@ -295,7 +295,7 @@ class SearchValidator(SpecValidator):
                     self.fail(f"search.objective.edit[{i}]", f"{task!r} is not an editing-metric family the "
                                                              f"evaluation computes (edit/<one of {list(config.edit_metrics)}>)")
         if combine in ("product", "retention"):
-            evaluated = [task for task in GENERAL_TASKS if config.count(task)]
+            evaluated = [task for task in TASKS if config.count(task)]
             if not evaluated:
                 self.fail("search.objective.combine", f"{combine!r} needs general-ability retention, but "
                                                       "evaluation.tasks names no task; add tasks or use combine: edit")

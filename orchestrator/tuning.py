@@ -250,7 +250,7 @@ def settle_status(context: TrialContext, trial_spec: ExperimentSpec, error: Base
     ``failed`` after an error (its first line the reason), otherwise ``stopped`` (the scheduler cut it;
     reason: scored at N of M edits). A completed trajectory keeps its status, and so does a failed one
     after an error unless ``replace_failure`` (the error is the reason, not the driver's unwinding)."""
-    from orchestrator.driver import first_line, plan_trajectories, write_status
+    from orchestrator.driver import error_reason, plan_trajectories, write_status
 
     store = Store(context.store_root)
     (trajectory,) = plan_trajectories(trial_spec, store, data_root=context.data_root, cache_dir=context.cache_dir)
@@ -260,7 +260,7 @@ def settle_status(context: TrialContext, trial_spec: ExperimentSpec, error: Base
         return status, reason  # finished, or failed with the driver's own reason
     done = store.edit_steps_done(spec.experiment, spec.trajectory_id) >= trajectory.task.n_steps
     if error is not None:
-        status, reason = Status.FAILED, first_line(error)
+        status, reason = Status.FAILED, error_reason(error)
     elif done and trajectory.scored_all():
         status, reason = Status.COMPLETED, None
     else:

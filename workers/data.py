@@ -88,6 +88,15 @@ class MultipleChoiceExample:
     subject: str
 
 
+@dataclass(frozen=True)
+class KnownFact:
+    """A fact stated by a prompt that ends where the model names ``attribute`` (ROME's known facts)."""
+
+    prompt: str
+    subject: str
+    attribute: str
+
+
 @dataclass
 class LoadReport:
     path: str
@@ -347,7 +356,8 @@ def edit_dataset_file(name: str) -> str:
 # General-ability tasks
 
 TASK_FILES = {"rte": "tasks/rte.tsv", "rte-dev": "tasks/rte_dev.jsonl", "sst2": "tasks/sst2.tsv",
-              "samsum": "tasks/samsum.json", "nq": "tasks/nq.jsonl", "mmlu": "tasks/mmlu.jsonl"}
+              "samsum": "tasks/samsum.json", "nq": "tasks/nq.jsonl", "mmlu": "tasks/mmlu.jsonl",
+              "known": "known/known_1000.json"}
 TEXT_FILES = {"wikitext-test": "text/wikitext-2-raw-test.txt", "wikitext-valid": "text/wikitext-2-valid.txt"}
 
 
@@ -436,6 +446,21 @@ def load_mmlu(data_root=None, *, path=None, skip_invalid=False, report=None) -> 
     return _collect(path, _read_json_records(path), parse, skip_invalid, report)
 
 
+def load_known(data_root=None, *, path=None, skip_invalid=False, report=None) -> list[KnownFact]:
+    """ROME's known facts (``known_1000.json``): ``prompt`` (it contains ``subject``) and ``attribute``,
+    the object GPT-2 XL names after it (Meng et al., 2022, causal tracing)."""
+    path = Path(path) if path is not None else ensure_file(TASK_FILES["known"], data_root)
+
+    def parse(record: dict, index: int) -> KnownFact:
+        rid = record.get("known_id", index)
+        prompt, subject = _text(record, "prompt", path, rid), _text(record, "subject", path, rid)
+        if subject not in prompt:
+            raise DataError(path, rid, "subject", f"{subject!r} does not occur in the prompt {prompt!r}")
+        return KnownFact(prompt, subject, _text(record, "attribute", path, rid).strip())
+
+    return _collect(path, _read_json_records(path), parse, skip_invalid, report)
+
+
 def load_text(name: str = "wikitext-test", data_root=None, *, path=None) -> str:
     """A plain-text corpus (WikiText-2) for second-moment statistics and perplexity."""
     if path is None:
@@ -483,23 +508,14 @@ DATASETS: dict[str, DataSet] = {d.name: d for d in (
     DataSet("samsum", TASK_FILES["samsum"], "task", load_samsum, SummaryExample),
     DataSet("nq", TASK_FILES["nq"], "task", load_nq, QAExample),
     DataSet("mmlu", TASK_FILES["mmlu"], "task", load_mmlu, MultipleChoiceExample),
+    DataSet("known", TASK_FILES["known"], "task", load_known, KnownFact),
     DataSet("wikitext-test", TEXT_FILES["wikitext-test"], "text", functools.partial(load_text, "wikitext-test"), str),
     DataSet("wikitext-valid", TEXT_FILES["wikitext-valid"], "text", functools.partial(load_text, "wikitext-valid"),
             str),
 )}
 EDIT_DATASETS = tuple(name for name, d in DATASETS.items() if d.kind == "edit")  # what a spec's datasets name
-# The data set each general-ability task (``workers.evaluation.config.GENERAL_TASKS``) reads; ``nli``
-# reads RTE's train split unless the evaluation sets ``nli_split: dev``; perplexity is scored on
-# the evaluation's ``perplexity_corpus`` (WikiText-2's test split by default).
-TASK_DATASETS = {"nli": "rte", "sst2": "sst2", "samsum": "samsum", "nq": "nq", "mmlu": "mmlu",
-                 "wikitext": "wikitext-test"}
-
-
-def task_dataset(task: str, nli_split: str = "train") -> DataSet:
-    """The data set a general-ability task reads."""
-    if task not in TASK_DATASETS:
-        raise ValueError(f"unknown task {task!r}; known: {sorted(TASK_DATASETS)}")
-    return DATASETS["rte-dev" if task == "nli" and nli_split == "dev" else TASK_DATASETS[task]]
+# Which data set each general-ability task reads is part of the task's record
+# (``workers.evaluation.tasks.TASKS``).
 
 
 # --------------------------------------------------------------------------------------------

@@ -50,19 +50,15 @@ import torch
 
 from workers.data import EditRequest
 from workers.editing.delta import EditLog, applied
-from workers.evaluation.config import GENERAL_TASKS, EvalConfig, MetricRow
+from workers.evaluation.config import EvalConfig, MetricRow
 from workers.evaluation.deviation import last_token_states, pca_view, snapshot_deviations
 from workers.evaluation.edit_metrics import edit_metric_rows, unedited_locality_argmax
-from workers.evaluation.metrics import CHANCE_LEVELS
-from workers.evaluation.prompts import TaskSuite
+from workers.evaluation.metrics import CHANCE_LEVELS, LOWER_IS_BETTER
 from workers.evaluation.reference import ReferenceCache, model_key, text_key
 from workers.evaluation.scoring import next_token_logprobs
-from workers.evaluation.tasks import drift_prompts, drift_rows, general_task_rows
+from workers.evaluation.suite import TaskSuite
+from workers.evaluation.tasks import TASKS, drift_prompts, drift_rows, general_task_rows
 from workers.models import context_length
-
-# Metrics where lower is better: retention is unedited / edited for these.
-LOWER_IS_BETTER = {"perplexity"}
-
 
 class SameModel:
     """The default scorer: the forward passes run on the model itself."""
@@ -113,10 +109,10 @@ def retention_rows(edited: Sequence[MetricRow], unedited: Sequence[MetricRow]) -
     rows = []
     for row in edited:
         before = base.get((row.task, row.metric))
-        if row.task not in GENERAL_TASKS or before is None or math.isnan(before) or math.isnan(row.value):
+        if row.task not in TASKS or before is None or math.isnan(before) or math.isnan(row.value):
             continue
         chance = CHANCE_LEVELS.get((row.task, row.metric), 0.0)
-        if row.metric in LOWER_IS_BETTER:
+        if (row.task, row.metric) in LOWER_IS_BETTER:
             numerator, denominator = before, row.value
         else:
             numerator, denominator = row.value - chance, before - chance

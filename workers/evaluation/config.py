@@ -13,12 +13,9 @@ from typing import Any
 from workers.evaluation.intervals import mean_interval
 from workers.fields import FieldError, bounded, check_fields
 
-GENERAL_TASKS = ("nli", "sst2", "nq", "samsum", "mmlu", "wikitext")
 EDIT_METRIC_FAMILIES = ("toolkit", "counterfact", "generative")
 PROMPT_FORMATS = ("raw", "chat")
 SAMPLE_ORDERS = ("seeded", "first")
-# Tasks whose prompts end where the model answers: drift (next-token KL) is measured on these.
-PROMPT_TASKS = ("nli", "sst2", "nq", "samsum", "mmlu")
 
 
 @dataclass(frozen=True)
@@ -51,14 +48,21 @@ def mean_row(task: str, metric: str, values: list[float]) -> MetricRow:
     return MetricRow(task, metric, float(sum(values) / len(values)), len(values), low, high)
 
 
+def _tasks() -> dict:
+    """The task registry (``workers.evaluation.tasks.TASKS``), read when a config is made: the
+    records name their scorers, whose module imports this one (for ``MetricRow``)."""
+    from workers.evaluation.tasks import TASKS
+
+    return TASKS
+
+
 def _default_tasks() -> dict[str, int]:
-    return {"nli": 100, "sst2": 100, "nq": 100, "samsum": 100, "mmlu": 100, "wikitext": 20}
+    return {name: task.default_count for name, task in _tasks().items() if task.default_count}
 
 
 def _default_max_new_tokens() -> dict[str, int]:
     # NLI: one token; QA: up to 20; SAMSum: up to 25 (the EAC authors' evaluation settings).
-    # SST-2: two, so that a label split in two tokens (e.g. after a chat template) is still read.
-    return {"nli": 1, "sst2": 2, "nq": 20, "samsum": 25}
+    return {name: task.max_new_tokens for name, task in _tasks().items() if task.max_new_tokens}
 
 
 @dataclass
@@ -128,9 +132,10 @@ class EvalConfig:
             check_fields(self)
         except FieldError as exc:
             fail(exc.path, exc.problem)
+        tasks = _tasks()
         for task, count in self.tasks.items():
-            if task not in GENERAL_TASKS:
-                fail("tasks", f"unknown task {task!r}; known: {list(GENERAL_TASKS)}")
+            if task not in tasks:
+                fail("tasks", f"unknown task {task!r}; known: {list(tasks)}")
             if not isinstance(count, int) or count < 0:
                 fail("tasks", f"{task}: expected a count >= 0, got {count!r}")
         for family in self.edit_metrics:
@@ -150,8 +155,9 @@ class EvalConfig:
             fail("perplexity_corpus", f"expected a corpus name or a text file path, got {self.perplexity_corpus!r}")
         if self.nli_split not in ("train", "dev"):
             fail("nli_split", f"expected 'train' or 'dev', got {self.nli_split!r}")
-        if self.pca_task not in PROMPT_TASKS:
-            fail("pca_task", f"expected one of {list(PROMPT_TASKS)}, got {self.pca_task!r}")
+        prompt_tasks = [name for name, task in tasks.items() if task.prompt is not None]
+        if self.pca_task not in prompt_tasks:
+            fail("pca_task", f"expected one of {prompt_tasks}, got {self.pca_task!r}")
         if self.pca_examples and self.pca_examples < 2 * self.pca_folds:
             fail("pca_examples", f"need at least 2 * pca_folds = {2 * self.pca_folds} prompts")
         if self.generative_max_new_tokens is not None and self.generative_max_new_tokens < 1:

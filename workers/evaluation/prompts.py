@@ -1,16 +1,16 @@
-"""General-ability task prompts (the EAC paper's Table 4) and the sampled examples they are filled with.
+"""General-ability task prompts (the EAC paper's Table 4), the formats they are rendered in, and how
+examples are sampled.
 
-``TaskSuite`` holds, for one evaluation configuration, the sampled examples of every task, their
-rendered prompts and the WikiText perplexity windows. Examples are drawn without replacement with a
-seeded generator per task, so each example is counted exactly once and the same seed gives the same
-sample on every machine. Prompts are rendered ``raw`` (the paper's plain text) or through the
-tokenizer's chat template (one user turn; the model answers in the assistant turn).
+Examples are drawn without replacement with a seeded generator per task, so each example is counted
+exactly once and the same seed gives the same sample on every machine. Prompts are rendered ``raw``
+(the paper's plain text) or through the tokenizer's chat template (one user turn; the model answers in
+the assistant turn). Which task uses which prompt is the task's record (``workers.evaluation.tasks``);
+the sampled suite of one evaluation is ``workers.evaluation.suite.TaskSuite``.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -19,8 +19,6 @@ from workers.evaluation.config import EvalConfig
 from workers.evaluation.scoring import EncodedPair
 from workers.sampling import seeded_order, seeded_sample
 from workers.stats import load_corpus
-
-logger = logging.getLogger(__name__)
 
 # The EAC authors' prompts (paper Table 4 and their evaluation scripts), greedy decoding.
 NLI_PROMPT = "{sentence1} entails the {sentence2}. True or False? answer:"
@@ -137,8 +135,9 @@ def mmlu_cloze_prompt(example: data.MultipleChoiceExample) -> str:
     return MMLU_CLOZE_PROMPT.format(subject=_subject(example), question=example.question)
 
 
-PROMPT_BUILDERS = {"nli": nli_prompt, "sst2": sst2_prompt, "nq": qa_prompt, "samsum": summary_prompt,
-                   "mmlu": mmlu_prompt}
+def known_fact_prompt(example: data.KnownFact) -> str:
+    """The fact's own prompt: it ends where the model names the attribute (ROME's known facts)."""
+    return example.prompt
 
 
 def special_prefix(tokenizer) -> tuple[int, ...]:
@@ -172,105 +171,9 @@ def perplexity_windows(token_ids: Sequence[int], *, window: int, stride: int, co
     return pairs
 
 
-def _token_count(tokenizer, fmt: PromptFormat, text: str) -> int:
+def token_count(tokenizer, fmt: PromptFormat, text: str) -> int:
+    """Tokens of ``text`` as the format tokenises it (with the tokenizer's special tokens for ``raw``)."""
     return len(tokenizer(text, add_special_tokens=fmt.add_special_tokens, verbose=False)["input_ids"])
-
-
-def context_fit(tokenizer, fmt: PromptFormat, task: str, config: EvalConfig, context_length: int):
-    """A predicate: does one example of ``task`` — its prompt plus what follows it (the generated
-    tokens, or the longest scored answer: label word, MMLU letter or, for the cloze form, choice) —
-    fit in ``context_length`` positions? The task's fixed answer budget is counted once, here."""
-    labels = {"nli": NLI_LABELS, "sst2": SST2_LABELS, "mmlu": MMLU_LETTERS}.get(task, ())
-    label_tokens = max((_token_count(tokenizer, fmt, fmt.answer_prefix + a) for a in labels), default=0)
-    answer_budget = max(config.max_new_tokens.get(task, 0), label_tokens)
-
-    def fits(example) -> bool:
-        prompt = fmt.render(tokenizer, PROMPT_BUILDERS[task](example))
-        if _token_count(tokenizer, fmt, prompt) + answer_budget > context_length:
-            return False
-        if task == "mmlu":
-            cloze = fmt.render(tokenizer, mmlu_cloze_prompt(example))
-            longest_choice = max(_token_count(tokenizer, fmt, fmt.answer_prefix + c) for c in example.choices)
-            return _token_count(tokenizer, fmt, cloze) + longest_choice <= context_length
-        return True
-
-    return fits
-
-
-@dataclass
-class TaskSuite:
-    """Sampled examples and rendered prompts of each configured task, for one tokenizer."""
-
-    format: PromptFormat
-    examples: dict[str, list] = field(default_factory=dict)
-    prompts: dict[str, list[str]] = field(default_factory=dict)
-    perplexity_windows: list[EncodedPair] = field(default_factory=list)
-    pca_prompts: list[str] = field(default_factory=list)
-
-    # Examples of each task passed over because their prompt and answer exceed the model's context.
-    excluded: dict[str, int] = field(default_factory=dict)
-
-    @classmethod
-    def build(cls, tokenizer, config: EvalConfig, examples: dict[str, list], *, wikitext: str | None = None,
-              pca_examples: Sequence | None = None, context_length: int | None = None) -> "TaskSuite":
-        """From already loaded examples (sampled here) and, for perplexity, the raw text.
-
-        With ``context_length`` (the model's, in tokens), only examples whose prompt plus the tokens
-        the task needs after it fit are sampled (see ``sample_fitting``); the count passed over is in
-        ``excluded`` and logged. A task none of whose examples fits is an error naming the task.
-        """
-        fmt = PromptFormat(config.prompt_format)
-        suite = cls(fmt)
-
-        def sample(task: str, pool: Sequence, count: int, sample_key: str) -> list:
-            if task not in PROMPT_BUILDERS:
-                raise ValueError(f"no prompt for task {task!r}; known: {sorted(PROMPT_BUILDERS)}")
-            if context_length is None:
-                return sample_examples(pool, count, config.seed, sample_key, config.sample_order)
-            fits = context_fit(tokenizer, fmt, task, config, context_length)
-            chosen, passed_over = sample_fitting(pool, count, config.seed, sample_key, fits, config.sample_order)
-            if count and pool and not chosen:
-                raise ValueError(f"task {task!r}: none of its {len(pool)} examples fits the model's context of "
-                                 f"{context_length} tokens (prompt plus answer); lower the task's count to 0")
-            if passed_over:
-                suite.excluded[sample_key] = passed_over
-                logger.warning("task %s: %d example(s) passed over because they exceed the model's context of "
-                               "%d tokens; %d sampled", task, passed_over, context_length, len(chosen))
-            return chosen
-
-        for task, pool in examples.items():
-            chosen = sample(task, pool, config.count(task), task)
-            suite.examples[task] = chosen
-            suite.prompts[task] = [fmt.render(tokenizer, PROMPT_BUILDERS[task](x)) for x in chosen]
-        if config.count("wikitext"):
-            if wikitext is None:
-                raise ValueError("tasks.wikitext is set but no WikiText was given")
-            if context_length is not None and config.perplexity_window > context_length:
-                raise ValueError(f"perplexity_window {config.perplexity_window} exceeds the model's context of "
-                                 f"{context_length} tokens")
-            ids = tokenizer(wikitext, add_special_tokens=False, verbose=False)["input_ids"]
-            suite.perplexity_windows = perplexity_windows(
-                ids, window=config.perplexity_window, stride=config.perplexity_stride,
-                count=config.count("wikitext"), seed=config.seed, prefix=special_prefix(tokenizer))
-        if config.pca_examples and pca_examples is not None:
-            chosen = sample(config.pca_task, pca_examples, config.pca_examples, f"pca-{config.pca_task}")
-            suite.pca_prompts = [fmt.render(tokenizer, PROMPT_BUILDERS[config.pca_task](x)) for x in chosen]
-        return suite
-
-    @classmethod
-    def load(cls, tokenizer, config: EvalConfig, data_root: str | Path | None = None, *,
-             context_length: int | None = None) -> "TaskSuite":
-        """Load the configured tasks from the data directory and sample them (``build``)."""
-        def load(task: str) -> list:
-            return data.task_dataset(task, config.nli_split).load(data_root)
-
-        pools = {task: load(task) for task in PROMPT_BUILDERS if config.count(task)}
-        wikitext = load_corpus(config.perplexity_corpus, data_root) if config.count("wikitext") else None
-        pca_pool = None
-        if config.pca_examples:
-            pca_pool = pools.get(config.pca_task) or load(config.pca_task)
-        return cls.build(tokenizer, config, pools, wikitext=wikitext, pca_examples=pca_pool,
-                         context_length=context_length)
 
 
 def check_statistics_text(config: EvalConfig, stats_corpus: str | None, data_root: str | Path | None = None) -> None:

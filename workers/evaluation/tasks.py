@@ -1,4 +1,13 @@
-"""General abilities: NLI (RTE), SST-2, open-domain QA (NQ), SAMSum, MMLU, WikiText perplexity, drift.
+"""General abilities: one registry (``TASKS``) of every general-ability task, one record each, and the
+scorers the records name. NLI (RTE), SST-2, open-domain QA (NQ), SAMSum, MMLU, known facts, WikiText
+perplexity; drift over every prompt task.
+
+A ``GeneralTask`` record is all the toolkit knows of a task: the data set its examples come from
+(``workers.data.DATASETS``), its prompt, its scorer, the metrics it is reported by (headline first),
+their chance levels, which are 0/1 shares, which are better lower and drawn on a log axis, its
+generation budget, its sample size in the default evaluation and its title in figures. The spec's
+validator, ``EvalConfig``, ``TaskSuite``, the retention rows, the metrics table and the figures read
+the records; adding a task is one record here (and its loader in ``workers.data``).
 
 The paper's four tasks are scored as its authors describe (Appendix C.4), with greedy decoding:
 
@@ -15,26 +24,34 @@ The paper's four tasks are scored as its authors describe (Appendix C.4), with g
 
 Extra signals that small models need: ``mmlu`` (``accuracy_letter``: log-likelihood of " A".." D"
 after the Hendrycks prompt; ``accuracy_cloze``: log-likelihood of each choice's text per character),
-``wikitext`` ``perplexity`` = exp(total NLL / scored tokens) over the sampled windows, and drift
-(``drift_rows``): the mean KL(edited ‖ unedited) of the next-token distribution after task prompts.
+``known`` (``recall``: the share of ROME's known facts whose greedy continuation begins with the
+fact's attribute — knowledge the edits were not aimed at), ``wikitext`` ``perplexity`` = exp(total NLL
+/ scored tokens) over the sampled windows, and drift (``drift_rows``): the mean KL(edited ‖ unedited)
+of the next-token distribution after task prompts.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from workers.evaluation.config import EvalConfig, MetricRow, PROMPT_TASKS, mean_row
+from workers.data import DATASETS, DataSet
+from workers.evaluation.config import EvalConfig, MetricRow, mean_row
 from workers.evaluation.intervals import ratio_interval
-from workers.evaluation.prompts import (MMLU_LETTERS, NLI_LABELS, SST2_LABELS, PromptFormat, TaskSuite,
-                                        mmlu_cloze_prompt)
+from workers.evaluation.prompts import (MMLU_LETTERS, NLI_LABELS, SST2_LABELS, PromptFormat, known_fact_prompt,
+                                        mmlu_cloze_prompt, mmlu_prompt, nli_prompt, qa_prompt, sst2_prompt,
+                                        summary_prompt, token_count)
 from workers.evaluation.scoring import EncodedPair, score_continuations, score_encoded
-from workers.evaluation.text_metrics import (ROUGE_TYPES, contains_answer, exact_match, first_line, first_word,
-                                             rouge_f1)
+from workers.evaluation.text_metrics import (ROUGE_TYPES, begins_with_answer, contains_answer, exact_match,
+                                             first_line, first_word, rouge_f1)
 from workers.generation import greedy_continuations
+
+if TYPE_CHECKING:  # the suite is built from these records (workers.evaluation.suite)
+    from workers.evaluation.suite import TaskSuite
 
 
 def _generate(model, tokenizer, prompts: list[str], fmt: PromptFormat, max_new_tokens: int, config: EvalConfig):
@@ -118,6 +135,23 @@ def mmlu_rows(model, tokenizer, suite: TaskSuite, config: EvalConfig) -> list[Me
             mean_row("mmlu", "accuracy_cloze", [float(c == g) for c, g in zip(cloze, gold)])]
 
 
+def mmlu_cloze_fits(tokenizer, fmt: PromptFormat, example, context_length: int) -> bool:
+    """The cloze form (``mmlu_rows``) with its longest choice fits the model's context too."""
+    cloze = fmt.render(tokenizer, mmlu_cloze_prompt(example))
+    longest_choice = max(token_count(tokenizer, fmt, fmt.answer_prefix + c) for c in example.choices)
+    return token_count(tokenizer, fmt, cloze) + longest_choice <= context_length
+
+
+def known_fact_rows(model, tokenizer, suite: TaskSuite, config: EvalConfig) -> list[MetricRow]:
+    """``recall``: the share of known facts whose greedy continuation (its first line) begins with the
+    fact's attribute, after SQuAD normalisation."""
+    texts = _generate(model, tokenizer, suite.prompts["known"], suite.format, config.max_new_tokens["known"],
+                      config)
+    attributes = [x.attribute for x in suite.examples["known"]]
+    return [mean_row("known", "recall", [float(begins_with_answer(first_line(text), attribute))
+                                         for text, attribute in zip(texts, attributes)])]
+
+
 def window_nlls(model, tokenizer, windows: Sequence[EncodedPair], *, batch_size: int = 16,
                 progress: bool = False) -> tuple[list[float], list[int]]:
     """Per window: the total NLL of its scored tokens, and their count."""
@@ -140,16 +174,75 @@ def perplexity_rows(model, tokenizer, suite: TaskSuite, config: EvalConfig) -> l
     return [MetricRow("wikitext", "perplexity", math.exp(sum(nlls) / sum(tokens)), len(nlls), low, high)]
 
 
-TASK_EVALUATORS = {"nli": nli_rows, "sst2": sst2_rows, "nq": qa_rows, "samsum": summarisation_rows,
-                   "mmlu": mmlu_rows, "wikitext": perplexity_rows}
+@dataclass(frozen=True)
+class GeneralTask:
+    """One general-ability task, everything about it in one record (see the module docstring).
+
+    ``score(model, tokenizer, suite, config)`` returns the task's rows (one ``MetricRow`` per metric,
+    each the mean of per-example values). ``prompt`` builds an example's prompt (None: the task has
+    no prompts, i.e. perplexity over text windows). ``answers``: the label words scored after the
+    prompt, counted with ``max_new_tokens`` (the default generation budget) when checking that an
+    example fits the model's context; ``fits``: a further check for the other prompts the scorer
+    builds. ``chance``: metric -> the score of guessing (retention is measured on the margin above
+    it). ``binary``: metrics that are a share of 0/1 outcomes. ``default_count``: examples in the
+    default evaluation (0: only when a spec or config asks)."""
+
+    name: str
+    title: str
+    dataset: str  # the ``workers.data.DATASETS`` entry its examples (or text) come from
+    score: Callable[..., list[MetricRow]]
+    metrics: tuple[str, ...]  # reported and plotted, headline first
+    prompt: Callable[[Any], str] | None = None
+    answers: tuple[str, ...] = ()
+    max_new_tokens: int = 0
+    chance: Mapping[str, float] = field(default_factory=dict)
+    binary: frozenset[str] = frozenset()
+    lower_is_better: frozenset[str] = frozenset()
+    log_scale: frozenset[str] = frozenset()  # metrics drawn on a log axis
+    default_count: int = 0
+    fits: Callable[..., bool] | None = None
+    # The data set per configuration where one setting chooses it (NLI: ``nli_split``); else ``dataset``.
+    dataset_for: Callable[[EvalConfig], str] | None = None
+
+    def data_set(self, config: EvalConfig) -> DataSet:
+        return DATASETS[self.dataset_for(config) if self.dataset_for else self.dataset]
+
+
+CLASSIFICATION_SHARES = frozenset({"accuracy_valid", "accuracy_all", "valid_rate", "label_ll_accuracy"})
+PERPLEXITY_TASK = "wikitext"  # the task scored on text windows (``TaskSuite.perplexity_windows``)
+
+TASKS: dict[str, GeneralTask] = {task.name: task for task in (
+    GeneralTask("nli", "NLI (RTE)", "rte", nli_rows, ("accuracy_all", "label_ll_accuracy"), prompt=nli_prompt,
+                answers=NLI_LABELS, max_new_tokens=1, chance={"accuracy_valid": 0.5, "label_ll_accuracy": 0.5},
+                binary=CLASSIFICATION_SHARES, default_count=100,
+                dataset_for=lambda config: "rte-dev" if config.nli_split == "dev" else "rte"),
+    # Two new tokens, so that a label split in two tokens (e.g. after a chat template) is still read.
+    GeneralTask("sst2", "Sentiment (SST-2)", "sst2", sst2_rows, ("accuracy_all", "label_ll_accuracy"),
+                prompt=sst2_prompt, answers=SST2_LABELS, max_new_tokens=2,
+                chance={"accuracy_valid": 0.5, "label_ll_accuracy": 0.5}, binary=CLASSIFICATION_SHARES,
+                default_count=100),
+    GeneralTask("nq", "Open-domain QA (NQ)", "nq", qa_rows, ("exact_match", "contains_answer"), prompt=qa_prompt,
+                max_new_tokens=20, binary=frozenset({"exact_match", "contains_answer"}), default_count=100),
+    GeneralTask("samsum", "Summarisation (SAMSum)", "samsum", summarisation_rows, ("rouge_mean",),
+                prompt=summary_prompt, max_new_tokens=25, default_count=100),
+    GeneralTask("mmlu", "MMLU", "mmlu", mmlu_rows, ("accuracy_letter", "accuracy_cloze"), prompt=mmlu_prompt,
+                answers=MMLU_LETTERS, chance={"accuracy_letter": 0.25, "accuracy_cloze": 0.25},
+                binary=frozenset({"accuracy_letter", "accuracy_cloze"}), default_count=100, fits=mmlu_cloze_fits),
+    # Perplexity is exp(loss): one collapsing arm on a linear axis flattens every other into the bottom line.
+    GeneralTask(PERPLEXITY_TASK, "WikiText perplexity", "wikitext-test", perplexity_rows, ("perplexity",),
+                lower_is_better=frozenset({"perplexity"}), log_scale=frozenset({"perplexity"}), default_count=20),
+    GeneralTask("known", "Known facts (ROME)", "known", known_fact_rows, ("recall",), prompt=known_fact_prompt,
+                max_new_tokens=8, binary=frozenset({"recall"})),
+)}
+PROMPT_TASKS = tuple(name for name, task in TASKS.items() if task.prompt is not None)  # drift is measured on these
 
 
 def general_task_rows(model, tokenizer, suite: TaskSuite, config: EvalConfig) -> list[MetricRow]:
     """Every configured general-ability task's rows for ``model`` as it is now."""
     rows: list[MetricRow] = []
-    for task, evaluate in TASK_EVALUATORS.items():
-        if config.count(task):
-            rows += evaluate(model, tokenizer, suite, config)
+    for name, task in TASKS.items():
+        if config.count(name):
+            rows += task.score(model, tokenizer, suite, config)
     return rows
 
 

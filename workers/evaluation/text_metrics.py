@@ -31,8 +31,15 @@ def contains_answer(prediction: str, answers: Sequence[str]) -> bool:
     return any(normalize_answer(answer) and f" {normalize_answer(answer)} " in predicted for answer in answers)
 
 
+def begins_with_answer(prediction: str, answer: str) -> bool:
+    """Whether the normalised prediction's first words are the normalised answer's words."""
+    words = normalize_answer(answer).split()
+    return bool(words) and normalize_answer(prediction).split()[:len(words)] == words
+
+
 def first_line(text: str) -> str:
-    """The generated answer up to its first line break (leading whitespace dropped)."""
+    """The text up to its first line break, blank lines and surrounding whitespace dropped: a
+    generated answer, or an error message as a status reason."""
     return text.lstrip().split("\n", 1)[0].strip()
 
 
