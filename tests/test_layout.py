@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,3 +114,75 @@ def test_no_module_of_the_orchestrator_imports_the_experiments_except_the_cli():
 def test_no_private_name_is_used_outside_its_module():
     uses = set().union(*(private_uses(path) for package in PACKAGES for path in sources(package)))
     assert uses == set()
+
+
+# ---- the task registry: adding a general task is one record ------------------------------------
+
+REGISTRY, LOADERS = "workers/evaluation/tasks.py", "workers/data.py"
+# Modules that name a task for a reason of their own, not to describe it: the summary table's
+# perplexity column and the check that perplexity is not scored on the statistics' text; the default
+# task of the PCA view.
+NAMED_ELSEWHERE = {"wikitext": {"experiments/figures.py", "workers/evaluation/prompts.py"},
+                   "sst2": {"workers/evaluation/config.py"}}
+
+
+def string_constants(path: Path) -> set[str]:
+    """The string literals of a module, docstrings left out."""
+    tree = ast.parse(path.read_text(), str(path))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and ast.get_docstring(node, clean=False) is not None}
+    return {node.value for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings}
+
+
+def test_a_general_task_is_named_only_by_its_record_and_its_loader():
+    """Everything about a task lives in its record, so no other module of the product spells its name
+    (the spec, the suite, retention, the metrics tables and the figures read the registry)."""
+    from workers.evaluation.tasks import TASKS
+
+    product = sources("orchestrator") + sources("workers") + [ROOT / "experiments" / "figures.py"]
+    named = {}
+    for path in product:
+        where = str(path.relative_to(ROOT))
+        for task in set(TASKS) & string_constants(path):
+            if where not in {REGISTRY, LOADERS} | NAMED_ELSEWHERE.get(task, set()):
+                named.setdefault(task, []).append(where)
+    assert named == {}
+
+
+def test_a_task_added_by_one_record_reaches_the_spec_the_suite_and_the_figures(tmp_path, data_root):
+    """``known`` (ROME's known facts) was added as one record and its loader: a spec asks for it, the
+    suite samples and prompts it, the evaluation scores it (and its retention), the report draws it."""
+    from experiments.figures import TASK_TITLES, build_report
+    from orchestrator.spec import spec_from_dict
+    from orchestrator.store import Store
+    from workers.evaluation import TaskSuite, evaluate_checkpoint
+    from workers.evaluation.tasks import TASKS
+    from workers.models import context_length, load_model
+
+    spec = spec_from_dict({"experiment": "known-facts", "models": ["tiny-gpt2"], "methods": ["rome"],
+                           "datasets": ["counterfact"], "n_edits": 1, "evaluation": {"tasks": {"known": 3}}},
+                          data_root=data_root)
+    config = spec.evaluation.config
+    assert config.count("known") == 3 and config.max_new_tokens["known"] == TASKS["known"].max_new_tokens
+    model, tokenizer = load_model("tiny-gpt2")
+    suite = TaskSuite.load(tokenizer, config, data_root, context_length=context_length(model))
+    assert [fact.prompt for fact in suite.examples["known"]] == suite.prompts["known"] and len(suite.prompts["known"]) == 3
+    rows = evaluate_checkpoint(model, tokenizer, None, [], config, tasks=suite, data_root=data_root)
+    known = {row.metric: row for row in rows if row.task == "known"}
+    assert known["recall"].n_examples == 3 and 0 <= known["recall"].value <= 1
+    assert {"retention/recall", "retention_dropped/recall"} & set(known)  # retention, or why there is none
+
+    store = Store(tmp_path / "store")
+    (trajectory,) = spec.trajectories()
+    store.put_trajectory({"experiment": spec.experiment, "trajectory_id": trajectory.trajectory_id,
+                          "model": "tiny-gpt2", "method": "rome", "variant": "rome", "group": None,
+                          "dataset": "counterfact", "seed": 0, "n_edits": 1, "batch_size": 1, "hparams": "{}",
+                          "config": "{}", "status": "completed", "edits_done": 1, "updated_at": None})
+    for n_edits in (0, 1):
+        store.put_evaluations(spec.experiment, trajectory.trajectory_id, n_edits, [row.as_dict() for row in rows])
+    text = build_report(store.root).read_text()
+    assert TASK_TITLES["known"] == TASKS["known"].title
+    general = text.split("### Fig. 10 — general tasks vs number of edits")[1].split("### ")[0]
+    assert "| known recall |" in general  # drawn with the general tasks
