@@ -1,6 +1,7 @@
 """The numbers behind the README's Results section, per arm and checkpoint, from a study store.
 
-    python experiments/results/study-smollm2/claims.py [STORE]   # default: the committed store here
+    python experiments/studies/study-smollm2/claims.py [STORE]   # default: the committed store,
+                                                                 # experiments/results/study-smollm2/store
 
 One table per claim: norm growth of the edited matrices (Fig. 2, from the edit rows, every edit),
 general abilities (Figs. 6/10: WikiText perplexity and its retention, next-token drift, SAMSum
@@ -11,10 +12,10 @@ from pathlib import Path
 
 import pandas as pd
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[2]))
-from experiments.figures import mean_relative_l1  # noqa: E402
-from orchestrator.store import Store  # noqa: E402
+from experiments.figures import mean_relative_l1
+from orchestrator.store import Store
+
+STORE = Path(__file__).resolve().parents[2] / "results" / "study-smollm2" / "store"
 METRICS = {  # column -> (task, metric)
     "ppl": ("wikitext", "perplexity"), "ppl_retention": ("wikitext", "retention/perplexity"),
     "drift_kl": ("drift", "kl_mean"), "samsum_retention": ("samsum", "retention/rouge_mean"),
@@ -45,4 +46,4 @@ def main(root: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "store")
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else STORE)

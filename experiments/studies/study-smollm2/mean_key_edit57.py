@@ -1,17 +1,15 @@
 """Does ROME with the paper's residual key (residual_key: mean) avoid the edit-57 norm jump of the study's
 ROME arm? Same 300-request sample as study-smollm2 (seed 0), first 58 edits; the data directory is
-EAC_DATA_DIR's. Output: mean_key_edit57.log beside this file."""
-import sys
+EAC_DATA_DIR's. Prints one line per edit; the study's run is experiments/results/study-smollm2/mean_key_edit57.log."""
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-import torch  # noqa: E402
-from orchestrator.driver import select_requests  # noqa: E402
-from workers import settings  # noqa: E402
-from workers.data import load_edit_dataset  # noqa: E402
-from workers.editing import Editor, load_hparams  # noqa: E402
-from workers.models import load_model  # noqa: E402
+import torch
+
+from orchestrator.driver import select_requests
+from workers import settings
+from workers.data import load_edit_dataset
+from workers.editing import Editor, load_hparams
+from workers.models import load_model
 
 torch.set_num_threads(1)
 requests = select_requests(load_edit_dataset("counterfact", settings.data_dir()), 300, "random", 0)[:58]

@@ -1,13 +1,20 @@
 """Run the study's arms in rounds: each round's `eac run` is stopped (SIGINT, resumable) once every arm
 of the round has its evaluation at the round's target checkpoint. Trajectories are those of the full
-study specs (same fields), so they resume later from the same store."""
+study specs (same fields), so they resume later from the same store.
+
+    cd WORKDIR && EAC_DATA_DIR=... STUDY_PLAN="2:300" /path/to/eac/.venv/bin/python \
+        /path/to/eac/experiments/studies/study-smollm2/controller.py
+
+The round files (`round<N>.yaml`) are read from beside this script; the store (`STUDY_STORE`, default
+`store`), the controller's log and each round's run log are in the working directory (`STUDY_DIR`,
+default the current one); `eac` is the one installed beside the Python that runs this script."""
 import os, signal, subprocess, sys, time
 from pathlib import Path
-sys.path.insert(0, "/work/main")
-os.environ.setdefault("EAC_DATA_DIR", "/work/shared/data")
 from orchestrator.spec import load_spec
 
-STUDY = Path("/work/eac-study"); EAC = "/work/main/.venv/bin/eac"
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[2]
+STUDY = Path(os.environ.get("STUDY_DIR", ".")).resolve(); EAC = str(Path(sys.executable).parent / "eac")
 # A second store lets a round of the same experiment run beside another (each store locks its experiment);
 # its tables are per trajectory id, so merging it into the main store later is a plain file copy.
 STORE = STUDY / os.environ.get("STUDY_STORE", "store")
@@ -39,7 +46,7 @@ def stop_when_reached(pid, wanted, what):
     log(f"{what}: run ended")
 
 for rnd, target in PLAN:
-    spec_path = STUDY / f"round{rnd}.yaml"
+    spec_path = HERE / f"round{rnd}.yaml"
     spec = load_spec(spec_path)
     wanted = {t.label: STORE / "evaluations" / t.experiment / f"{t.trajectory_id}-at-{target:06d}.parquet"
               for t in spec.trajectories()}
@@ -53,7 +60,7 @@ for rnd, target in PLAN:
         out = open(STUDY / f"run-round{rnd}.log", "a")
         pid = subprocess.Popen([EAC, "run", str(spec_path), "--store", str(STORE), "--no-report",
                                 "--progress", "lines"], stdout=out, stderr=subprocess.STDOUT,
-                               cwd="/work/main", start_new_session=True).pid
+                               cwd=REPO, start_new_session=True).pid
     stop_when_reached(pid, wanted, f"round {rnd} target {target}")
     # What the run's own shutdown left of its Ray instance (it is the process group's leader); not a
     # global pkill, which would take down another experiment's round running beside this one.

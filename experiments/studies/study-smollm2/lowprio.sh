@@ -6,7 +6,7 @@
 # autogroup nice 19 on every descendant of round N's `eac run` (new evaluation actors included).
 round=${1:?usage: lowprio.sh ROUND}
 while true; do
-  root=$(pgrep -f "eac run /work/eac-study/round$round.yaml" | head -1)
+  root=$(pgrep -f "eac run .*/round$round\.yaml" | head -1)
   if [ -n "$root" ]; then
     for p in $(ps -e -o pid= -o ppid= | awk -v r="$root" '
         {parent[$1] = $2}
