@@ -170,7 +170,8 @@ class TrajectorySpec:
     def config(self) -> dict:
         """Everything that determines the trajectory's results, as plain JSON-able data — with the
         hyper-parameters the editor receives (resolved when the spec was loaded), so that new shipped
-        defaults make new work, not a skip."""
+        defaults make new work, not a skip. ``hparams`` (the overrides as written) and ``evaluation``
+        (the fields as written) are hashed as they always were, so that stored trajectories keep their ids."""
         return {"experiment": self.experiment, "model": self.model, "variant": self.variant.name,
                 "method": self.variant.method, "hparams": self.variant.hparams, "group": self.variant.group,
                 "resolved_hparams": self.resolved_hparams, "dataset": self.dataset, "seed": self.seed,

@@ -53,6 +53,28 @@ def test_good_spec_expands_the_grid(tmp_path, data_root):
     assert eac.edit_checkpoints() == (2, 4, 6)
 
 
+def test_hyper_parameters_are_resolved_once_per_model_and_variant_and_the_trajectories_carry_them(monkeypatch):
+    """Settings typed once: the validator resolves each (model, variant) once; the trajectory ids, the
+    trajectories and what the actors get reuse those objects instead of reading the YAML again."""
+    from orchestrator import spec as spec_module
+
+    calls = []
+    real = spec_module.load_hparams
+
+    def counted(method, model=None, **kwargs):
+        calls.append((method, model))
+        return real(method, model, **kwargs)
+
+    monkeypatch.setattr(spec_module, "load_hparams", counted)
+    spec = spec_from_dict(good_spec(evaluation={"tasks": {"wikitext": 2}}), check_data=False)
+    trajectories = spec.trajectories()
+    assert [t.trajectory_id for t in trajectories] and [t.resolved_hparams for t in trajectories]
+    assert sorted(calls) == [("rome", "tiny-gpt2"), ("rome-eac", "tiny-gpt2")]
+    eac = [t for t in trajectories if t.method == "rome-eac"]
+    assert eac[0].hparams is eac[1].hparams and eac[0].hparams.eac.gamma_percentile == 90  # one object per variant
+    assert spec.evaluation.config.tasks == {"wikitext": 2} and trajectories[0].evaluation.config is spec.evaluation.config
+
+
 def test_trajectory_ids_are_stable_and_distinct(tmp_path, data_root):
     first = [t.trajectory_id for t in load_spec(write(tmp_path, good_spec())).trajectories()]
     again = [t.trajectory_id for t in load_spec(write(tmp_path, good_spec(), "copy.yaml")).trajectories()]
