@@ -182,6 +182,30 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    """Paired comparison of arms against a base arm, from the store's examples table."""
+    from pathlib import Path
+
+    from orchestrator.compare import CompareError, compare_arms, format_table, write_csv
+    from orchestrator.store import Store, StoreError
+
+    try:
+        store = Store(args.store)
+        if not store.exists():
+            raise StoreError(f"{store.uri}: no such store")
+        if args.experiment not in store.experiments():
+            raise CompareError(f"{store.uri}: no experiment {args.experiment!r}; the store holds {store.experiments()}")
+        frame = compare_arms(store, args.experiment, args.base, args.arm or None, args.at)
+    except (OSError, StoreError, CompareError) as exc:
+        print(f"eac compare: {one_line(exc)}", file=sys.stderr)
+        return 1
+    print(format_table(frame))
+    out = Path(args.out) if args.out else (store.root / "report" / args.experiment if store.is_local else None)
+    if out is not None:
+        print(f"compare.csv: {write_csv(frame, out / 'compare.csv')}")
+    return 0
+
+
 def one_line(exc: BaseException) -> str:
     """An error as the one line a user reads (messages quoting YAML or JSON may span several)."""
     return " ".join(str(exc).split())
@@ -344,6 +368,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="output directory (default: STORE/report)")
     report.add_argument("--experiment", action="append", help="only this experiment (repeatable)")
     report.set_defaults(func=cmd_report)
+
+    compare = sub.add_parser("compare", help="paired comparison of arms against a base arm (examples table)")
+    compare.add_argument("store", help="the store (what `eac run` wrote)")
+    compare.add_argument("--experiment", required=True, help="the experiment whose arms are compared")
+    compare.add_argument("--base", required=True, help="the base arm (a variant, e.g. rome)")
+    compare.add_argument("--arm", action="append", help="an arm to compare with the base (repeatable; default: all)")
+    compare.add_argument("--at", type=int, help="only this checkpoint (number of edits)")
+    compare.add_argument("--out", help="directory for compare.csv (default: STORE/report/EXPERIMENT)")
+    compare.set_defaults(func=cmd_compare)
 
     evaluate = sub.add_parser("eval", help="evaluate a model (+ an edit log): editing metrics, general tasks")
     evaluate.add_argument("--model", default="smollm2-135m")

@@ -40,7 +40,7 @@ import ray
 from orchestrator.progress import Progress, resolve_mode
 from orchestrator.spec import ExperimentSpec, Resources, SpecError, TrajectorySpec
 from orchestrator.status import Status, status_text
-from orchestrator.store import Store, edit_row
+from orchestrator.store import Store, edit_row, split_examples
 from workers import settings
 from workers.actors import (CheckpointEvent, EditEvent, EvalActor, EvalGroup, Replica, TrajectoryActor,
                             TrajectoryTask, check_binding, kill_evaluator, log_binding, saved_log_steps)
@@ -484,9 +484,9 @@ class Driver:
                 self._release(trajectory)
                 self._fail(trajectory, f"evaluation at {checkpoint} edits: {error}")
             return
-        self.store.put_evaluations(spec.experiment, spec.trajectory_id, checkpoint, rows)
+        self.store.put_checkpoint(spec.experiment, spec.trajectory_id, checkpoint, rows)
         trajectory.evaluated.add(checkpoint)
-        self.progress.scored(trajectory.trajectory_id, checkpoint, rows)
+        self.progress.scored(trajectory.trajectory_id, checkpoint, split_examples(rows)[0])
         self.observer("evaluation", trajectory, checkpoint)
         self._maybe_complete(trajectory)
 

@@ -1,11 +1,23 @@
-"""The Parquet result store: three tables, one directory per experiment, append-only and idempotent.
+"""The Parquet result store: four tables, one directory per experiment, append-only and idempotent.
 
 Layout under the store root::
 
     trajectories/<experiment>/<trajectory_id>.parquet                       one row, rewritten as it runs
     edits/<experiment>/<trajectory_id>-<first>-<last>.parquet               one row per edit step
     evaluations/<experiment>/<trajectory_id>-at-<n_edits>.parquet           one row per task × metric
+    examples/<experiment>/<trajectory_id>-at-<n_edits>.parquet              one row per scored example
     logs/<experiment>/<trajectory_id>.safetensors                           the edit log (checkpoint)
+
+The ``examples`` table holds, for every evaluation row that is a score over examples, the value of
+each example, keyed so that two arms scored on the same examples can be paired
+(``orchestrator.compare``): ``example_id`` is the request's case id (editing metrics), the data-set
+index (task examples), the window's token offset (WikiText) or ``<task>/<index>`` (drift prompts).
+An aggregate row equals the mean of its example rows, except WikiText ``perplexity``, which is
+exp(Σ window_nll / Σ window_tokens) over its windows (each window's ``value`` is its own NLL per
+token). Rows that are not scores over examples have none: ``retention/*``, ``retention_dropped/*``,
+``deviation/*`` (norms, condition numbers, PCA separability). A checkpoint's examples file is written
+before its evaluations file (the evidence that the checkpoint is done), so a checkpoint with
+evaluation rows has its examples; stores written before this table existed simply have none.
 
 The root is a local directory or any URI ``pyarrow.fs`` opens (``s3://bucket/prefix``, ``gs://``,
 ``hdfs://``; see ``workers.storage``): every read, write and listing goes through its filesystem.
@@ -26,6 +38,7 @@ it cannot read, so no stored row is lost behind the user's back.
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 import fcntl
 import json
 import os
@@ -76,11 +89,24 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("task", pa.string()), ("metric", pa.string()), ("value", pa.float64()), ("n_examples", pa.int64()),
         ("ci_low", pa.float64()), ("ci_high", pa.float64()),  # bootstrap 95% interval over the examples
     ]),
+    "examples": pa.schema([
+        ("experiment", pa.string()), ("trajectory_id", pa.string()), ("n_edits", pa.int64()),
+        ("task", pa.string()), ("metric", pa.string()),  # the evaluation row the example belongs to
+        ("example_id", pa.string()),  # what pairs it across arms (see the module docstring)
+        ("value", pa.float64()),
+        ("case_id", pa.string()),  # editing metrics: the request's case id
+        ("prompt_kind", pa.string()),  # edit | rephrase | locality (a request's mean over them); drift: task
+        ("prompt_index", pa.int64()),  # the prompt's index within its kind, null for a mean over the kind
+        ("example_index", pa.int64()),  # task examples and drift prompts: index in the data set's order
+        ("window_start", pa.int64()),  # WikiText: token offset of the window's first scored token
+        ("window_tokens", pa.int64()), ("window_nll", pa.float64()),  # WikiText: tokens scored, their summed NLL
+    ]),
 }
 TABLES = tuple(SCHEMAS)
 KEYS = {"trajectories": ("experiment", "trajectory_id"),
         "edits": ("experiment", "trajectory_id", "edit_index"),
-        "evaluations": ("experiment", "trajectory_id", "n_edits", "task", "metric")}
+        "evaluations": ("experiment", "trajectory_id", "n_edits", "task", "metric"),
+        "examples": ("experiment", "trajectory_id", "n_edits", "task", "metric", "example_id")}
 # Columns that stores written by earlier versions lack; an older file reads them as nulls (the
 # trajectories' reason is then filled in from the old status string: ``split_statuses``).
 ADDED_COLUMNS = {"trajectories": ("reason",), "evaluations": ("ci_low", "ci_high")}
@@ -233,6 +259,25 @@ class Store:
             raise StoreError(f"evaluations of {trajectory_id} at {n_edits} edits: repeated task/metric in {keys}")
         return self.write("evaluations", experiment, f"{trajectory_id}-at-{n_edits:06d}", rows)
 
+    def put_examples(self, experiment: str, trajectory_id: str, n_edits: int, rows: Sequence[dict]) -> str | None:
+        """All example rows of one checkpoint in one file (none written for no rows)."""
+        if not rows:
+            return None
+        rows = [{**row, "trajectory_id": trajectory_id, "n_edits": n_edits} for row in rows]
+        keys = [(r["task"], r["metric"], r["example_id"]) for r in rows]
+        if len(set(keys)) != len(keys):
+            repeated = sorted(key for key, count in Counter(keys).items() if count > 1)[:3]
+            raise StoreError(f"examples of {trajectory_id} at {n_edits} edits: repeated task/metric/example_id "
+                             f"{repeated}")
+        return self.write("examples", experiment, f"{trajectory_id}-at-{n_edits:06d}", rows)
+
+    def put_checkpoint(self, experiment: str, trajectory_id: str, n_edits: int, rows: Sequence[dict]) -> str:
+        """A checkpoint's scores: ``rows`` as an evaluation returns them (each aggregate may carry its
+        ``examples``, a list of example dicts). The examples file goes first, then the evaluations file."""
+        aggregates, examples = split_examples(rows)
+        self.put_examples(experiment, trajectory_id, n_edits, examples)
+        return self.put_evaluations(experiment, trajectory_id, n_edits, aggregates)
+
     # ---- reading ----
 
     def files(self, table: str, experiment: str | None = None, trajectory_id: str | None = None) -> list[str]:
@@ -312,6 +357,17 @@ class Store:
 
     def evaluated_checkpoints(self, experiment: str, trajectory_id: str) -> set[int]:
         return set(self.read("evaluations", experiment, trajectory_id).column("n_edits").to_pylist())
+
+
+def split_examples(rows: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+    """(aggregate rows without their ``examples``, example rows with their row's task and metric)."""
+    aggregates, examples = [], []
+    for row in rows:
+        row = dict(row)
+        for example in row.pop("examples", None) or ():
+            examples.append({"task": row["task"], "metric": row["metric"], **example})
+        aggregates.append(row)
+    return aggregates, examples
 
 
 def edit_row(record: Any) -> dict:

@@ -239,8 +239,9 @@ class CheckpointEvaluator:
 
     def evaluate(self, model: str, dtype: str, log_path: str | None, steps: int,
                  requests: Sequence[EditRequest], config: EvalConfig) -> list[dict]:
-        """Rows (``MetricRow`` as dicts) for base ``model`` + the first ``steps`` steps of the log, scored
-        as ``config`` (the spec's, typed once when it was loaded) says; no progress bars in an actor."""
+        """Rows (``MetricRow`` as dicts, each with its ``examples``) for base ``model`` + the first ``steps``
+        steps of the log, scored as ``config`` (the spec's, typed once when it was loaded) says; no
+        progress bars in an actor."""
         from workers.evaluation import TaskSuite, evaluate_checkpoint
         from workers.models import context_length
 
@@ -262,7 +263,8 @@ class CheckpointEvaluator:
         rows = evaluate_checkpoint(base, tokenizer, log, list(requests), config, reference=self.reference,
                                    tasks=self._suites[digest], base_key=base_key, data_root=self.data_root,
                                    scorer=scorer)
-        return [row.as_dict() for row in rows]
+        # Each aggregate row with its per-example values (``Store.put_checkpoint`` splits them).
+        return [{**row.as_dict(), "examples": [example.as_dict() for example in row.examples]} for row in rows]
 
 
 @ray.remote

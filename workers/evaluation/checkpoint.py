@@ -42,6 +42,7 @@ An empty log is the base model: its task rows and next-token distributions are t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Sequence
@@ -50,14 +51,14 @@ import torch
 
 from workers.data import EditRequest
 from workers.editing.delta import EditLog, applied
-from workers.evaluation.config import EvalConfig, MetricRow
+from workers.evaluation.config import EvalConfig, Example, MetricRow
 from workers.evaluation.deviation import last_token_states, pca_view, snapshot_deviations
 from workers.evaluation.edit_metrics import edit_metric_rows, unedited_locality_argmax
 from workers.evaluation.metrics import CHANCE_LEVELS, LOWER_IS_BETTER
 from workers.evaluation.reference import ReferenceCache, model_key, text_key
 from workers.evaluation.scoring import next_token_logprobs
 from workers.evaluation.suite import TaskSuite
-from workers.evaluation.tasks import TASKS, drift_prompts, drift_rows, general_task_rows
+from workers.evaluation.tasks import TASKS, drift_prompts, drift_rows, example_ids, general_task_rows
 from workers.models import context_length
 
 class SameModel:
@@ -82,11 +83,17 @@ def reference_task_rows(model, tokenizer, suite: TaskSuite, config: EvalConfig, 
     """The unedited model's general-task rows, computed once per (base model, configuration, sample)."""
     (stored,) = reference.get_or_compute(
         base_key, "task_rows", [suite_digest(suite, config)],
-        lambda missing: [[[r.task, r.metric, r.value, r.n_examples, r.ci_low, r.ci_high]
+        lambda missing: [[[r.task, r.metric, r.value, r.n_examples, r.ci_low, r.ci_high,
+                           [list(dataclasses.astuple(e)) for e in r.examples]]
                           for r in general_task_rows(model, tokenizer, suite, config)]])
-    # An entry is [task, metric, value, n, ci_low, ci_high]; one without the interval reads as None.
-    return [MetricRow(task, metric, float(value), int(n), *(list(interval) + [None, None])[:2])
-            for task, metric, value, n, *interval in stored]
+    # An entry is [task, metric, value, n, ci_low, ci_high, examples (each Example's fields in order)];
+    # one without the interval reads as None, one without examples as none.
+    rows = []
+    for task, metric, value, n, *rest in stored:
+        low, high, examples = (list(rest) + [None, None, []])[:3]
+        rows.append(MetricRow(task, metric, float(value), int(n), low, high,
+                              tuple(Example(*fields) for fields in examples)))
+    return rows
 
 
 def _cached_per_prompt(model, tokenizer, prompts: list[str], reference: ReferenceCache, base_key: str,
@@ -170,7 +177,8 @@ def evaluate_checkpoint(model, tokenizer, edit_log: EditLog | None, requests: Se
                                                          add_special_tokens=suite.format.add_special_tokens,
                                                          **batching)
                                for task, prompts in prompts_for_drift.items()} if len(log) else unedited_logprobs
-            rows += drift_rows(edited_logprobs, unedited_logprobs)
+            rows += drift_rows(edited_logprobs, unedited_logprobs,
+                               {task: example_ids(suite, task) for task in prompts_for_drift})
         if config.deviation_norms:
             for deviation in snapshot_deviations(model, context.snapshot):
                 rows += deviation.rows()

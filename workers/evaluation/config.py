@@ -19,11 +19,42 @@ SAMPLE_ORDERS = ("seeded", "first")
 
 
 @dataclass(frozen=True)
+class Example:
+    """One scored example behind a ``MetricRow``: its ``value`` and what identifies it across arms.
+
+    ``example_id`` is the key two arms are paired on (the same id = the same example): the request's
+    ``case_id`` for editing metrics, the data-set index for task examples, the token offset for a
+    WikiText window, ``<task>/<data-set index>`` for a drift prompt. The other fields say what it is:
+    ``case_id`` and ``prompt_kind`` (``edit``, ``rephrase``: the mean over a request's rephrase
+    prompts, ``locality``: the mean over its locality prompts) for editing metrics; ``example_index``,
+    the index in the data set's order; for a WikiText window its ``window_start`` (token offset in
+    the text), ``window_tokens`` (tokens scored) and ``window_nll`` (their summed NLL), so perplexity
+    can be recomputed and paired per window."""
+
+    example_id: str
+    value: float
+    case_id: str | None = None
+    prompt_kind: str | None = None
+    prompt_index: int | None = None
+    example_index: int | None = None
+    window_start: int | None = None
+    window_tokens: int | None = None
+    window_nll: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
 class MetricRow:
     """One number: ``task`` (e.g. ``nli``, ``edit/toolkit``, ``deviation/<module>``), ``metric``
     (e.g. ``accuracy_valid``), its ``value`` and how many examples it averages over; ``ci_low`` /
     ``ci_high``: its bootstrap 95% interval over those examples (``workers.evaluation.intervals``),
-    None where the value is not a score over examples (norms, retention ratios)."""
+    None where the value is not a score over examples (norms, retention ratios).
+
+    ``examples``: the per-example values it was computed from (``Example``), where it is a score over
+    examples; empty for norms, retention ratios and PCA separability. Not part of ``as_dict`` (the
+    aggregate row); ``example_dicts`` gives them."""
 
     task: str
     metric: str
@@ -31,9 +62,14 @@ class MetricRow:
     n_examples: int
     ci_low: float | None = None
     ci_high: float | None = None
+    examples: tuple[Example, ...] = field(default=(), compare=False, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {name: getattr(self, name) for name in ("task", "metric", "value", "n_examples", "ci_low", "ci_high")}
+
+    def example_dicts(self) -> list[dict[str, Any]]:
+        """Its examples as rows of the store's ``examples`` table (without trajectory and checkpoint)."""
+        return [{"task": self.task, "metric": self.metric, **example.as_dict()} for example in self.examples]
 
     def __str__(self) -> str:
         return f"{self.task:28s} {self.metric:28s} {self.value:10.4f}  (n={self.n_examples})"
@@ -54,6 +90,20 @@ def _tasks() -> dict:
     from workers.evaluation.tasks import TASKS
 
     return TASKS
+
+
+def examples_row(task: str, metric: str, examples: list[Example]) -> MetricRow:
+    """``mean_row`` of the examples' values, carrying the examples (the row equals their mean). An id
+    that repeats (a data set listing one case twice) gets ``#2``, ``#3``, ... on its later occurrences,
+    in order, so every example keeps a row and the ids stay keys."""
+    seen: dict[str, int] = {}
+    unique = []
+    for example in examples:
+        seen[example.example_id] = seen.get(example.example_id, 0) + 1
+        count = seen[example.example_id]
+        unique.append(example if count == 1 else dataclasses.replace(example, example_id=f"{example.example_id}#{count}"))
+    row = mean_row(task, metric, [example.value for example in unique])
+    return dataclasses.replace(row, examples=tuple(unique))
 
 
 def _default_tasks() -> dict[str, int]:

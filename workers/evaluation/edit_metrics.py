@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 
 from workers.data import EditRequest
-from workers.evaluation.config import EDIT_METRIC_FAMILIES, MetricRow, mean_row
+from workers.evaluation.config import EDIT_METRIC_FAMILIES, Example, MetricRow, examples_row
 from workers.evaluation.reference import ReferenceCache, text_key
 from workers.evaluation.scoring import ContinuationScore, encode_pair, score_continuations
 from workers.generation import begins_with, greedy_continuations
@@ -98,38 +98,49 @@ def _target_true(request: EditRequest) -> str:
     return request.target_true
 
 
+def request_example(request: EditRequest, value: float, prompt_kind: str) -> Example:
+    """A request's score as an example of the ``examples`` table: keyed by its case id; ``prompt_kind``
+    says which of its prompts it is over (``edit``: the edit prompt, index 0; ``rephrase`` /
+    ``locality``: the mean over all of that kind, so no index)."""
+    case_id = str(request.case_id)
+    return Example(case_id, float(value), case_id=case_id, prompt_kind=prompt_kind,
+                   prompt_index=0 if prompt_kind == "edit" else None)
+
+
 def toolkit_rows(requests: Sequence[EditRequest], score: _PairScores,
                  locality_reference: Sequence[Sequence[torch.Tensor]]) -> list[MetricRow]:
-    reliability = [score(r.prompt, r.target_new).token_accuracy for r in requests]
-    generalisation = [sum(score(p, r.target_new).token_accuracy for p in r.rephrase_prompts) / len(r.rephrase_prompts)
+    reliability = [request_example(r, score(r.prompt, r.target_new).token_accuracy, "edit") for r in requests]
+    generalisation = [request_example(r, sum(score(p, r.target_new).token_accuracy for p in r.rephrase_prompts)
+                                      / len(r.rephrase_prompts), "rephrase")
                       for r in requests if r.rephrase_prompts]
     locality = []
     for request, reference in zip(requests, locality_reference):
         agreements = [(score(prompt, answer).argmax_ids == unedited).float().mean().item()
                       for (prompt, answer), unedited in zip(locality_items(request), reference)]
         if agreements:
-            locality.append(sum(agreements) / len(agreements))
-    return [mean_row("edit/toolkit", "reliability", reliability),
-            mean_row("edit/toolkit", "generalisation", generalisation),
-            mean_row("edit/toolkit", "locality", locality)]
+            locality.append(request_example(request, sum(agreements) / len(agreements), "locality"))
+    return [examples_row("edit/toolkit", "reliability", reliability),
+            examples_row("edit/toolkit", "generalisation", generalisation),
+            examples_row("edit/toolkit", "locality", locality)]
 
 
 def counterfact_rows(requests: Sequence[EditRequest], score: _PairScores) -> list[MetricRow]:
     def new_beats_true(prompt: str, request: EditRequest) -> bool:
         return score(prompt, request.target_new).mean_nll < score(prompt, _target_true(request)).mean_nll
 
-    efficacy = [float(new_beats_true(r.prompt, r)) for r in requests]
-    paraphrase = [sum(new_beats_true(p, r) for p in r.rephrase_prompts) / len(r.rephrase_prompts)
+    efficacy = [request_example(r, float(new_beats_true(r.prompt, r)), "edit") for r in requests]
+    paraphrase = [request_example(r, sum(new_beats_true(p, r) for p in r.rephrase_prompts) / len(r.rephrase_prompts),
+                                  "rephrase")
                   for r in requests if r.rephrase_prompts]
     neighbourhood = []
     for request in requests:
         items = locality_items(request)
         if items:
             kept = [score(p, answer).mean_nll < score(p, request.target_new).mean_nll for p, answer in items]
-            neighbourhood.append(sum(kept) / len(kept))
-    return [mean_row("edit/counterfact", "efficacy", efficacy),
-            mean_row("edit/counterfact", "paraphrase", paraphrase),
-            mean_row("edit/counterfact", "neighbourhood", neighbourhood)]
+            neighbourhood.append(request_example(request, sum(kept) / len(kept), "locality"))
+    return [examples_row("edit/counterfact", "efficacy", efficacy),
+            examples_row("edit/counterfact", "paraphrase", paraphrase),
+            examples_row("edit/counterfact", "neighbourhood", neighbourhood)]
 
 
 def generative_rows(model, tokenizer, requests: Sequence[EditRequest], *, batch_size: int = 16,
@@ -149,14 +160,16 @@ def generative_rows(model, tokenizer, requests: Sequence[EditRequest], *, batch_
                                      batch_size=batch_size, sort_by_length=True, progress=progress)
         for j, text in zip(group, texts):
             success[j] = begins_with(text, requests[jobs[j][0]].target_new)
-    reliability = [float(ok) for (_, rephrase, _, _), ok in zip(jobs, success) if not rephrase]
+    reliability = [request_example(requests[index], float(ok), "edit")
+                   for (index, rephrase, _, _), ok in zip(jobs, success) if not rephrase]
     per_request: dict[int, list[bool]] = {}
     for (index, rephrase, _, _), ok in zip(jobs, success):
         if rephrase:
             per_request.setdefault(index, []).append(bool(ok))
-    generalisation = [sum(oks) / len(oks) for oks in per_request.values()]
-    return [mean_row("edit/generative", "reliability", reliability),
-            mean_row("edit/generative", "generalisation", generalisation)]
+    generalisation = [request_example(requests[index], sum(oks) / len(oks), "rephrase")
+                      for index, oks in per_request.items()]
+    return [examples_row("edit/generative", "reliability", reliability),
+            examples_row("edit/generative", "generalisation", generalisation)]
 
 
 def edit_metric_rows(model, tokenizer, requests: Sequence[EditRequest], *,

@@ -81,7 +81,15 @@ def sample_examples(examples: Sequence, count: int, seed: int, task: str, order:
 def sample_fitting(examples: Sequence, count: int, seed: int, task: str, fits,
                    order: str = "seeded") -> tuple[list, int]:
     """Like ``sample_examples``, but only examples for which ``fits(example)`` holds (their prompt and
-    answer fit the model's context). Returns the sample and how many drawn examples were passed over.
+    answer fit the model's context). Returns the sample and how many drawn examples were passed over
+    (``fitting_indices`` gives the sample's indices in the data set)."""
+    indices, passed_over = fitting_indices(examples, count, seed, task, fits, order)
+    return [examples[i] for i in indices], passed_over
+
+
+def fitting_indices(examples: Sequence, count: int, seed: int, task: str, fits,
+                    order: str = "seeded") -> tuple[list[int], int]:
+    """The data-set indices (ascending) of ``sample_fitting``'s sample, and how many were passed over.
 
     The usual sample is drawn first, so a model whose context holds every prompt sees exactly the
     examples ``sample_examples`` gives; examples that do not fit are replaced by further examples
@@ -103,7 +111,7 @@ def sample_fitting(examples: Sequence, count: int, seed: int, task: str, fits,
                 kept.append(index)
             else:
                 passed_over += 1
-    return [examples[i] for i in sorted(kept)], passed_over
+    return sorted(kept), passed_over
 
 
 def nli_prompt(example: data.NLIExample) -> str:
@@ -159,10 +167,8 @@ def perplexity_windows(token_ids: Sequence[int], *, window: int, stride: int, co
     context: disjoint chunks, or the stream's start) uses its first token as context, unscored.
     """
     context = window - stride
-    starts = list(range(0, len(token_ids) - stride + 1, stride))
-    chosen = [starts[i] for i in seeded_sample(len(starts), count, f"{seed}:wikitext")]  # starts ascend
     pairs = []
-    for start in chosen:
+    for start in perplexity_window_starts(len(token_ids), stride=stride, count=count, seed=seed):
         history = list(prefix) + list(token_ids[max(0, start - context):start])
         scored = list(token_ids[start:start + stride])
         if not history:
@@ -174,6 +180,13 @@ def perplexity_windows(token_ids: Sequence[int], *, window: int, stride: int, co
 def token_count(tokenizer, fmt: PromptFormat, text: str) -> int:
     """Tokens of ``text`` as the format tokenises it (with the tokenizer's special tokens for ``raw``)."""
     return len(tokenizer(text, add_special_tokens=fmt.add_special_tokens, verbose=False)["input_ids"])
+
+
+def perplexity_window_starts(n_tokens: int, *, stride: int, count: int, seed: int) -> list[int]:
+    """The token offsets (ascending) of the first scored token of each window ``perplexity_windows``
+    draws: what identifies a window across arms (the ``examples`` table's ``window_start``)."""
+    starts = list(range(0, n_tokens - stride + 1, stride))
+    return [starts[i] for i in seeded_sample(len(starts), count, f"{seed}:wikitext")]  # starts ascend
 
 
 def check_statistics_text(config: EvalConfig, stats_corpus: str | None, data_root: str | Path | None = None) -> None:

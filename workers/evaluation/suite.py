@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Sequence
 
 from workers.evaluation.config import EvalConfig
-from workers.evaluation.prompts import (PromptFormat, perplexity_windows, sample_examples, sample_fitting,
-                                        special_prefix, token_count)
+from workers.evaluation.prompts import (PromptFormat, _sample_indices, fitting_indices, perplexity_window_starts,
+                                        perplexity_windows, special_prefix, token_count)
 from workers.evaluation.scoring import EncodedPair
 from workers.evaluation.tasks import PERPLEXITY_TASK, TASKS, GeneralTask
 from workers.stats import load_corpus
@@ -44,6 +44,10 @@ class TaskSuite:
     prompts: dict[str, list[str]] = field(default_factory=dict)
     perplexity_windows: list[EncodedPair] = field(default_factory=list)
     pca_prompts: list[str] = field(default_factory=list)
+    # Per task, each sampled example's index in the data set (the ``examples`` table's id); per
+    # perplexity window, the token offset of its first scored token in the text.
+    indices: dict[str, list[int]] = field(default_factory=dict)
+    perplexity_starts: list[int] = field(default_factory=list)
 
     # Examples of each task passed over because their prompt and answer exceed the model's context.
     excluded: dict[str, int] = field(default_factory=dict)
@@ -60,14 +64,15 @@ class TaskSuite:
         fmt = PromptFormat(config.prompt_format)
         suite = cls(fmt)
 
-        def sample(name: str, pool: Sequence, count: int, sample_key: str) -> list:
+        def sample(name: str, pool: Sequence, count: int, sample_key: str) -> list[int]:
+            """The data-set indices of the task's sample."""
             task = TASKS.get(name)
             if task is None or task.prompt is None:
                 raise ValueError(f"no prompt for task {name!r}; known: {sorted(n for n, t in TASKS.items() if t.prompt)}")
             if context_length is None:
-                return sample_examples(pool, count, config.seed, sample_key, config.sample_order)
+                return _sample_indices(len(pool), count, config.seed, sample_key, config.sample_order)
             fits = context_fit(tokenizer, fmt, task, config, context_length)
-            chosen, passed_over = sample_fitting(pool, count, config.seed, sample_key, fits, config.sample_order)
+            chosen, passed_over = fitting_indices(pool, count, config.seed, sample_key, fits, config.sample_order)
             if count and pool and not chosen:
                 raise ValueError(f"task {name!r}: none of its {len(pool)} examples fits the model's context of "
                                  f"{context_length} tokens (prompt plus answer); lower the task's count to 0")
@@ -78,7 +83,8 @@ class TaskSuite:
             return chosen
 
         for name, pool in examples.items():
-            chosen = sample(name, pool, config.count(name), name)
+            suite.indices[name] = sample(name, pool, config.count(name), name)
+            chosen = [pool[i] for i in suite.indices[name]]
             suite.examples[name] = chosen
             suite.prompts[name] = [fmt.render(tokenizer, TASKS[name].prompt(x)) for x in chosen]
         if config.count(PERPLEXITY_TASK):
@@ -91,8 +97,11 @@ class TaskSuite:
             suite.perplexity_windows = perplexity_windows(
                 ids, window=config.perplexity_window, stride=config.perplexity_stride,
                 count=config.count(PERPLEXITY_TASK), seed=config.seed, prefix=special_prefix(tokenizer))
+            suite.perplexity_starts = perplexity_window_starts(len(ids), stride=config.perplexity_stride,
+                                                               count=config.count(PERPLEXITY_TASK), seed=config.seed)
         if config.pca_examples and pca_examples is not None:
-            chosen = sample(config.pca_task, pca_examples, config.pca_examples, f"pca-{config.pca_task}")
+            chosen = [pca_examples[i] for i in sample(config.pca_task, pca_examples, config.pca_examples,
+                                                      f"pca-{config.pca_task}")]
             suite.pca_prompts = [fmt.render(tokenizer, TASKS[config.pca_task].prompt(x)) for x in chosen]
         return suite
 

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from workers.data import DATASETS, DataSet
-from workers.evaluation.config import EvalConfig, MetricRow, mean_row
+from workers.evaluation.config import EvalConfig, Example, MetricRow, examples_row
 from workers.evaluation.intervals import ratio_interval
 from workers.evaluation.prompts import (MMLU_LETTERS, NLI_LABELS, SST2_LABELS, PromptFormat, known_fact_prompt,
                                         mmlu_cloze_prompt, mmlu_prompt, nli_prompt, qa_prompt, sst2_prompt,
@@ -77,9 +77,23 @@ def label_loglik_choices(model, tokenizer, prompts: Sequence[str], options: Sequ
     return choices
 
 
+def example_ids(suite: TaskSuite, task: str) -> list[int]:
+    """Each sampled example's index in the data set (its position in the sample for a suite built
+    without them)."""
+    return suite.indices.get(task) or list(range(len(suite.examples[task])))
+
+
+def task_examples(ids: Sequence[int], values: Sequence[float]) -> list[Example]:
+    """Per-example values of a task, keyed by data-set index."""
+    return [Example(str(index), float(value), example_index=int(index)) for index, value in zip(ids, values)]
+
+
 def classification_rows(task: str, model, tokenizer, prompts: list[str], gold: Sequence[int],
-                        labels: Sequence[str], fmt: PromptFormat, config: EvalConfig) -> list[MetricRow]:
-    """Generated-answer accuracy (over valid answers and over all) and label log-likelihood accuracy."""
+                        labels: Sequence[str], fmt: PromptFormat, config: EvalConfig,
+                        ids: Sequence[int] | None = None) -> list[MetricRow]:
+    """Generated-answer accuracy (over valid answers and over all) and label log-likelihood accuracy;
+    ``ids``: the examples' data-set indices (default: their positions)."""
+    ids = list(ids) if ids is not None else list(range(len(prompts)))
     texts = _generate(model, tokenizer, prompts, fmt, config.max_new_tokens[task], config)
     words = [label.lower() for label in labels]
     answers = [first_word(text) for text in texts]
@@ -87,31 +101,35 @@ def classification_rows(task: str, model, tokenizer, prompts: list[str], gold: S
     correct = [answer == words[g] for answer, g in zip(answers, gold)]
     chosen = label_loglik_choices(model, tokenizer, prompts, [labels] * len(prompts), fmt, config)
     # A correct answer is a valid one, so accuracy over valid answers is the mean over those examples.
+    answered = [(index, ok) for index, ok, is_valid in zip(ids, correct, valid) if is_valid]
     return [
-        mean_row(task, "accuracy_valid", [float(ok) for ok, is_valid in zip(correct, valid) if is_valid]),
-        mean_row(task, "accuracy_all", [float(ok) for ok in correct]),
-        mean_row(task, "valid_rate", [float(is_valid) for is_valid in valid]),
-        mean_row(task, "label_ll_accuracy", [float(c == g) for c, g in zip(chosen, gold)]),
+        examples_row(task, "accuracy_valid", task_examples([i for i, _ in answered], [ok for _, ok in answered])),
+        examples_row(task, "accuracy_all", task_examples(ids, correct)),
+        examples_row(task, "valid_rate", task_examples(ids, valid)),
+        examples_row(task, "label_ll_accuracy", task_examples(ids, [c == g for c, g in zip(chosen, gold)])),
     ]
 
 
 def nli_rows(model, tokenizer, suite: TaskSuite, config: EvalConfig) -> list[MetricRow]:
     gold = [0 if x.entailment else 1 for x in suite.examples["nli"]]
-    return classification_rows("nli", model, tokenizer, suite.prompts["nli"], gold, NLI_LABELS, suite.format, config)
+    return classification_rows("nli", model, tokenizer, suite.prompts["nli"], gold, NLI_LABELS, suite.format, config,
+                               example_ids(suite, "nli"))
 
 
 def sst2_rows(model, tokenizer, suite: TaskSuite, config: EvalConfig) -> list[MetricRow]:
     gold = [0 if x.positive else 1 for x in suite.examples["sst2"]]
     return classification_rows("sst2", model, tokenizer, suite.prompts["sst2"], gold, SST2_LABELS, suite.format,
-                               config)
+                               config, example_ids(suite, "sst2"))
 
 
 def qa_rows(model, tokenizer, suite: TaskSuite, config: EvalConfig) -> list[MetricRow]:
     texts = _generate(model, tokenizer, suite.prompts["nq"], suite.format, config.max_new_tokens["nq"], config)
     answers = [first_line(text) for text in texts]
     references = [x.answers for x in suite.examples["nq"]]
-    return [mean_row("nq", "exact_match", [float(exact_match(a, r)) for a, r in zip(answers, references)]),
-            mean_row("nq", "contains_answer", [float(contains_answer(a, r)) for a, r in zip(answers, references)])]
+    ids = example_ids(suite, "nq")
+    return [examples_row("nq", "exact_match", task_examples(ids, [exact_match(a, r) for a, r in zip(answers, references)])),
+            examples_row("nq", "contains_answer",
+                         task_examples(ids, [contains_answer(a, r) for a, r in zip(answers, references)]))]
 
 
 def summarisation_rows(model, tokenizer, suite: TaskSuite, config: EvalConfig) -> list[MetricRow]:
@@ -119,8 +137,9 @@ def summarisation_rows(model, tokenizer, suite: TaskSuite, config: EvalConfig) -
                       config)
     scores = rouge_f1([text.strip() for text in texts], [x.summary for x in suite.examples["samsum"]],
                       use_stemmer=config.rouge_use_stemmer)
-    rows = [mean_row("samsum", name, [s[name] for s in scores]) for name in ROUGE_TYPES]
-    return rows + [mean_row("samsum", "rouge_mean", [sum(s.values()) / len(s) for s in scores])]
+    ids = example_ids(suite, "samsum")
+    rows = [examples_row("samsum", name, task_examples(ids, [s[name] for s in scores])) for name in ROUGE_TYPES]
+    return rows + [examples_row("samsum", "rouge_mean", task_examples(ids, [sum(s.values()) / len(s) for s in scores]))]
 
 
 def mmlu_rows(model, tokenizer, suite: TaskSuite, config: EvalConfig) -> list[MetricRow]:
@@ -131,8 +150,9 @@ def mmlu_rows(model, tokenizer, suite: TaskSuite, config: EvalConfig) -> list[Me
     cloze_prompts = [suite.format.render(tokenizer, mmlu_cloze_prompt(x)) for x in examples]
     cloze = label_loglik_choices(model, tokenizer, cloze_prompts, [x.choices for x in examples], suite.format,
                                  config, per_character=True)
-    return [mean_row("mmlu", "accuracy_letter", [float(c == g) for c, g in zip(letters, gold)]),
-            mean_row("mmlu", "accuracy_cloze", [float(c == g) for c, g in zip(cloze, gold)])]
+    ids = example_ids(suite, "mmlu")
+    return [examples_row("mmlu", "accuracy_letter", task_examples(ids, [c == g for c, g in zip(letters, gold)])),
+            examples_row("mmlu", "accuracy_cloze", task_examples(ids, [c == g for c, g in zip(cloze, gold)]))]
 
 
 def mmlu_cloze_fits(tokenizer, fmt: PromptFormat, example, context_length: int) -> bool:
@@ -148,8 +168,8 @@ def known_fact_rows(model, tokenizer, suite: TaskSuite, config: EvalConfig) -> l
     texts = _generate(model, tokenizer, suite.prompts["known"], suite.format, config.max_new_tokens["known"],
                       config)
     attributes = [x.attribute for x in suite.examples["known"]]
-    return [mean_row("known", "recall", [float(begins_with_answer(first_line(text), attribute))
-                                         for text, attribute in zip(texts, attributes)])]
+    return [examples_row("known", "recall", task_examples(example_ids(suite, "known"), [
+        begins_with_answer(first_line(text), attribute) for text, attribute in zip(texts, attributes)]))]
 
 
 def window_nlls(model, tokenizer, windows: Sequence[EncodedPair], *, batch_size: int = 16,
@@ -167,11 +187,19 @@ def perplexity(model, tokenizer, windows: Sequence[EncodedPair], *, batch_size: 
 
 
 def perplexity_rows(model, tokenizer, suite: TaskSuite, config: EvalConfig) -> list[MetricRow]:
-    """Perplexity over the windows, its interval from resampling whole windows (``ratio_interval``)."""
+    """Perplexity over the windows, its interval from resampling whole windows (``ratio_interval``).
+
+    Perplexity is exp(Σ NLL / Σ tokens), a ratio of sums over windows, not a mean of per-window
+    values: each window's example carries its start offset, token count and summed NLL (its
+    ``value`` is its own mean NLL per token), from which the row is recomputed and arms are paired."""
     nlls, tokens = window_nlls(model, tokenizer, suite.perplexity_windows, batch_size=config.batch_size,
                                progress=config.progress)
     low, high = ratio_interval(nlls, tokens, transform=np.exp)
-    return [MetricRow("wikitext", "perplexity", math.exp(sum(nlls) / sum(tokens)), len(nlls), low, high)]
+    starts = suite.perplexity_starts or list(range(len(nlls)))
+    windows = tuple(Example(str(start), nll / count, window_start=int(start), window_tokens=int(count),
+                            window_nll=float(nll))
+                    for start, nll, count in zip(starts, nlls, tokens))
+    return [MetricRow("wikitext", "perplexity", math.exp(sum(nlls) / sum(tokens)), len(nlls), low, high, windows)]
 
 
 @dataclass(frozen=True)
@@ -260,11 +288,16 @@ def kl_divergence(logprobs_p: torch.Tensor, logprobs_q: torch.Tensor) -> torch.T
     return (logprobs_p.exp() * (logprobs_p - logprobs_q)).sum(dim=-1)
 
 
-def drift_rows(edited_logprobs: dict[str, torch.Tensor], unedited_logprobs: dict[str, torch.Tensor]) -> list[MetricRow]:
-    """Per task ``drift_kl`` and over all prompts ``drift/kl_mean``."""
+def drift_rows(edited_logprobs: dict[str, torch.Tensor], unedited_logprobs: dict[str, torch.Tensor],
+               ids: dict[str, Sequence[int]] | None = None) -> list[MetricRow]:
+    """Per task ``drift_kl`` and over all prompts ``drift/kl_mean``; each prompt's example is keyed
+    ``<task>/<data-set index>`` (``ids``: per task, the prompts' data-set indices; default: positions)."""
     rows, everything = [], []
     for task, edited in edited_logprobs.items():
         values = kl_divergence(edited, unedited_logprobs[task]).tolist()
-        everything += values
-        rows.append(mean_row(task, "drift_kl", values))
-    return rows + [mean_row("drift", "kl_mean", everything)] if everything else rows
+        indices = list((ids or {}).get(task) or range(len(values)))[:len(values)]
+        examples = [Example(f"{task}/{index}", value, prompt_kind=task, example_index=int(index))
+                    for index, value in zip(indices, values)]
+        everything += examples
+        rows.append(examples_row(task, "drift_kl", examples))
+    return rows + [examples_row("drift", "kl_mean", everything)] if everything else rows

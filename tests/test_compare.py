@@ -1,0 +1,154 @@
+"""Paired comparison of arms (``orchestrator.compare``, ``eac compare``) on hand-made example tables."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from orchestrator.cli import main
+from orchestrator.compare import CompareError, compare_arms, mcnemar
+from orchestrator.store import Store
+
+EXPERIMENT = "pairs"
+
+
+def trajectory(store: Store, tid: str, method: str, seed: int = 0) -> None:
+    store.put_trajectory({"experiment": EXPERIMENT, "trajectory_id": tid, "model": "m", "method": method,
+                          "variant": method, "group": None, "dataset": "counterfact", "seed": seed, "n_edits": 10,
+                          "batch_size": 1, "hparams": "{}", "config": "{}", "status": "completed",
+                          "edits_done": 10, "updated_at": None})
+
+
+def scores(store: Store, tid: str, n_edits: int, task: str, metric: str, values, ids=None, **columns) -> None:
+    ids = [str(i) for i in (ids if ids is not None else range(len(values)))]
+    rows = [{"task": task, "metric": metric, "example_id": i, "value": float(v),
+             **{k: c[j] for k, c in columns.items()}} for j, (i, v) in enumerate(zip(ids, values))]
+    existing = store.frame("examples", EXPERIMENT, tid)
+    existing = existing[(existing["n_edits"] == n_edits) & ~((existing["task"] == task) & (existing["metric"] == metric))]
+    existing = existing.drop(columns=["experiment", "trajectory_id", "n_edits"])
+    rows = [{k: v for k, v in r.items() if not (isinstance(v, float) and math.isnan(v))}
+            for r in existing.to_dict("records")] + rows
+    store.put_examples(EXPERIMENT, tid, n_edits, rows)
+
+
+def one(frame, task="nli", metric="accuracy_all"):
+    (row,) = frame[(frame["task"] == task) & (frame["metric"] == metric)].to_dict("records")
+    return row
+
+
+@pytest.fixture
+def store(tmp_path):
+    return Store(tmp_path / "store")
+
+
+def test_the_pairing_joins_example_by_example_and_a_shuffled_pairing_widens_the_interval(store):
+    rng = np.random.default_rng(1)
+    base = rng.normal(0.5, 0.3, 200)  # examples differ a lot from each other ...
+    arm = base + 0.04 + rng.normal(0, 0.01, 200)  # ... and the arm moves each by +0.04
+    trajectory(store, "b", "rome")
+    trajectory(store, "a", "rome-eac")
+    scores(store, "b", 10, "nli", "accuracy_all", base)
+    scores(store, "a", 10, "nli", "accuracy_all", arm)
+    row = one(compare_arms(store, EXPERIMENT, "rome"))
+    assert row["estimate"] == pytest.approx(0.04, abs=0.002)
+    assert 0.037 < row["ci_low"] < row["ci_high"] < 0.043  # paired: the examples' spread cancels
+    # The same values with the arm's ids shuffled: a pairing that joined the wrong examples.
+    scores(store, "a", 10, "nli", "accuracy_all", arm, ids=rng.permutation(200))
+    shuffled = one(compare_arms(store, EXPERIMENT, "rome"))
+    assert shuffled["estimate"] == pytest.approx(row["estimate"])  # the means do not notice ...
+    assert shuffled["ci_high"] - shuffled["ci_low"] > 10 * (row["ci_high"] - row["ci_low"])  # ... the pairing does
+
+
+def test_the_difference_is_arm_minus_base(store):
+    trajectory(store, "b", "memit")
+    trajectory(store, "a", "memit-eac")
+    scores(store, "b", 5, "edit/toolkit", "reliability", [0.2, 0.4, 0.6, 0.2])
+    scores(store, "a", 5, "edit/toolkit", "reliability", [0.9, 0.8, 1.0, 0.7])
+    row = one(compare_arms(store, EXPERIMENT, "memit"), "edit/toolkit", "reliability")
+    assert (row["base"], row["arm"]) == ("memit", "memit-eac")
+    assert row["base_value"] == pytest.approx(0.35) and row["arm_value"] == pytest.approx(0.85)
+    assert row["estimate"] == pytest.approx(0.5) and 0 < row["ci_low"] <= row["ci_high"]
+    reverse = one(compare_arms(store, EXPERIMENT, "memit-eac"), "edit/toolkit", "reliability")
+    assert reverse["estimate"] == pytest.approx(-0.5) and reverse["ci_high"] < 0
+
+
+def test_mcnemar_counts_a_hand_made_two_by_two_table(store):
+    # base right / arm wrong: 7; base wrong / arm right: 1; both right: 5; both wrong: 3.
+    base = [1] * 7 + [0] * 1 + [1] * 5 + [0] * 3
+    arm = [0] * 7 + [1] * 1 + [1] * 5 + [0] * 3
+    b, c, p = mcnemar(np.array(base, float), np.array(arm, float))
+    assert (b, c) == (7, 1)
+    assert p == pytest.approx(2 * (1 + 8) / 2 ** 8)  # two-sided exact: 2 P(X <= 1), X ~ Bin(8, 1/2)
+    trajectory(store, "b", "rome")
+    trajectory(store, "a", "rome-eac")
+    scores(store, "b", 10, "edit/counterfact", "efficacy", base)
+    scores(store, "a", 10, "edit/counterfact", "efficacy", arm)
+    row = one(compare_arms(store, EXPERIMENT, "rome"), "edit/counterfact", "efficacy")
+    assert (row["mcnemar_b"], row["mcnemar_c"]) == (7, 1) and row["mcnemar_p"] == pytest.approx(p)
+    scores(store, "a", 10, "edit/toolkit", "locality", [0.5] * 16)  # not 0/1: no McNemar
+    scores(store, "b", 10, "edit/toolkit", "locality", [0.25] * 16)
+    assert math.isnan(one(compare_arms(store, EXPERIMENT, "rome"), "edit/toolkit", "locality")["mcnemar_b"])
+
+
+def test_the_cluster_bootstrap_widens_when_seeds_disagree(tmp_path):
+    def interval(shifts):
+        store = Store(tmp_path / "-".join(map(str, shifts)))
+        rng = np.random.default_rng(0)
+        for seed, shift in enumerate(shifts):
+            trajectory(store, f"b{seed}", "rome", seed)
+            trajectory(store, f"a{seed}", "rome-eac", seed)
+            base = rng.normal(0.5, 0.1, 60)
+            scores(store, f"b{seed}", 10, "nli", "accuracy_all", base)
+            scores(store, f"a{seed}", 10, "nli", "accuracy_all", base + shift + rng.normal(0, 0.01, 60))
+        return one(compare_arms(store, EXPERIMENT, "rome"))
+
+    agree = interval([0.1, 0.1, 0.1])
+    disagree = interval([-0.2, 0.1, 0.4])
+    assert agree["seeds"] == disagree["seeds"] == 3
+    assert agree["estimate"] == pytest.approx(disagree["estimate"], abs=0.01)
+    assert disagree["ci_high"] - disagree["ci_low"] > 5 * (agree["ci_high"] - agree["ci_low"])
+    assert disagree["seed_sd"] == pytest.approx(0.3, abs=0.01) and agree["seed_sd"] < 0.01
+
+
+def test_arms_scored_on_different_examples_are_not_paired(store):
+    trajectory(store, "b", "rome")
+    trajectory(store, "a", "rome-eac")
+    scores(store, "b", 10, "edit/counterfact", "efficacy", [1, 0, 1], ids=[4, 7, 9])
+    scores(store, "a", 10, "edit/counterfact", "efficacy", [1, 1, 1], ids=[4, 7, 12])  # other facts
+    row = one(compare_arms(store, EXPERIMENT, "rome"), "edit/counterfact", "efficacy")
+    assert "not scored on the same examples" in row["note"] and math.isnan(row["ci_low"])
+    with pytest.raises(CompareError, match="no arm"):
+        compare_arms(store, EXPERIMENT, "memit")
+
+
+def test_perplexity_is_compared_as_the_paired_per_window_ratio(store):
+    trajectory(store, "b", "rome")
+    trajectory(store, "a", "rome-eac")
+    tokens = [100, 100, 50]
+    base_nll = [300.0, 500.0, 100.0]
+    arm_nll = [330.0, 520.0, 115.0]
+    for tid, nll in (("b", base_nll), ("a", arm_nll)):
+        scores(store, tid, 10, "wikitext", "perplexity", [n / t for n, t in zip(nll, tokens)], ids=[0, 512, 1024],
+               window_start=[0, 512, 1024], window_tokens=tokens, window_nll=nll)
+    row = one(compare_arms(store, EXPERIMENT, "rome"), "wikitext", "perplexity")
+    assert row["statistic"] == "perplexity ratio"
+    assert row["estimate"] == pytest.approx(math.exp((965 - 900) / 250))
+    assert row["base_value"] == pytest.approx(math.exp(900 / 250))
+    assert 1 < row["ci_low"] <= row["estimate"] <= row["ci_high"]
+
+
+def test_eac_compare_prints_the_table_and_writes_compare_csv(store, tmp_path, capsys):
+    trajectory(store, "b", "rome")
+    trajectory(store, "a", "rome-eac")
+    scores(store, "b", 10, "edit/counterfact", "efficacy", [1, 0, 0, 0])
+    scores(store, "a", 10, "edit/counterfact", "efficacy", [1, 1, 1, 0])
+    out = tmp_path / "cmp"
+    assert main(["compare", str(store.root), "--experiment", EXPERIMENT, "--base", "rome", "--at", "10",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "rome-eac vs rome" in printed and "counterfact efficacy" in printed and "0/2" in printed
+    assert (out / "compare.csv").read_text().count("\n") == 2
+    assert main(["compare", str(store.root), "--experiment", EXPERIMENT, "--base", "rome", "--at", "7"]) == 1
+    assert "no shared checkpoint at 7" in capsys.readouterr().err
