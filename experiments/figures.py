@@ -10,7 +10,10 @@ For every experiment in the store: PNG figures and one Markdown summary (``repor
     summary     every arm at its last checkpoint: perplexity, drift, editing metrics, norms
     Table 1     seconds per edit, per model and method (and per phase)
     retention   edited / unedited general-task score at the last checkpoint, per task
-    data        evaluations.csv: every stored evaluation row with its trajectory's labels
+    trade-off   reliability of the edits so far vs perplexity retention and vs drift, per arm
+    paired      each constrained arm against its base method, paired per example  (examples table)
+    data        evaluations.csv: every stored evaluation row with its trajectory's labels;
+                compare.csv: every paired comparison (``orchestrator.compare``)
 
 Lines follow the paper: a colour per base method, dashed for the method itself and solid once EAC is
 applied (dash-dot with PRUNE, dotted with RECT). Several seeds of one setting are averaged. A figure
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from orchestrator import compare
 from orchestrator.status import status_text
 from orchestrator.store import Store
 from orchestrator.tuning import TUNE_GROUP
@@ -64,6 +68,7 @@ class Frames:
     trajectories: pd.DataFrame
     edits: pd.DataFrame  # with the trajectory's labels and ``requests_done`` (x axis)
     evaluations: pd.DataFrame  # with the trajectory's labels
+    examples: pd.DataFrame = None  # the examples table (empty for a store written before it existed)
 
 
 LABELS = ["trajectory_id", "model", "method", "variant", "group", "dataset", "seed", "status"]
@@ -79,7 +84,7 @@ def load_frames(store: Store, experiment: str) -> Frames:
         edits["requests_done"] = edits.groupby("trajectory_id")["n_requests"].cumsum()
     evaluations = store.frame("evaluations", experiment).merge(labels, on="trajectory_id", how="inner")
     evaluations = evaluations.dropna(subset=["value"])  # a metric over no examples (e.g. before any edit)
-    return Frames(trajectories, edits, with_intervals(evaluations))
+    return Frames(trajectories, edits, with_intervals(evaluations), store.frame("examples", experiment))
 
 
 def base_method(method: str) -> str:
@@ -316,35 +321,98 @@ def editing_figures(frames: Frames, out: Path) -> list[Section]:
     return sections
 
 
+def paired_perplexity(examples: pd.DataFrame | None) -> pd.DataFrame:
+    """Per trajectory and checkpoint, its perplexity divided by its own unedited perplexity on the same
+    windows, exp(Σ_w (NLL_n,w − NLL_0,w) / Σ_w tokens_w), with a paired bootstrap 95% interval over
+    windows (``orchestrator.compare``); 1 at 0 edits. Empty without the examples table."""
+    columns = ["trajectory_id", "n_edits", "value", "ci_low", "ci_high"]
+    if examples is None or not len(examples):
+        return pd.DataFrame(columns=columns)
+    windows = examples[(examples["task"] == "wikitext") & (examples["metric"] == "perplexity")]
+    rows = []
+    for tid, part in windows.groupby("trajectory_id", sort=True):
+        unedited = part[part["n_edits"] == 0]
+        if not len(unedited):
+            continue
+        for n_edits, scored in part.groupby("n_edits", sort=True):
+            paired = compare.pair_examples(unedited, scored, "wikitext", "perplexity")
+            if isinstance(paired, str):
+                continue
+            log_ratio = (paired.arm.sum() - paired.base.sum()) / paired.weight.sum()
+            low, high = compare._percentiles(compare.cluster_bootstrap([paired])) if n_edits else (0.0, 0.0)
+            rows.append({"trajectory_id": tid, "n_edits": int(n_edits), "value": math.exp(log_ratio),
+                         "ci_low": math.exp(low), "ci_high": math.exp(high)})
+    return pd.DataFrame(rows, columns=columns)
+
+
+PAIRED_PERPLEXITY = "perplexity_paired_ratio"  # the plotted stand-in for perplexity, see ``paired_perplexity``
+
+
+def identically_zero(rows: pd.DataFrame) -> bool:
+    """Whether every row (every arm, every checkpoint) scores exactly 0: a panel of it cannot move."""
+    return bool(len(rows)) and bool((rows["value"] == 0).all())
+
+
 def general_task_figures(frames: Frames, out: Path) -> list[Section]:
+    """The general tasks vs edits. A metric that is exactly 0 for every arm at every checkpoint is named in
+    one line instead of drawn; perplexity is drawn, where the examples table holds its windows, as each
+    trajectory's paired change from its unedited model (per-window ratio, paired interval)."""
     evaluations = _main_variants(frames.evaluations)
     tasks = general_tasks(evaluations)
     if not tasks:
         return [_note("Figs. 6/10 — general tasks vs number of edits", "the store holds no general-task rows")]
+    paired = paired_perplexity(frames.examples)
+    if len(paired):
+        labels = evaluations.drop_duplicates("trajectory_id")[["trajectory_id", *LABELS[1:]]]
+        paired = paired.merge(labels, on="trajectory_id").assign(task="wikitext", metric=PAIRED_PERPLEXITY)
     sections = []
     for dataset in sorted(set(evaluations["dataset"])):
         figure = PAPER_FIGURES.get(Path(dataset).stem, ("", "General tasks"))[1]
         part = evaluations[evaluations["dataset"] == dataset]
-        panels, keep, chance = [], [], {}
+        plotted = part
+        if len(paired) and (paired["dataset"] == dataset).any():
+            plotted = pd.concat([part, paired[paired["dataset"] == dataset]], ignore_index=True)
+        panels, keep, chance, zero = [], [], {}, []
         for model in sorted(set(part["model"])):
             for task in tasks:
                 for metric in task_metrics(part, task):
                     mask = (part["model"] == model) & (part["task"] == task) & (part["metric"] == metric)
-                    if mask.any():
+                    if not mask.any():
+                        continue
+                    keep.append(mask)
+                    if identically_zero(part[mask]):
+                        zero.append(f"{TASK_TITLES.get(task, task)} {metric}")
+                        continue
+                    shown = metric
+                    if (task, metric) == ("wikitext", "perplexity") and \
+                            ((plotted["model"] == model) & (plotted["metric"] == PAIRED_PERPLEXITY)).any():
+                        shown = PAIRED_PERPLEXITY
+                        name = f"{model} · WikiText perplexity ÷ unedited (paired per window, log scale)"
+                    else:
                         scale = ", log scale" if (task, metric) in LOG_SCALE_METRICS else ""
                         name = f"{model} · {TASK_TITLES.get(task, task)} ({metric}{scale})"
-                        panels.append((name, mask))
-                        keep.append(mask)
-                        if (task, metric) in CHANCE_LEVELS:
-                            chance[name] = CHANCE_LEVELS[(task, metric)]
-        if not panels:
+                    panels.append((name, (plotted["model"] == model) & (plotted["task"] == task)
+                                   & (plotted["metric"] == shown)))
+                    if (task, metric) in CHANCE_LEVELS:
+                        chance[name] = CHANCE_LEVELS[(task, metric)]
+        if not keep:
             continue
         title = f"{figure} — general tasks vs number of edits, edited on {dataset}"
-        path = _line_panels(part, "n_edits", "value", panels, title, out / f"general_tasks_{_slug(dataset)}.png",
-                            "score", chance, log_panels(panels))
+        zero_note = ("**Identically 0** — not drawn: " + "; ".join(zero) + ". Every arm scores exactly 0 at every "
+                     "checkpoint (the model never gives a valid answer), so these cannot show an effect.\n\n"
+                     if zero else "")
+        paired_note = ("Perplexity is drawn as each trajectory's perplexity divided by its own unedited perplexity "
+                       "on the same windows (a paired per-window ratio, band: paired bootstrap 95% interval over "
+                       "windows); drift is KL(edited ‖ unedited) per prompt, paired by construction.\n\n"
+                       if any(PAIRED_PERPLEXITY in str(m) for m in plotted["metric"].unique()) else "")
+        path = None
+        if panels:
+            path = _line_panels(plotted, "n_edits", "value", panels, title,
+                                out / f"general_tasks_{_slug(dataset)}.png", "score", chance, log_panels(panels))
         selected = part[pd.concat(keep, axis=1).any(axis=1)]
-        sections.append(Section(title, INTERVAL_NOTE + chance_note(part, panels, chance)
-                                + _final_table(selected, ["task", "metric"]), path))
+        sections.append(Section(title, INTERVAL_NOTE + paired_note + zero_note
+                                + chance_note(plotted, panels, chance) + _final_table(selected, ["task", "metric"]),
+                                path))
     return sections or [_note("Figs. 6/10 — general tasks vs number of edits", "no general-task rows to plot")]
 
 
@@ -614,6 +682,125 @@ def retention_section(frames: Frames, out: Path) -> Section:
     return Section(title, body, path)
 
 
+# The trade-off figure's y axis: the first of these the store holds (reliability of the edits so far).
+TRADEOFF_RELIABILITY = (("edit/toolkit", "reliability"), ("edit/counterfact", "efficacy"),
+                        ("edit/generative", "reliability"))
+# Its x axes: (task, metric, axis label).
+TRADEOFF_RETENTION = (("wikitext", "retention/perplexity", "perplexity retention (unedited / edited)"),
+                      ("drift", "kl_mean", "next-token drift KL(edited ‖ unedited)"))
+
+
+def tradeoff_figure(frames: Frames, out: Path) -> Section:
+    """Reliability of the edits so far (y) against general-ability retention (x: perplexity retention, and
+    drift) at each checkpoint: a line per arm through its checkpoints (mean over seeds; with several seeds,
+    bars spanning the seeds' range on both axes). A constraint that moves the frontier lies up and to the
+    right of (retention) / up and left of (drift) its base's line; one that only slides along it sits on it."""
+    title = "Trade-off — reliability of the edits so far vs general-ability retention"
+    evaluations = _main_variants(frames.evaluations) if len(frames.evaluations) else frames.evaluations
+    if not len(evaluations):
+        return _note(title, "the store holds no evaluation rows")
+    present = set(zip(evaluations["task"], evaluations["metric"]))
+    reliability = next((key for key in TRADEOFF_RELIABILITY if key in present), None)
+    axes_x = [(task, metric, label) for task, metric, label in TRADEOFF_RETENTION if (task, metric) in present]
+    if reliability is None or not axes_x:
+        return _note(title, "the store lacks an editing reliability or a perplexity-retention / drift row")
+    keys = ["trajectory_id", "n_edits"]
+    y = (evaluations[(evaluations["task"] == reliability[0]) & (evaluations["metric"] == reliability[1])]
+         [keys + ["model", "dataset", "variant", "method", "seed", "value"]].rename(columns={"value": "y"}))
+    plt = _pyplot()
+    settings = sorted(set(zip(y["model"], y["dataset"])))
+    fig, grid = plt.subplots(len(settings), len(axes_x), figsize=(5.2 * len(axes_x), 4.2 * len(settings)),
+                             squeeze=False)
+    styles = _styles(sorted(set(zip(y["variant"], y["method"]))))
+    rows = []
+    for r, (model, dataset) in enumerate(settings):
+        for c, (task, metric, label) in enumerate(axes_x):
+            ax = grid[r][c]
+            x = (evaluations[(evaluations["task"] == task) & (evaluations["metric"] == metric)][keys + ["value"]]
+                 .rename(columns={"value": "x"}))
+            points = y[(y["model"] == model) & (y["dataset"] == dataset)].merge(x, on=keys)
+            for variant, lines in points.groupby("variant", sort=True):
+                per_checkpoint = lines.groupby("n_edits").agg(x=("x", "mean"), y=("y", "mean"), x_lo=("x", "min"),
+                                                             x_hi=("x", "max"), y_lo=("y", "min"), y_hi=("y", "max"),
+                                                             seeds=("seed", "nunique")).sort_index()
+                style = styles[variant]
+                ax.plot(per_checkpoint["x"], per_checkpoint["y"], label=_arm_label(variant, lines["seed"].nunique()),
+                        **style)
+                if (per_checkpoint["seeds"] > 1).any():
+                    ax.errorbar(per_checkpoint["x"], per_checkpoint["y"],
+                                xerr=[per_checkpoint["x"] - per_checkpoint["x_lo"], per_checkpoint["x_hi"] - per_checkpoint["x"]],
+                                yerr=[per_checkpoint["y"] - per_checkpoint["y_lo"], per_checkpoint["y_hi"] - per_checkpoint["y"]],
+                                fmt="none", ecolor=style["color"], alpha=0.35, linewidth=3)
+                for n_edits, point in per_checkpoint.iterrows():
+                    ax.annotate(str(n_edits), (point["x"], point["y"]), fontsize=6, alpha=0.7,
+                                xytext=(2, 2), textcoords="offset points")
+                    if c == 0:
+                        rows.append({"model": model, "dataset": dataset, "method": variant, "edits": int(n_edits),
+                                     f"{reliability[0].removeprefix(EDIT_PREFIX)} {reliability[1]}": point["y"],
+                                     label.split(" (")[0]: point["x"]})
+            ax.axvline(1.0 if metric.startswith("retention/") else 0.0, color="black", linestyle=":", linewidth=0.9)
+            ax.set_xlabel(label, fontsize=8)
+            ax.set_ylabel(f"{reliability[0].removeprefix(EDIT_PREFIX)} {reliability[1]} (edits so far)", fontsize=8)
+            ax.set_title(f"{model} · {dataset}", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, handlelength=4)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "tradeoff.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    body = ("Each arm's checkpoints (numbers: edits so far) from its first edited checkpoint on; the dotted line is "
+            "the unedited model (retention 1, drift 0), where every line starts. Mean over seeds; with several "
+            "seeds, bars span the seeds' range. Up and towards the dotted line is better on both axes: a constraint "
+            "that moves the frontier lies beyond its base method's line, one that only makes edits weaker slides "
+            "along it.\n\n" + (_markdown_table(pd.DataFrame(rows), ".3f") if rows else ""))
+    return Section(title, body, path)
+
+
+def comparison_section(store: Store, experiment: str, frames: Frames, out: Path) -> Section:
+    """Each constrained arm against its base method (``rome-eac`` vs ``rome``), paired per example at each
+    shared checkpoint (``orchestrator.compare``); every metric to ``compare.csv``, the headline ones here."""
+    title = "Paired comparison — each constrained arm against its base method"
+    if frames.examples is None or not len(frames.examples):
+        return _note(title, "the store holds no examples table (written before per-example results were kept); "
+                            "re-score the checkpoints from their edit logs to compare arms paired")
+    pairs = compare.constraint_pairs(frames.trajectories)
+    if not pairs:
+        return _note(title, "no arm is a base method with a constraint whose base method is also an arm")
+    parts = [compare.compare_arms(store, experiment, base, [arm]) for base, arm in pairs]
+    table = pd.concat(parts, ignore_index=True)
+    path = compare.write_csv(table, out / "compare.csv")
+    shown = table[[(t, m) in compare.HEADLINE_METRICS for t, m in zip(table["task"], table["metric"])]].copy()
+    shown["metric"] = shown["task"].str.removeprefix(EDIT_PREFIX) + " " + shown["metric"]
+
+    def cell(row) -> str:
+        if isinstance(row["note"], str) and row["note"]:
+            return row["note"]
+        ratio = row["statistic"] == "perplexity ratio"
+        text = (f"×{row['estimate']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]" if ratio else
+                f"{row['estimate']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]")
+        text += " *" if compare.decided(row) else ""
+        if not pd.isna(row["mcnemar_p"]):
+            text += f"; McNemar {int(row['mcnemar_b'])}/{int(row['mcnemar_c'])}, p={row['mcnemar_p']:.2g}"
+        if row["marginal_overlap"] is True and compare.decided(row):
+            text += " (marginal intervals overlap)"
+        return text
+
+    shown["arm − base [95%]"] = [cell(row) for row in shown.to_dict("records")]
+    view = shown[["model", "dataset", "arm", "base", "n_edits", "metric", "base_value", "arm_value",
+                  "arm − base [95%]"]].rename(columns={"n_edits": "edits", "base_value": "base value",
+                                                       "arm_value": "arm value"})
+    body = ("Arm − base at each shared checkpoint, paired per example: the same facts, task examples and WikiText "
+            "windows scored in both arms, resampled jointly (bootstrap 95% interval; several seeds: a cluster "
+            "bootstrap over seeds, then examples). Perplexity: the ratio ppl_arm / ppl_base from per-window paired "
+            "NLL differences. McNemar b/c: examples the base gets right and the arm wrong / the reverse, with the "
+            "exact two-sided p. * marks a paired interval that excludes no change; '(marginal intervals overlap)' "
+            "one that the arms' separate intervals could not decide. Every metric: "
+            f"[`{path.name}`]({path.parent.name}/{path.name}).\n\n" + _markdown_table(view, ".3f"))
+    return Section(title, body)
+
+
 # The summary table's columns: (header, task, metric); ``deviation`` is the mean over edited matrices.
 SUMMARY_COLUMNS = (("WikiText ppl", "wikitext", "perplexity"), ("drift KL", "drift", "kl_mean"),
                    ("CF efficacy", "edit/counterfact", "efficacy"), ("reliability", "edit/toolkit", "reliability"),
@@ -726,7 +913,8 @@ def experiment_sections(store: Store, experiment: str, out: Path) -> list[Sectio
     return [trajectories_section(frames), summary_section(frames), l1_norm_figure(frames, out), *editing_figures(frames, out),
             *general_task_figures(frames, out), ablation_figure(frames, out), anchor_selection_figure(frames, out),
             norm_figure(frames, out), tuning_tradeoff_figure(frames, out), edit_times_table(frames),
-            retention_section(frames, out), evaluations_csv(frames, out)]
+            retention_section(frames, out), tradeoff_figure(frames, out),
+            comparison_section(store, experiment, frames, out), evaluations_csv(frames, out)]
 
 
 def build_report(store_root: str | Path, out_dir: str | Path | None = None,

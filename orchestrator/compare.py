@@ -187,6 +187,11 @@ def compare_arms(store: Store, experiment: str, base: str, arms: list[str] | Non
         raise CompareError(f"experiment {experiment!r} has no examples table (a store written before per-example "
                            "results were kept): re-score its checkpoints to compare arms paired")
     evaluations = store.frame("evaluations", experiment)
+    # trajectory -> checkpoint -> (task, metric) -> its example rows, grouped once.
+    scored: dict[str, dict[int, dict[tuple[str, str], pd.DataFrame]]] = {}
+    for (tid, n_edits, task, metric), part in examples.groupby(["trajectory_id", "n_edits", "task", "metric"],
+                                                               sort=False):
+        scored.setdefault(tid, {}).setdefault(int(n_edits), {})[(task, metric)] = part
     rows = []
     for (model, dataset), setting in trajectories.groupby(["model", "dataset"], sort=True):
         base_runs = setting[setting["arm"] == base]
@@ -208,8 +213,7 @@ def compare_arms(store: Store, experiment: str, base: str, arms: list[str] | Non
             arm_ids = [a for _, a in by_seed.values()]
             checkpoints = None
             for b, a in by_seed.values():
-                both = (set(examples.loc[examples["trajectory_id"] == b, "n_edits"])
-                        & set(examples.loc[examples["trajectory_id"] == a, "n_edits"]))
+                both = set(scored.get(b, {})) & set(scored.get(a, {}))
                 checkpoints = both if checkpoints is None else checkpoints & both
             checkpoints = sorted(n for n in checkpoints if n > 0)
             if at is not None:
@@ -218,17 +222,14 @@ def compare_arms(store: Store, experiment: str, base: str, arms: list[str] | Non
                                        f"shared: {checkpoints}")
                 checkpoints = [at]
             for n_edits in checkpoints:
-                at_n = examples[examples["n_edits"] == n_edits]
                 keys = None
                 for b, a in by_seed.values():
-                    pairs = (set(zip(*at_n.loc[at_n["trajectory_id"] == b, ["task", "metric"]].T.values))
-                             & set(zip(*at_n.loc[at_n["trajectory_id"] == a, ["task", "metric"]].T.values)))
+                    pairs = set(scored[b][n_edits]) & set(scored[a][n_edits])
                     keys = pairs if keys is None else keys & pairs
                 for task, metric in sorted(keys):
                     if metrics is not None and (task, metric) not in metrics:
                         continue
-                    mine = at_n[(at_n["task"] == task) & (at_n["metric"] == metric)]
-                    seeds = {s: (mine[mine["trajectory_id"] == b], mine[mine["trajectory_id"] == a])
+                    seeds = {s: (scored[b][n_edits][(task, metric)], scored[a][n_edits][(task, metric)])
                              for s, (b, a) in by_seed.items()}
                     result = compare_metric(seeds, task, metric, resamples=resamples)
                     overlap = _marginal_overlap(evaluations, base_ids, arm_ids, n_edits, task, metric)

@@ -152,3 +152,36 @@ def test_eac_compare_prints_the_table_and_writes_compare_csv(store, tmp_path, ca
     assert (out / "compare.csv").read_text().count("\n") == 2
     assert main(["compare", str(store.root), "--experiment", EXPERIMENT, "--base", "rome", "--at", "7"]) == 1
     assert "no shared checkpoint at 7" in capsys.readouterr().err
+
+
+def test_the_report_pairs_each_constrained_arm_with_its_base_and_draws_the_tradeoff(store, tmp_path):
+    from experiments.figures import build_report
+
+    rng = np.random.default_rng(3)
+    windows = [0, 512, 1024, 1536]
+    unedited_nll = rng.uniform(300, 400, len(windows))
+    for tid, method, nll_growth, reliable in (("b", "rome", 1.30, 0.6), ("a", "rome-eac", 1.02, 0.5)):
+        trajectory(store, tid, method)
+        for n in (0, 5, 10):
+            nll = unedited_nll * (1 + (nll_growth - 1) * n / 10)
+            scores(store, tid, n, "wikitext", "perplexity", nll / 128, ids=windows, window_start=windows,
+                   window_tokens=[128] * 4, window_nll=list(nll))
+            rows = [{"task": "wikitext", "metric": "perplexity", "value": math.exp(nll.sum() / 512), "n_examples": 4},
+                    {"task": "wikitext", "metric": "retention/perplexity",
+                     "value": math.exp((unedited_nll.sum() - nll.sum()) / 512), "n_examples": 4},
+                    {"task": "nq", "metric": "exact_match", "value": 0.0, "n_examples": 8, "ci_low": 0.0, "ci_high": 0.0},
+                    {"task": "drift", "metric": "kl_mean", "value": 0.01 * n * nll_growth, "n_examples": 8}]
+            if n:
+                outcome = (rng.random(40) < reliable).astype(float)
+                scores(store, tid, n, "edit/toolkit", "reliability", outcome)
+                rows.append({"task": "edit/toolkit", "metric": "reliability", "value": outcome.mean(), "n_examples": 40})
+            store.put_evaluations(EXPERIMENT, tid, n, rows)
+    text = build_report(store.root, tmp_path / "report").read_text()
+    section = text.split("### Paired comparison")[1].split("###")[0]
+    assert "| rome-eac | rome | 10 | wikitext perplexity |" in section
+    expected = math.exp((1.02 - 1.30) * unedited_nll.sum() / 512)  # exp(Σ_w ΔNLL_w / Σ_w tokens_w)
+    assert f"×{expected:.3f} [" in section
+    assert (tmp_path / "report" / EXPERIMENT / "compare.csv").exists()
+    assert (tmp_path / "report" / EXPERIMENT / "tradeoff.png").exists()
+    assert "**Identically 0** — not drawn: Open-domain QA (NQ) exact_match" in text
+    assert "perplexity divided by its own unedited perplexity" in text

@@ -140,8 +140,9 @@ def test_an_empty_store_skips_every_figure(tmp_path):
     path = build_report(store.root)
     text = path.read_text()
     assert not list(path.parent.rglob("*.png")) and not list(path.parent.rglob("*.csv"))
-    # the summary, Figs. 2, 5/9, 6/10, 7, 8, norms, tuning trade-off, Table 1, retention, the evaluations CSV
-    assert text.count("_Skipped:") == 11
+    # the summary, Figs. 2, 5/9, 6/10, 7, 8, norms, tuning trade-off, Table 1, retention, reliability trade-off,
+    # paired comparison, the evaluations CSV
+    assert text.count("_Skipped:") == 13
     assert "failed: actor died" in text
 
 
