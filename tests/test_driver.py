@@ -61,7 +61,7 @@ def tables(store_root) -> dict[str, pd.DataFrame]:
     store = Store(store_root)
     return {"trajectories": store.frame("trajectories").drop(columns=["updated_at"]),
             "edits": store.frame("edits").drop(columns=TIMINGS),
-            "evaluations": store.frame("evaluations")}
+            "evaluations": store.frame("evaluations"), "examples": store.frame("examples")}
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +100,13 @@ def test_scaled_down_demo_fills_the_three_tables(uninterrupted):
         assert set(mine.loc[mine["task"] == "wikitext", "n_edits"]) == {0, 2, 4}
         assert saved_log_steps(store.log_path("mini-demo", tid)) == 4
     assert not evaluations.duplicated(["trajectory_id", "n_edits", "task", "metric"]).any()
+    # Every checkpoint's per-example rows, beside its aggregates: the edits so far by case id.
+    examples = store.frame("examples")
+    for tid in plan:
+        mine = examples[examples["trajectory_id"] == tid]
+        assert set(mine["n_edits"]) == {0, 2, 4}
+        reliability = mine[(mine["metric"] == "reliability") & (mine["task"] == "edit/toolkit") & (mine["n_edits"] == 4)]
+        assert sorted(reliability["case_id"]) == sorted(str(r.case_id) for r in plan[tid].task.requests)
     # The tables read as plain Parquet datasets, too.
     assert len(pd.read_parquet(directory / "store" / "edits")) == 8
 
