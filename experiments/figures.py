@@ -387,7 +387,10 @@ def general_task_figures(frames: Frames, out: Path) -> list[Section]:
                     if (task, metric) == ("wikitext", "perplexity") and \
                             ((plotted["model"] == model) & (plotted["metric"] == PAIRED_PERPLEXITY)).any():
                         shown = PAIRED_PERPLEXITY
-                        name = f"{model} · WikiText perplexity ÷ unedited (paired per window, log scale)"
+                        ratios = plotted.loc[(plotted["model"] == model) & (plotted["metric"] == shown), "value"]
+                        # A log axis where one arm collapses (ROME: ×79 on the study); a few % stay linear.
+                        scale = ", log scale" if ratios.max() > 3 else ""
+                        name = f"{model} · WikiText perplexity ÷ unedited (paired{scale})"
                     else:
                         scale = ", log scale" if (task, metric) in LOG_SCALE_METRICS else ""
                         name = f"{model} · {TASK_TITLES.get(task, task)} ({metric}{scale})"
