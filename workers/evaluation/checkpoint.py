@@ -36,6 +36,11 @@ Rows returned (``MetricRow(task, metric, value, n_examples)``):
 - ``deviation/<module>`` norms and condition numbers of each edited matrix against the original;
 - ``deviation/pca`` separability when ``pca_examples`` > 0.
 
+Every row that is a score over examples carries them (``MetricRow.examples``: the request's case id for
+editing metrics, the data-set index for task examples, the window's offset, tokens and NLL for
+perplexity, ``<task>/<index>`` for drift prompts), which the store keeps in its ``examples`` table;
+the unedited model's cached task rows keep theirs too.
+
 An empty log is the base model: its task rows and next-token distributions are the reference ones
 (not recomputed), so its retention is 1 and its drift 0.
 """
