@@ -339,7 +339,7 @@ def paired_perplexity(examples: pd.DataFrame | None) -> pd.DataFrame:
             if isinstance(paired, str):
                 continue
             log_ratio = (paired.arm.sum() - paired.base.sum()) / paired.weight.sum()
-            low, high = compare._percentiles(compare.cluster_bootstrap([paired])) if n_edits else (0.0, 0.0)
+            low, high = compare.percentiles(compare.cluster_bootstrap([paired])) if n_edits else (0.0, 0.0)
             rows.append({"trajectory_id": tid, "n_edits": int(n_edits), "value": math.exp(log_ratio),
                          "ci_low": math.exp(low), "ci_high": math.exp(high)})
     return pd.DataFrame(rows, columns=columns)

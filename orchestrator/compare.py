@@ -36,11 +36,12 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.store import Store
+from workers.evaluation.tasks import PERPLEXITY_TASK
 
 RESAMPLES = 2000
 LEVEL = 0.95
 SEED = 0
-PERPLEXITY = ("wikitext", "perplexity")
+PERPLEXITY = (PERPLEXITY_TASK, "perplexity")  # compared as the paired per-window log ratio
 # Per base arm, the metrics the report's table shows (the full set goes to compare.csv).
 HEADLINE_METRICS = (("edit/counterfact", "efficacy"), ("edit/toolkit", "reliability"),
                     ("edit/generative", "reliability"), ("edit/toolkit", "generalisation"),
@@ -65,7 +66,7 @@ class Paired:
     weight: np.ndarray
 
 
-def _percentiles(statistics: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+def percentiles(statistics: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(statistics, [tail, 100 - tail])
     return float(low), float(high)
@@ -137,7 +138,7 @@ def compare_metric(seeds: dict[int, tuple[pd.DataFrame, pd.DataFrame]], task: st
     if not weight:
         return {"seeds": len(seeds), "note": "no examples"}
     estimate = (arm_sum - base_sum) / weight
-    low, high = _percentiles(cluster_bootstrap(paired, resamples=resamples))
+    low, high = percentiles(cluster_bootstrap(paired, resamples=resamples))
     per_seed = [(p.arm.sum() - p.base.sum()) / p.weight.sum() for p in paired]
     row = {"seeds": len(paired), "n_examples": int(sum(len(p.weight) for p in paired)),
            "base_value": base_sum / weight, "arm_value": arm_sum / weight,
@@ -268,7 +269,8 @@ def format_table(frame: pd.DataFrame) -> str:
         return "no pairs to compare"
     lines = [f"{'arm vs base':28s} {'edits':>5s} {'metric':32s} {'base':>8s} {'arm':>8s} {'paired Δ [95%]':>27s} "
              f"{'McNemar b/c p':>18s} {'seeds':>5s} {'marg.':>5s}"]
-    for row in frame.itertuples(index=False):
+    for record in frame.to_dict("records"):
+        row = pd.Series(record)
         name = f"{row.arm} vs {row.base}"
         if isinstance(row.note, str) and row.note:
             lines.append(f"{name:28s} {'' if pd.isna(row.n_edits) else int(row.n_edits):>5} "
@@ -281,7 +283,7 @@ def format_table(frame: pd.DataFrame) -> str:
         mc = "" if pd.isna(row.mcnemar_b) else f"{int(row.mcnemar_b)}/{int(row.mcnemar_c)} p={row.mcnemar_p:.3g}"
         overlap = "" if row.marginal_overlap is None or pd.isna(row.marginal_overlap) else (
             "overl" if row.marginal_overlap else "apart")
-        star = "*" if decided(row._asdict()) else " "
+        star = "*" if decided(record) else " "
         lines.append(f"{name:28s} {int(row.n_edits):>5d} {row.task + ' ' + row.metric:32s} {row.base_value:8.4f} "
                      f"{row.arm_value:8.4f} {shown:>26s}{star} {mc:>18s} {int(row.seeds):>5d} {overlap:>5s}")
     lines.append("* the paired 95% interval excludes no change; marg.: whether the arms' marginal 95% intervals "

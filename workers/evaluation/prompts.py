@@ -64,7 +64,7 @@ class PromptFormat:
         return " " if self.style == "raw" else ""
 
 
-def _sample_indices(size: int, count: int, seed: int, task: str, order: str = "seeded") -> list[int]:
+def sample_indices(size: int, count: int, seed: int, task: str, order: str = "seeded") -> list[int]:
     """``min(count, size)`` distinct indices, sorted: drawn with a generator seeded by ``(seed, task)``
     (``order="seeded"``), or the first ones (``order="first"``)."""
     if order == "first":
@@ -75,7 +75,7 @@ def _sample_indices(size: int, count: int, seed: int, task: str, order: str = "s
 def sample_examples(examples: Sequence, count: int, seed: int, task: str, order: str = "seeded") -> list:
     """``count`` distinct examples (all of them if there are fewer), drawn with a generator seeded by
     ``(seed, task)`` — or the first ``count`` with ``order="first"`` — in data-set order."""
-    return [examples[i] for i in _sample_indices(len(examples), count, seed, task, order)]
+    return [examples[i] for i in sample_indices(len(examples), count, seed, task, order)]
 
 
 def sample_fitting(examples: Sequence, count: int, seed: int, task: str, fits,
@@ -96,7 +96,7 @@ def fitting_indices(examples: Sequence, count: int, seed: int, task: str, fits,
     from the rest of the pool (in a seeded order, or in data-set order with ``order="first"``),
     until ``count`` fit or the pool is exhausted.
     """
-    first = _sample_indices(len(examples), count, seed, task, order)
+    first = sample_indices(len(examples), count, seed, task, order)
     kept = [i for i in first if fits(examples[i])]
     passed_over = len(first) - len(kept)
     if len(kept) < len(first):

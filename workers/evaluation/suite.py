@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from workers.evaluation.config import EvalConfig
-from workers.evaluation.prompts import (PromptFormat, _sample_indices, fitting_indices, perplexity_window_starts,
+from workers.evaluation.prompts import (PromptFormat, sample_indices, fitting_indices, perplexity_window_starts,
                                         perplexity_windows, special_prefix, token_count)
 from workers.evaluation.scoring import EncodedPair
 from workers.evaluation.tasks import PERPLEXITY_TASK, TASKS, GeneralTask
@@ -70,7 +70,7 @@ class TaskSuite:
             if task is None or task.prompt is None:
                 raise ValueError(f"no prompt for task {name!r}; known: {sorted(n for n, t in TASKS.items() if t.prompt)}")
             if context_length is None:
-                return _sample_indices(len(pool), count, config.seed, sample_key, config.sample_order)
+                return sample_indices(len(pool), count, config.seed, sample_key, config.sample_order)
             fits = context_fit(tokenizer, fmt, task, config, context_length)
             chosen, passed_over = fitting_indices(pool, count, config.seed, sample_key, fits, config.sample_order)
             if count and pool and not chosen:
