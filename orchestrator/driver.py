@@ -24,11 +24,9 @@ store says is done), ``write_status`` (the trajectory's row) and ``error_reason`
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -42,64 +40,18 @@ from orchestrator.spec import ExperimentSpec, Resources, SpecError, TrajectorySp
 from orchestrator.status import Status, status_text
 from orchestrator.store import Store, edit_row
 from workers import settings
+from orchestrator.cluster import connect
 from workers.actors import (CheckpointEvent, EditEvent, EvalActor, EvalGroup, Replica, TrajectoryActor,
-                            TrajectoryTask, check_binding, kill_evaluator, log_binding, saved_log_steps)
+                            TrajectoryTask, kill_evaluator)
 from workers.data import EditRequest, load_edit_dataset
-from workers.editing.delta import saved_log_metadata
+from workers.editing.delta import check_binding, log_binding, saved_log_metadata, saved_log_steps
 from workers.editing.methods import split_method
 from workers.evaluation.text_metrics import first_line
 from workers.sampling import seeded_sample
 from workers.placement import EvaluationGroupPlan, deepspeed_installed, plan_evaluation_group
 
-# Settings that actors on other machines of a cluster must see as the driver does; an object store's
-# endpoint and region too (its credentials stay out of the job's runtime_env, which the dashboard
-# shows: nodes take theirs from their own environment or instance role).
-FORWARDED_ENVIRONMENT = ("EAC_OFFLINE", "HF_HUB_OFFLINE", "EAC_CACHE_DIR", "EAC_DATA_DIR", "AWS_ENDPOINT_URL",
-                         "AWS_REGION", "AWS_DEFAULT_REGION")
 CLUSTER_CHECK_SECONDS = 60.0  # with no event for this long, check that the cluster still has a live node
 
-
-LOOPBACK = ("127.0.0.1", "::1")
-# Ray's switch for single-node instances (what it does by default on Windows and macOS): the node's
-# address is then the loopback one, and every server of the instance (GCS, raylet, object manager,
-# workers, agents) binds to that address instead of the machine's routable one.
-SINGLE_NODE_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-@contextlib.contextmanager
-def loopback_node():
-    """Ray's single-node switch on for the block: a node this process starts or joins takes the
-    loopback address. Ray reads the switch when it is imported, so it is set in the environment (for
-    the processes an instance starts) and in this process's copy of Ray's constants."""
-    from ray._private import ray_constants  # no public API sets the node address to loopback
-
-    saved_env, saved_flag = os.environ.get(SINGLE_NODE_SWITCH), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[SINGLE_NODE_SWITCH] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-        if saved_env is None:
-            os.environ.pop(SINGLE_NODE_SWITCH, None)
-        else:
-            os.environ[SINGLE_NODE_SWITCH] = saved_env
-
-
-def init_loopback_ray(**options) -> None:
-    """Start a local Ray instance whose servers listen on the loopback interface only.
-
-    Anyone who can reach one of Ray's ports and pass its authentication can run code in the job (Ray
-    2.60 turns token authentication on for a local instance, but ``RAY_AUTH_MODE=disabled`` or an
-    older Ray has none), so a local run must not listen on the machine's other interfaces. The
-    address the instance got is checked."""
-    with loopback_node():
-        ray.init(**options)
-    address = ray.util.get_node_ip_address()
-    if address not in LOOPBACK:
-        ray.shutdown()
-        raise RuntimeError(f"the local Ray instance took the address {address}, not loopback; refusing to "
-                           "run with servers reachable from other machines (join a cluster with --address)")
 
 
 def select_requests(pool: list[EditRequest], n_edits: int, selection: str, seed: int) -> list[EditRequest]:
@@ -108,33 +60,6 @@ def select_requests(pool: list[EditRequest], n_edits: int, selection: str, seed:
     if selection == "first":
         return pool[:n_edits]
     return [pool[i] for i in seeded_sample(len(pool), n_edits, seed)]
-
-
-def is_loopback_address(address: str) -> bool:
-    """``host:port`` on this machine's loopback interface (not ``auto``, not a ``ray://`` client)."""
-    if "://" in address or ":" not in address:
-        return False
-    host = address.rsplit(":", 1)[0].strip("[]")
-    return host in LOOPBACK or host == "localhost"
-
-
-def connect(address: str | None = None) -> bool:
-    """Join the Ray cluster at ``address``, or start a loopback-only local instance; forward the
-    settings actors must see. False when Ray was already initialised (the caller's to shut down).
-
-    A driver joining an instance that listens on loopback (one ``eac run`` started, or ``ray start
-    --node-ip-address 127.0.0.1``) must take the loopback node address too: with the machine's
-    routable one, Ray looks for a raylet at that address and waits for it without end."""
-    if ray.is_initialized():
-        return False
-    env = {name: os.environ[name] for name in FORWARDED_ENVIRONMENT if name in os.environ}
-    options = dict(runtime_env={"env_vars": env}, logging_level="WARNING")
-    if address:  # the user's explicit choice: the cluster's own network settings apply, loopback's if it is one
-        with loopback_node() if is_loopback_address(address) else contextlib.nullcontext():
-            ray.init(address=address, **options)
-    else:
-        init_loopback_ray(include_dashboard=False, **options)
-    return True
 
 
 def steps_for(requests: int, batch_size: int) -> int:

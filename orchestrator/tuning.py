@@ -330,7 +330,7 @@ def run_tune(tune_spec: TuneSpec, store: Store | None = None, *, address: str | 
     """Every search of the spec, one after another, on a local Ray cluster or the one at ``address``."""
     import ray
 
-    from orchestrator.driver import connect
+    from orchestrator.cluster import connect
 
     store = store or Store(tune_spec.experiment.store)
     data_root, cache_dir = str(settings.data_dir(data_root)), str(settings.cache_dir(cache_dir))

@@ -189,7 +189,7 @@ def valid_log(spec_path, store_root, data_root) -> tuple[str, bytes]:
     """Where the plan's one trajectory keeps its log, and a well-formed log of one step for it."""
     driver = Driver(load_spec(spec_path), Store(store_root), progress=False, data_root=data_root)
     (trajectory,) = driver.plan()
-    from workers.actors import log_binding
+    from workers.editing.delta import log_binding
 
     binding = log_binding(trajectory.task.requests, trajectory.spec.resolved_hparams)
     log = EditLog(metadata={"steps_done": 1, "delta_steps": [], "binding": binding})
@@ -216,7 +216,7 @@ def test_bad_input_is_one_line_naming_the_file_exit_2_before_ray(seed, tmp_path,
     else:
         log_path, log = valid_log(spec_path, store, data_root)
         if malform is log_other_requests:
-            from workers.actors import log_binding
+            from workers.editing.delta import log_binding
 
             from workers.data import EditRequest
 

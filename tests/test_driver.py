@@ -19,7 +19,7 @@ from orchestrator.driver import Driver, on_this_cluster
 from orchestrator.dry_run import plan_table
 from orchestrator.spec import load_spec
 from orchestrator.store import Store
-from workers.actors import saved_log_steps
+from workers.editing.delta import saved_log_steps
 
 # The demo scaled down: a tiny model, four sequential edits, two methods, three checkpoints.
 SPEC = {

@@ -11,7 +11,7 @@ import textwrap
 JOIN = textwrap.dedent("""
     import sys
     import ray
-    from orchestrator.driver import connect
+    from orchestrator.cluster import connect
 
     assert connect(sys.argv[1])
     assert ray.cluster_resources()["CPU"] > 0
@@ -20,7 +20,7 @@ JOIN = textwrap.dedent("""
 PROBE = textwrap.dedent("""
     import json, os, subprocess, sys
     import psutil, ray
-    from orchestrator.driver import connect
+    from orchestrator.cluster import connect
     JOIN = sys.argv[2]
 
     assert connect()  # what `eac run` and `eac tune` do without --address
@@ -56,7 +56,7 @@ def test_local_ray_listens_on_loopback_only(tmp_path):
 
 
 def test_only_host_port_addresses_on_loopback_join_as_a_loopback_node():
-    from orchestrator.driver import is_loopback_address
+    from orchestrator.cluster import is_loopback_address
 
     assert all(is_loopback_address(a) for a in ("127.0.0.1:6379", "localhost:6379", "[::1]:6379"))
     # A routable cluster keeps its own network settings; `auto` and Ray Client addresses are Ray's to resolve.
