@@ -238,13 +238,15 @@ def cmd_eval(args) -> int:
     import torch
 
     from workers.data import DataError, load_edit_dataset
-    from workers.editing.delta import EditLog
+    from workers.editing.delta import EditLog, check_binding, check_requests
     from workers.evaluation import EvalConfig, ReferenceCache, evaluate_checkpoint
-    from workers.models import load_model
+    from workers.models import load_model, weights_fingerprint
 
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        if args.json:  # found now, not after all the scoring
+            check_output_file(args.json, "--json")
         config = EvalConfig.from_yaml(args.config) if args.config else EvalConfig()
         overrides = {"seed": args.seed, "batch_size": args.batch_size, "prompt_format": args.prompt_format}
         fields = {**vars(config), **{k: v for k, v in overrides.items() if v is not None}}
@@ -254,16 +256,23 @@ def cmd_eval(args) -> int:
         config = EvalConfig.from_dict(fields, source="eac eval")
         log = EditLog.load(args.edit_log) if args.edit_log else None  # bad input fails before the model loads
         requests = load_edit_dataset(args.dataset)
-        model, tokenizer = load_model(args.model)
         if log is not None:
             edited = {str(case) for delta in log for case in delta.case_ids}
             requests = [r for r in requests if str(r.case_id) in edited]
+            missing = edited - {str(r.case_id) for r in requests}
+            if missing:
+                raise ValueError(f"edit log {args.edit_log} was made from other requests: case id "
+                                 f"{sorted(missing)[0]!r} is not in {args.dataset}")
+            check_requests(log.metadata, requests, args.edit_log)  # the same records it edited?
         else:
             requests = requests[:args.n]
+        model, tokenizer = load_model(args.model)
+        if log is not None:  # made on these base weights?
+            check_binding(log.metadata, {"base_fingerprint": weights_fingerprint(model)}, args.edit_log)
         start = time.perf_counter()
         rows = evaluate_checkpoint(model, tokenizer, log, requests, config,
                                    reference=ReferenceCache(args.reference_cache) if args.reference_cache else None)
-    except (ValueError, FileNotFoundError, DataError) as exc:
+    except (ValueError, OSError, DataError) as exc:  # OSError: a directory or unreadable file given as a path
         print(f"eac eval: {one_line(exc)}", file=sys.stderr)
         return 2
     print(f"{args.model}{' + ' + args.edit_log if args.edit_log else ''}: {len(requests)} edit requests, "
@@ -277,9 +286,29 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def check_output_file(path: str, option: str) -> None:
+    """Refuse an output path that cannot be written as a file (a directory, a missing or read-only
+    parent) before the work whose result it would hold."""
+    target = os.path.abspath(path)
+    if os.path.isdir(target):
+        raise ValueError(f"{option} {path}: is a directory, not a file")
+    parent = os.path.dirname(target)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{option} {path}: no such directory {parent}")
+    if not os.access(parent, os.W_OK) or (os.path.exists(target) and not os.access(target, os.W_OK)):
+        raise ValueError(f"{option} {path}: not writable")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line naming the option (argparse prints the whole usage first), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eac", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog="eac", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     model = sub.add_parser("model", help="model provisioning").add_subparsers(dest="model_command", required=True)
     pull = model.add_parser("pull", help="download/convert a model into the cache (NAME, GGUF file or hub id)")
@@ -350,13 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--config", help="EvalConfig YAML (default: EvalConfig's defaults)")
     evaluate.add_argument("--edit-log", help="an edit log (safetensors) to apply; its case ids pick the requests")
     evaluate.add_argument("--dataset", default="counterfact", help="edit data set for the editing metrics")
-    evaluate.add_argument("-n", type=int, default=100, help="edit requests evaluated without --edit-log")
+    evaluate.add_argument("-n", type=_positive_int, default=100, help="edit requests evaluated without --edit-log")
     evaluate.add_argument("--tasks", help="task sample counts, e.g. nli=100,sst2=100,wikitext=20")
     evaluate.add_argument("--seed", type=int)
     evaluate.add_argument("--batch-size", type=int)
     evaluate.add_argument("--prompt-format", choices=["raw", "chat"])
     evaluate.add_argument("--reference-cache", help="directory caching the unedited model's predictions")
-    evaluate.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    evaluate.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
     evaluate.add_argument("--json", help="also write the rows to this JSON file")
     _common(evaluate)
     evaluate.set_defaults(func=cmd_eval)

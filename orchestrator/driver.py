@@ -44,7 +44,7 @@ from orchestrator.cluster import connect
 from workers.actors import (CheckpointEvent, EditEvent, EvalActor, EvalGroup, Replica, TrajectoryActor,
                             TrajectoryTask, kill_evaluator)
 from workers.data import EditRequest, load_edit_dataset
-from workers.editing.delta import check_binding, log_binding, saved_log_metadata, saved_log_steps
+from workers.editing.delta import EditLog, check_binding, log_binding, saved_log_metadata, saved_log_steps
 from workers.editing.methods import split_method
 from workers.evaluation.text_metrics import first_line
 from workers.sampling import seeded_sample
@@ -148,10 +148,10 @@ def plan_trajectories(spec: ExperimentSpec, store: Store, *, data_root: str | Pa
             str(store.log_path(one.experiment, one.trajectory_id)), cache_dir, data_root)
         trajectory = Trajectory(one, task, json.dumps(one.resolved_hparams, sort_keys=True))
         read_progress(store, trajectory)
-        if not trajectory.finished:  # its saved log will be replayed: made from these requests?
-            metadata = saved_log_metadata(task.log_path)
-            if metadata is not None:
-                check_binding(metadata, log_binding(requests, one.resolved_hparams), task.log_path)
+        if not trajectory.finished and saved_log_metadata(task.log_path) is not None:
+            # Its saved log will be replayed: intact (its content digest), made from these requests?
+            check_binding(EditLog.load(task.log_path).metadata, log_binding(requests, one.resolved_hparams),
+                          task.log_path)
         plan.append(trajectory)
     return plan
 

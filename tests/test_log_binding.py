@@ -69,7 +69,7 @@ def resume(task, start_step=1):
 def test_the_log_records_base_fingerprint_requests_and_hparams(saved_log):
     binding = EditLog.load(saved_log.log_path).metadata["binding"]
     assert binding["case_ids"] == [str(r.case_id) for r in saved_log.requests]
-    assert set(binding) == {"case_ids", "requests_digest", "hparams_digest", "base_fingerprint"}
+    assert set(binding) == {"case_ids", "requests_digest", "request_digests", "hparams_digest", "base_fingerprint"}
     assert len(resume(saved_log)) == 2  # the same inputs resume
 
 

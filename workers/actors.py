@@ -31,7 +31,7 @@ import torch
 
 from workers.data import EditRequest
 from workers.editing import EditLog, Editor
-from workers.editing.delta import check_binding, log_binding, log_prefix
+from workers.editing.delta import check_binding, check_requests, log_binding, log_prefix
 from workers.faults import fault_point
 from workers.models import load_model, weights_fingerprint
 from workers.placement import EvaluationGroupPlan
@@ -193,6 +193,7 @@ class CheckpointEvaluator:
         if steps:
             saved = EditLog.load(log_path)
             check_binding(saved.metadata, {"base_fingerprint": fingerprint}, log_path)
+            check_requests(saved.metadata, requests, log_path)
             log = log_prefix(saved, steps)
         fault_point("scoring", trajectory_id=Path(log_path).stem if log_path else None, steps=steps)
         rows = evaluate_checkpoint(base, tokenizer, log, list(requests), config, reference=self.reference,

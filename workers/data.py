@@ -168,12 +168,16 @@ def _read_json_records(path: Path) -> list[dict]:
                         records.append(json.loads(line))
                     except json.JSONDecodeError as exc:
                         raise DataError(path, f"line {line_no}", "<json>", str(exc)) from exc
+                    except RecursionError:
+                        raise DataError(path, f"line {line_no}", "<json>", "nested too deeply") from None
             return records
         records = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise DataError(path, f"line {exc.lineno}", "<json>", str(exc)) from exc
     except UnicodeDecodeError as exc:
         raise DataError(path, "<file>", "<encoding>", f"not UTF-8 text (byte {exc.start})") from exc
+    except RecursionError:  # json's parser recurses once per level of nesting
+        raise DataError(path, "<top level>", "<json>", "nested too deeply") from None
     if not isinstance(records, list):
         raise DataError(path, "<top level>", "<json>", "expected a list of records")
     return records
