@@ -74,8 +74,28 @@ def cmd_answers(args) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``ray job stop``, a batch scheduler, ``kill``): stopped from outside like Ctrl-C."""
+
+
+def stop_on_sigterm() -> None:
+    """Handle SIGTERM as SIGINT: the same clean teardown (trajectories ``interrupted``, Ray shut down)."""
+    import signal
+
+    def terminate(signum, frame):
+        raise Terminated("SIGTERM")
+
+    signal.signal(signal.SIGTERM, terminate)
+
+
+def interrupted_exit(exc: KeyboardInterrupt) -> int:
+    """128 + the signal's number, as a shell reports a process stopped by it."""
+    return 143 if isinstance(exc, Terminated) else 130
+
+
 def cmd_run(args) -> int:
     """Run an experiment spec on Ray: trajectories, evaluations, the store, a summary and the report."""
+    from orchestrator.cluster import ClusterError
     from orchestrator.driver import Driver, format_summary
     from orchestrator.progress import Progress, resolve_mode
     from orchestrator.spec import SpecError, load_spec
@@ -83,16 +103,23 @@ def cmd_run(args) -> int:
     from orchestrator.store import Store, StoreError
     from workers.data import DataError
 
+    stop_on_sigterm()
     try:
         spec = load_spec(args.spec)
         store = Store(args.store or spec.store)
         progress = Progress(resolve_mode("none" if args.no_progress else args.progress),
                             every_edits=args.progress_every, every_seconds=args.progress_seconds)
-        driver = Driver(spec, store, address=args.address, progress=progress)
+        driver = Driver(spec, store, address=args.address, progress=progress, connect_timeout=args.connect_timeout)
         plan = driver.plan()  # every check that needs no actor, before any starts
         if not args.dry_run and any(not t.finished for t in plan):
             store.check_writable()
-    except (SpecError, DataError, FileNotFoundError, StoreError, ValueError) as exc:
+        elif not args.dry_run and not args.no_report and store.exists():  # the report goes to STORE/report
+            try:
+                store.check_writable()
+            except StoreError as exc:
+                raise StoreError(f"{exc}; its work is complete: add --no-report, or draw the report elsewhere "
+                                 f"with `eac report {store.uri} --out DIR`") from None
+    except (SpecError, DataError, OSError, StoreError, ValueError) as exc:
         print(f"eac run: {one_line(exc)}", file=sys.stderr)
         return 2
     if args.dry_run:
@@ -106,10 +133,10 @@ def cmd_run(args) -> int:
     start = time.perf_counter()
     try:
         result = driver.run()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(f"\ninterrupted; `eac run {args.spec}` again resumes from the store", file=sys.stderr)
-        return 130
-    except StoreError as exc:  # another run holds the experiment's lock
+        return interrupted_exit(exc)
+    except (StoreError, ClusterError) as exc:  # another run holds the experiment's lock; no cluster there
         print(f"eac run: {one_line(exc)}", file=sys.stderr)
         return 2
     print(f"\n{format_summary(result.summary)}\n({time.perf_counter() - start:.0f} s)")
@@ -127,6 +154,7 @@ def cmd_tune(args) -> int:
     """Ray Tune search over EAC's hyper-parameters; trials in the store, the best as a hparams YAML."""
     import dataclasses
 
+    from orchestrator.cluster import ClusterError
     from orchestrator.driver import plan_trajectories
     from orchestrator.spec import SpecError
     from orchestrator.store import Store, StoreError
@@ -141,17 +169,21 @@ def cmd_tune(args) -> int:
         store = Store(args.store or spec.experiment.store)
         store.root  # Ray Tune's trial files and the best-config YAMLs need a POSIX path: fail before any trial
         plan_trajectories(spec.experiment, store)  # data and hparams checked before any trial
-    except (SpecError, DataError, FileNotFoundError, StoreError) as exc:
-        print(f"eac tune: {exc}", file=sys.stderr)
+    except (SpecError, DataError, OSError, StoreError, ValueError) as exc:
+        print(f"eac tune: {one_line(exc)}", file=sys.stderr)
         return 2
+    stop_on_sigterm()
     print(f"{spec.experiment.experiment}: {len(spec.searches())} search(es) × {spec.search.num_samples} trials "
           f"-> {store.uri}")
     start = time.perf_counter()
     try:
         outcome = run_tune(spec, store, address=args.address, out_dir=args.out, verbose=0 if args.quiet else 1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(f"\ninterrupted; `eac tune {args.spec}` again reuses the trials already in the store", file=sys.stderr)
-        return 130
+        return interrupted_exit(exc)
+    except (StoreError, ClusterError) as exc:
+        print(f"eac tune: {one_line(exc)}", file=sys.stderr)
+        return 2
     for search in outcome.searches:
         print(f"\n{search.model} / {search.variant}:\n{format_trials(search)}")
         if search.ok:
@@ -191,6 +223,16 @@ def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of at least 1")
     return int(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number of seconds")
+    return value
 
 
 def parse_layers(text: str) -> list[int]:
@@ -344,7 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("spec", help="experiment spec, e.g. experiments/configs/demo.yaml")
     run.add_argument("--store", help="result store: a directory or a URI such as s3://bucket/prefix "
                                      "(default: the spec's `store`, else ./results)")
-    run.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a local one")
+    run.add_argument("--address", help="join this Ray cluster (HOST:PORT or auto) instead of starting a local one")
+    run.add_argument("--connect-timeout", type=_positive_float, default=30.0, metavar="SECONDS",
+                     help="give up joining the cluster at --address after SECONDS (default 30)")
     run.add_argument("--dry-run", action="store_true",
                      help="check the spec, list the trajectories, what the store holds and the cost; start nothing")
     run.add_argument("--no-report", action="store_true", help="do not draw the report at the end")
@@ -395,7 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _apply_dirs(args)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt as exc:  # before the subcommand's own handling (while it plans, say)
+        print("\ninterrupted", file=sys.stderr)
+        return interrupted_exit(exc)
 
 
 if __name__ == "__main__":

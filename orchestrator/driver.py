@@ -38,9 +38,9 @@ import ray
 from orchestrator.progress import Progress, resolve_mode
 from orchestrator.spec import ExperimentSpec, Resources, SpecError, TrajectorySpec
 from orchestrator.status import Status, status_text
-from orchestrator.store import Store, edit_row
+from orchestrator.store import TABLES, Store, edit_row
 from workers import settings
-from orchestrator.cluster import connect
+from orchestrator.cluster import CONNECT_TIMEOUT_SECONDS, connect, shutdown
 from workers.actors import (CheckpointEvent, EditEvent, EvalActor, EvalGroup, Replica, TrajectoryActor,
                             TrajectoryTask, kill_evaluator)
 from workers.data import EditRequest, load_edit_dataset
@@ -131,6 +131,8 @@ def plan_trajectories(spec: ExperimentSpec, store: Store, *, data_root: str | Pa
     starts: a data set too small, a saved edit log made from other requests."""
     data_root, cache_dir = str(settings.data_dir(data_root)), str(settings.cache_dir(cache_dir))
     spec = dataclasses.replace(spec, data_root=data_root)
+    for table in TABLES:  # every file of the experiment, not only the trajectories' (the report reads them all)
+        store.read(table, spec.experiment)
     pools = {}
     for dataset in spec.datasets:
         pools[dataset] = load_edit_dataset(dataset, data_root)
@@ -195,7 +197,7 @@ class Driver:
                  progress: bool | str | Progress = True, data_root: str | Path | None = None,
                  cache_dir: str | Path | None = None,
                  observer: Callable[[str, Trajectory, object], None] | None = None,
-                 take_lock: bool = True):
+                 take_lock: bool = True, connect_timeout: float = CONNECT_TIMEOUT_SECONDS):
         """``progress``: a ``Progress``, or its mode (True = ``auto``: bars on a terminal, plain lines
         otherwise; False = none). ``take_lock``: hold the store's experiment lock while running; a Tune
         trial passes False, because its controller holds the lock for all the search's trials, which run
@@ -209,6 +211,7 @@ class Driver:
         self.observer = observer or (lambda kind, trajectory, event: None)
         self.resources = spec.resources  # as the spec asks; adapted to the cluster when the run starts
         self.take_lock = take_lock
+        self.connect_timeout = connect_timeout  # seconds to join the cluster at ``address``
 
     # ---- plan -----------------------------------------------------------------------------------
 
@@ -228,13 +231,18 @@ class Driver:
         todo = [t for t in plan if not t.finished]
         if todo and self.take_lock:
             with self.store.lock(self.spec.experiment):  # StoreError when another run holds it
-                self._run_todo(todo)
+                # Planned again under the lock: a run that held it until a moment ago may have done
+                # the work this plan saw undone; redoing it from a stale plan would rewrite its files.
+                plan = self.plan()
+                todo = [t for t in plan if not t.finished]
+                if todo:
+                    self._run_todo(todo)
         elif todo:
             self._run_todo(todo)
         return RunResult(plan, summary_table(self.store, plan))
 
     def _run_todo(self, todo: list[Trajectory]) -> None:
-        started_ray = connect(self.address)
+        started_ray = connect(self.address, self.connect_timeout)
         try:
             self._execute(todo)
             for trajectory in todo:  # every trajectory ends completed or failed; say so if not
@@ -253,7 +261,7 @@ class Driver:
             raise
         finally:
             if started_ray:
-                ray.shutdown()
+                shutdown()
 
     def _max_parallel(self, queued: int) -> int:
         resources = self.resources
