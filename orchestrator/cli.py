@@ -95,7 +95,7 @@ def interrupted_exit(exc: KeyboardInterrupt) -> int:
 
 def cmd_run(args) -> int:
     """Run an experiment spec on Ray: trajectories, evaluations, the store, a summary and the report."""
-    from orchestrator.cluster import ClusterError
+    from orchestrator.cluster import ClusterError, join_address
     from orchestrator.driver import Driver, format_summary
     from orchestrator.progress import Progress, resolve_mode
     from orchestrator.spec import SpecError, load_spec
@@ -105,6 +105,8 @@ def cmd_run(args) -> int:
 
     stop_on_sigterm()
     try:
+        if args.address and not args.dry_run:  # a cluster that cannot be joined, found before the plan
+            join_address(args.address, args.connect_timeout)
         spec = load_spec(args.spec)
         store = Store(args.store or spec.store)
         progress = Progress(resolve_mode("none" if args.no_progress else args.progress),
@@ -119,7 +121,7 @@ def cmd_run(args) -> int:
             except StoreError as exc:
                 raise StoreError(f"{exc}; its work is complete: add --no-report, or draw the report elsewhere "
                                  f"with `eac report {store.uri} --out DIR`") from None
-    except (SpecError, DataError, OSError, StoreError, ValueError) as exc:
+    except (SpecError, DataError, OSError, StoreError, ValueError, ClusterError) as exc:
         print(f"eac run: {one_line(exc)}", file=sys.stderr)
         return 2
     if args.dry_run:

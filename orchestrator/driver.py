@@ -43,7 +43,8 @@ from workers import settings
 from orchestrator.cluster import CONNECT_TIMEOUT_SECONDS, connect, shutdown
 from workers.actors import (CheckpointEvent, EditEvent, EvalActor, EvalGroup, Replica, TrajectoryActor,
                             TrajectoryTask, kill_evaluator)
-from workers.data import EditRequest, load_edit_dataset
+from workers.data import EditRequest, check_lengths, edit_dataset_file, load_edit_dataset
+from workers.models import load_tokenizer
 from workers.editing.delta import EditLog, check_binding, log_binding, saved_log_metadata, saved_log_steps
 from workers.editing.methods import split_method
 from workers.evaluation.text_metrics import first_line
@@ -139,9 +140,12 @@ def plan_trajectories(spec: ExperimentSpec, store: Store, *, data_root: str | Pa
         if spec.n_edits > len(pools[dataset]):
             raise SpecError(spec.source, "n_edits", f"{spec.n_edits} edits asked for, but {dataset} "
                                                     f"holds {len(pools[dataset])} requests")
-    plan = []
+    plan, tokenizers = [], {}
     for one in spec.trajectories():
         requests = select_requests(pools[one.dataset], one.n_edits, one.selection, one.seed)
+        if one.model not in tokenizers:
+            tokenizers[one.model] = load_tokenizer(one.model)
+        check_lengths(requests, *tokenizers[one.model], data_file(one.dataset, data_root))
         res = one.resources.trajectory
         task = TrajectoryTask(
             one.trajectory_id, Replica(one.model, one.dtype, res.num_gpus > 0, max(1, int(res.num_cpus))),
@@ -156,6 +160,12 @@ def plan_trajectories(spec: ExperimentSpec, store: Store, *, data_root: str | Pa
                           task.log_path)
         plan.append(trajectory)
     return plan
+
+
+def data_file(dataset: str, data_root: str) -> str:
+    """Where a data set's records are read from, as errors name it."""
+    file = Path(edit_dataset_file(dataset))
+    return str(file if file.is_absolute() or file.exists() else Path(data_root) / file)
 
 
 def read_progress(store: Store, trajectory: Trajectory) -> None:

@@ -187,6 +187,24 @@ def check_finite(model, source) -> None:
             raise ModelError(f"{source}: weight {name!r} holds non-finite values (NaN or inf)")
 
 
+def load_tokenizer(name_or_path: str, *, cache: str | Path | None = None):
+    """``(tokenizer, context length)`` of a model without its weights: what checks of the inputs need
+    before any actor loads the model."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if name_or_path in TINY_MODELS:
+        model, tokenizer = build_tiny_model(name_or_path)
+        return tokenizer, context_length(model)
+    path = resolve_checkpoint(name_or_path, cache=cache)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        problem = " ".join(str(exc).split())[:300]
+        raise ModelError(f"{path}: cannot load the model's tokenizer or config ({type(exc).__name__}: {problem})") from None
+    return tokenizer, getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 def resolve_checkpoint(name_or_path: str, *, cache: str | Path | None = None) -> str:
     """A local directory holding a safetensors checkpoint for ``name_or_path`` (pulling if needed)."""
     path = Path(name_or_path).expanduser()
