@@ -74,23 +74,36 @@ def cmd_answers(args) -> int:
     return 0
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``ray job stop``, a batch scheduler, ``kill``): stopped from outside like Ctrl-C."""
+class Stop:
+    """SIGTERM (``ray job stop``, a batch scheduler, ``kill``) handled as SIGINT: a ``KeyboardInterrupt``
+    in the main thread, so the same clean teardown runs (trajectories ``interrupted``, Ray shut down).
+    Which signal it was is kept here, not in the exception: Ray re-raises interrupts as its own."""
 
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = None
 
-def stop_on_sigterm() -> None:
-    """Handle SIGTERM as SIGINT: the same clean teardown (trajectories ``interrupted``, Ray shut down)."""
-    import signal
+    def on_sigterm(self) -> "Stop":
+        import signal
 
-    def terminate(signum, frame):
-        raise Terminated("SIGTERM")
+        def terminate(signum, frame):
+            self.signal = signum
+            raise KeyboardInterrupt("SIGTERM")
 
-    signal.signal(signal.SIGTERM, terminate)
+        previous = signal.signal(signal.SIGTERM, terminate)
+        self._previous = self._previous or (previous,)
+        return self
 
+    def restore(self) -> None:
+        """The SIGTERM handler from before (``main`` called in a longer-lived process, a test)."""
+        import signal
 
-def interrupted_exit(exc: KeyboardInterrupt) -> int:
-    """128 + the signal's number, as a shell reports a process stopped by it."""
-    return 143 if isinstance(exc, Terminated) else 130
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous[0])
+
+    def exit_code(self) -> int:
+        """128 + the signal's number, as a shell reports a process stopped by it (SIGINT: 130)."""
+        return 128 + (self.signal or 2)
 
 
 def cmd_run(args) -> int:
@@ -103,7 +116,7 @@ def cmd_run(args) -> int:
     from orchestrator.store import Store, StoreError
     from workers.data import DataError
 
-    stop_on_sigterm()
+    stop = args.stop.on_sigterm()
     try:
         if args.address and not args.dry_run:  # a cluster that cannot be joined, found before the plan
             join_address(args.address, args.connect_timeout)
@@ -135,9 +148,9 @@ def cmd_run(args) -> int:
     start = time.perf_counter()
     try:
         result = driver.run()
-    except KeyboardInterrupt as exc:
+    except KeyboardInterrupt:
         print(f"\ninterrupted; `eac run {args.spec}` again resumes from the store", file=sys.stderr)
-        return interrupted_exit(exc)
+        return stop.exit_code()
     except (StoreError, ClusterError) as exc:  # another run holds the experiment's lock; no cluster there
         print(f"eac run: {one_line(exc)}", file=sys.stderr)
         return 2
@@ -174,15 +187,15 @@ def cmd_tune(args) -> int:
     except (SpecError, DataError, OSError, StoreError, ValueError) as exc:
         print(f"eac tune: {one_line(exc)}", file=sys.stderr)
         return 2
-    stop_on_sigterm()
+    args.stop.on_sigterm()
     print(f"{spec.experiment.experiment}: {len(spec.searches())} search(es) × {spec.search.num_samples} trials "
           f"-> {store.uri}")
     start = time.perf_counter()
     try:
         outcome = run_tune(spec, store, address=args.address, out_dir=args.out, verbose=0 if args.quiet else 1)
-    except KeyboardInterrupt as exc:
+    except KeyboardInterrupt:
         print(f"\ninterrupted; `eac tune {args.spec}` again reuses the trials already in the store", file=sys.stderr)
-        return interrupted_exit(exc)
+        return args.stop.exit_code()
     except (StoreError, ClusterError) as exc:
         print(f"eac tune: {one_line(exc)}", file=sys.stderr)
         return 2
@@ -441,11 +454,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _apply_dirs(args)
+    args.stop = Stop()
     try:
         return args.func(args)
-    except KeyboardInterrupt as exc:  # before the subcommand's own handling (while it plans, say)
+    except KeyboardInterrupt:  # before the subcommand's own handling (while it plans, say)
         print("\ninterrupted", file=sys.stderr)
-        return interrupted_exit(exc)
+        return args.stop.exit_code()
+    finally:
+        args.stop.restore()
 
 
 if __name__ == "__main__":

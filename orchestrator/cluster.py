@@ -154,8 +154,8 @@ def private_token() -> None:
 
 
 def private_session() -> None:
-    """The local instance's session directory (logs, sockets, runtime environments) for its owner only:
-    Ray makes it world-writable."""
+    """The instance's session directory on this machine (logs, sockets, runtime environments) for its
+    owner only: Ray makes it world-writable (0777), and again whenever a driver joins."""
     from ray._private import worker
 
     node = getattr(worker, "_global_node", None)
@@ -312,6 +312,7 @@ def connect(address: str | None = None, timeout: float = CONNECT_TIMEOUT_SECONDS
         resolved = join_address(address, timeout)
         with loopback_node() if is_loopback_address(resolved) else contextlib.nullcontext(), handlers_kept():
             init_within(timeout, resolved, shown=address, **options)
+        private_session()  # a driver joining makes the session directory world-writable again
     else:
         init_loopback_ray(include_dashboard=False, **options)
     return True
