@@ -155,7 +155,10 @@ def test_the_evaluation_actor_refuses_other_requests_and_tampered_logs(setup, tm
     evaluator = CheckpointEvaluator(str(tmp_path / "cache"), str(data_root))
     path = saved(setup, "actor.safetensors")
     stranger = [EditRequest(1, RECORD["prompt"], RECORD["subject"], "Berlin")]
-    fields = {"tasks": {"wikitext": 1}, "perplexity_window": 64, "perplexity_stride": 64}
+    from workers.evaluation import EvalConfig
+
+    fields = EvalConfig.from_dict({"tasks": {"wikitext": 1}, "perplexity_window": 64, "perplexity_stride": 64},
+                                  source="test")
     with pytest.raises(LogMismatch, match="other requests"):
         evaluator.evaluate("tiny-gpt2", "float32", str(path), 2, stranger, fields)
     rewrite(path, **TAMPERING["tensors negated"])

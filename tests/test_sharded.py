@@ -25,11 +25,13 @@ from workers.actors import CheckpointEvaluator, EvalGroup
 from workers.data import load_edit_dataset
 from workers.editing.delta import EditLog, LayerDelta, WeightDelta, log_binding
 from workers.models import load_model, weights_fingerprint
+from workers.evaluation import EvalConfig
 from workers.placement import EvaluationGroupPlan, plan_evaluation_group
 
-EVAL_FIELDS = {"tasks": {"nq": 3, "nli": 3, "wikitext": 1}, "perplexity_window": 64, "perplexity_stride": 64,
-               "edit_metrics": ["toolkit", "counterfact", "generative"], "generative_max_new_tokens": 6,
-               "drift_examples": 2, "batch_size": 4}
+EVAL_FIELDS = EvalConfig.from_dict(
+    {"tasks": {"nq": 3, "nli": 3, "wikitext": 1}, "perplexity_window": 64, "perplexity_stride": 64,
+     "edit_metrics": ["toolkit", "counterfact", "generative"], "generative_max_new_tokens": 6,
+     "drift_examples": 2, "batch_size": 4}, source="test_sharded")  # evaluators take the typed config
 ROUND_OFF = 1e-4  # relative; float32 sums in another order (see the module docstring): measured up to
 # 2.5e-5 on the drift KL (a difference of nearby log-probabilities), 3e-8 on perplexity
 # Rows read from greedily generated tokens: equal only if the tokens are.
