@@ -74,8 +74,41 @@ def cmd_answers(args) -> int:
     return 0
 
 
+class Stop:
+    """SIGTERM (``ray job stop``, a batch scheduler, ``kill``) handled as SIGINT: a ``KeyboardInterrupt``
+    in the main thread, so the same clean teardown runs (trajectories ``interrupted``, Ray shut down).
+    Which signal it was is kept here, not in the exception: Ray re-raises interrupts as its own."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = None
+
+    def on_sigterm(self) -> "Stop":
+        import signal
+
+        def terminate(signum, frame):
+            self.signal = signum
+            raise KeyboardInterrupt("SIGTERM")
+
+        previous = signal.signal(signal.SIGTERM, terminate)
+        self._previous = self._previous or (previous,)
+        return self
+
+    def restore(self) -> None:
+        """The SIGTERM handler from before (``main`` called in a longer-lived process, a test)."""
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous[0])
+
+    def exit_code(self) -> int:
+        """128 + the signal's number, as a shell reports a process stopped by it (SIGINT: 130)."""
+        return 128 + (self.signal or 2)
+
+
 def cmd_run(args) -> int:
     """Run an experiment spec on Ray: trajectories, evaluations, the store, a summary and the report."""
+    from orchestrator.cluster import ClusterError, join_address
     from orchestrator.driver import Driver, format_summary
     from orchestrator.progress import Progress, resolve_mode
     from orchestrator.spec import SpecError, load_spec
@@ -83,16 +116,25 @@ def cmd_run(args) -> int:
     from orchestrator.store import Store, StoreError
     from workers.data import DataError
 
+    stop = args.stop.on_sigterm()
     try:
+        if args.address and not args.dry_run:  # a cluster that cannot be joined, found before the plan
+            join_address(args.address, args.connect_timeout)
         spec = load_spec(args.spec)
         store = Store(args.store or spec.store)
         progress = Progress(resolve_mode("none" if args.no_progress else args.progress),
                             every_edits=args.progress_every, every_seconds=args.progress_seconds)
-        driver = Driver(spec, store, address=args.address, progress=progress)
+        driver = Driver(spec, store, address=args.address, progress=progress, connect_timeout=args.connect_timeout)
         plan = driver.plan()  # every check that needs no actor, before any starts
         if not args.dry_run and any(not t.finished for t in plan):
             store.check_writable()
-    except (SpecError, DataError, FileNotFoundError, StoreError, ValueError) as exc:
+        elif not args.dry_run and not args.no_report and store.exists():  # the report goes to STORE/report
+            try:
+                store.check_writable()
+            except StoreError as exc:
+                raise StoreError(f"{exc}; its work is complete: add --no-report, or draw the report elsewhere "
+                                 f"with `eac report {store.uri} --out DIR`") from None
+    except (SpecError, DataError, OSError, StoreError, ValueError, ClusterError) as exc:
         print(f"eac run: {one_line(exc)}", file=sys.stderr)
         return 2
     if args.dry_run:
@@ -108,8 +150,8 @@ def cmd_run(args) -> int:
         result = driver.run()
     except KeyboardInterrupt:
         print(f"\ninterrupted; `eac run {args.spec}` again resumes from the store", file=sys.stderr)
-        return 130
-    except StoreError as exc:  # another run holds the experiment's lock
+        return stop.exit_code()
+    except (StoreError, ClusterError) as exc:  # another run holds the experiment's lock; no cluster there
         print(f"eac run: {one_line(exc)}", file=sys.stderr)
         return 2
     print(f"\n{format_summary(result.summary)}\n({time.perf_counter() - start:.0f} s)")
@@ -127,6 +169,7 @@ def cmd_tune(args) -> int:
     """Ray Tune search over EAC's hyper-parameters; trials in the store, the best as a hparams YAML."""
     import dataclasses
 
+    from orchestrator.cluster import ClusterError
     from orchestrator.driver import plan_trajectories
     from orchestrator.spec import SpecError
     from orchestrator.store import Store, StoreError
@@ -141,9 +184,10 @@ def cmd_tune(args) -> int:
         store = Store(args.store or spec.experiment.store)
         store.root  # Ray Tune's trial files and the best-config YAMLs need a POSIX path: fail before any trial
         plan_trajectories(spec.experiment, store)  # data and hparams checked before any trial
-    except (SpecError, DataError, FileNotFoundError, StoreError) as exc:
-        print(f"eac tune: {exc}", file=sys.stderr)
+    except (SpecError, DataError, OSError, StoreError, ValueError) as exc:
+        print(f"eac tune: {one_line(exc)}", file=sys.stderr)
         return 2
+    args.stop.on_sigterm()
     print(f"{spec.experiment.experiment}: {len(spec.searches())} search(es) × {spec.search.num_samples} trials "
           f"-> {store.uri}")
     start = time.perf_counter()
@@ -151,7 +195,10 @@ def cmd_tune(args) -> int:
         outcome = run_tune(spec, store, address=args.address, out_dir=args.out, verbose=0 if args.quiet else 1)
     except KeyboardInterrupt:
         print(f"\ninterrupted; `eac tune {args.spec}` again reuses the trials already in the store", file=sys.stderr)
-        return 130
+        return args.stop.exit_code()
+    except (StoreError, ClusterError) as exc:
+        print(f"eac tune: {one_line(exc)}", file=sys.stderr)
+        return 2
     for search in outcome.searches:
         print(f"\n{search.model} / {search.variant}:\n{format_trials(search)}")
         if search.ok:
@@ -217,6 +264,16 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number of seconds")
+    return value
+
+
 def parse_layers(text: str) -> list[int]:
     """``"5"``, ``"4-8"`` or ``"4,6,8"`` (ranges and lists may mix: ``"1-3,7"``) -> sorted layers."""
     layers: set[int] = set()
@@ -262,13 +319,15 @@ def cmd_eval(args) -> int:
     import torch
 
     from workers.data import DataError, load_edit_dataset
-    from workers.editing.delta import EditLog
+    from workers.editing.delta import EditLog, check_binding, check_requests
     from workers.evaluation import EvalConfig, ReferenceCache, evaluate_checkpoint
-    from workers.models import load_model
+    from workers.models import load_model, weights_fingerprint
 
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        if args.json:  # found now, not after all the scoring
+            check_output_file(args.json, "--json")
         config = EvalConfig.from_yaml(args.config) if args.config else EvalConfig()
         overrides = {"seed": args.seed, "batch_size": args.batch_size, "prompt_format": args.prompt_format}
         fields = {**vars(config), **{k: v for k, v in overrides.items() if v is not None}}
@@ -278,16 +337,23 @@ def cmd_eval(args) -> int:
         config = EvalConfig.from_dict(fields, source="eac eval")
         log = EditLog.load(args.edit_log) if args.edit_log else None  # bad input fails before the model loads
         requests = load_edit_dataset(args.dataset)
-        model, tokenizer = load_model(args.model)
         if log is not None:
             edited = {str(case) for delta in log for case in delta.case_ids}
             requests = [r for r in requests if str(r.case_id) in edited]
+            missing = edited - {str(r.case_id) for r in requests}
+            if missing:
+                raise ValueError(f"edit log {args.edit_log} was made from other requests: case id "
+                                 f"{sorted(missing)[0]!r} is not in {args.dataset}")
+            check_requests(log.metadata, requests, args.edit_log)  # the same records it edited?
         else:
             requests = requests[:args.n]
+        model, tokenizer = load_model(args.model)
+        if log is not None:  # made on these base weights?
+            check_binding(log.metadata, {"base_fingerprint": weights_fingerprint(model)}, args.edit_log)
         start = time.perf_counter()
         rows = evaluate_checkpoint(model, tokenizer, log, requests, config,
                                    reference=ReferenceCache(args.reference_cache) if args.reference_cache else None)
-    except (ValueError, FileNotFoundError, DataError) as exc:
+    except (ValueError, OSError, DataError) as exc:  # OSError: a directory or unreadable file given as a path
         print(f"eac eval: {one_line(exc)}", file=sys.stderr)
         return 2
     print(f"{args.model}{' + ' + args.edit_log if args.edit_log else ''}: {len(requests)} edit requests, "
@@ -301,9 +367,29 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def check_output_file(path: str, option: str) -> None:
+    """Refuse an output path that cannot be written as a file (a directory, a missing or read-only
+    parent) before the work whose result it would hold."""
+    target = os.path.abspath(path)
+    if os.path.isdir(target):
+        raise ValueError(f"{option} {path}: is a directory, not a file")
+    parent = os.path.dirname(target)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{option} {path}: no such directory {parent}")
+    if not os.access(parent, os.W_OK) or (os.path.exists(target) and not os.access(target, os.W_OK)):
+        raise ValueError(f"{option} {path}: not writable")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line naming the option (argparse prints the whole usage first), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eac", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog="eac", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     model = sub.add_parser("model", help="model provisioning").add_subparsers(dest="model_command", required=True)
     pull = model.add_parser("pull", help="download/convert a model into the cache (NAME, GGUF file or hub id)")
@@ -339,7 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("spec", help="experiment spec, e.g. experiments/configs/demo.yaml")
     run.add_argument("--store", help="result store: a directory or a URI such as s3://bucket/prefix "
                                      "(default: the spec's `store`, else ./results)")
-    run.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a local one")
+    run.add_argument("--address", help="join this Ray cluster (HOST:PORT or auto) instead of starting a local one")
+    run.add_argument("--connect-timeout", type=_positive_float, default=30.0, metavar="SECONDS",
+                     help="give up joining the cluster at --address after SECONDS (default 30)")
     run.add_argument("--dry-run", action="store_true",
                      help="check the spec, list the trajectories, what the store holds and the cost; start nothing")
     run.add_argument("--no-report", action="store_true", help="do not draw the report at the end")
@@ -383,13 +471,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--config", help="EvalConfig YAML (default: EvalConfig's defaults)")
     evaluate.add_argument("--edit-log", help="an edit log (safetensors) to apply; its case ids pick the requests")
     evaluate.add_argument("--dataset", default="counterfact", help="edit data set for the editing metrics")
-    evaluate.add_argument("-n", type=int, default=100, help="edit requests evaluated without --edit-log")
+    evaluate.add_argument("-n", type=_positive_int, default=100, help="edit requests evaluated without --edit-log")
     evaluate.add_argument("--tasks", help="task sample counts, e.g. nli=100,sst2=100,wikitext=20")
     evaluate.add_argument("--seed", type=int)
     evaluate.add_argument("--batch-size", type=int)
     evaluate.add_argument("--prompt-format", choices=["raw", "chat"])
     evaluate.add_argument("--reference-cache", help="directory caching the unedited model's predictions")
-    evaluate.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    evaluate.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
     evaluate.add_argument("--json", help="also write the rows to this JSON file")
     _common(evaluate)
     evaluate.set_defaults(func=cmd_eval)
@@ -399,7 +487,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _apply_dirs(args)
-    return args.func(args)
+    args.stop = Stop()
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # before the subcommand's own handling (while it plans, say)
+        print("\ninterrupted", file=sys.stderr)
+        return args.stop.exit_code()
+    finally:
+        args.stop.restore()
 
 
 if __name__ == "__main__":

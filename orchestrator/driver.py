@@ -24,11 +24,9 @@ store says is done), ``write_status`` (the trajectory's row) and ``error_reason`
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -40,66 +38,21 @@ import ray
 from orchestrator.progress import Progress, resolve_mode
 from orchestrator.spec import ExperimentSpec, Resources, SpecError, TrajectorySpec
 from orchestrator.status import Status, status_text
-from orchestrator.store import Store, edit_row, split_examples
+from orchestrator.store import TABLES, Store, edit_row, split_examples
 from workers import settings
+from orchestrator.cluster import CONNECT_TIMEOUT_SECONDS, connect, shutdown
 from workers.actors import (CheckpointEvent, EditEvent, EvalActor, EvalGroup, Replica, TrajectoryActor,
-                            TrajectoryTask, check_binding, kill_evaluator, log_binding, saved_log_steps)
-from workers.data import EditRequest, load_edit_dataset
-from workers.editing.delta import saved_log_metadata
+                            TrajectoryTask, kill_evaluator)
+from workers.data import EditRequest, check_lengths, edit_dataset_file, load_edit_dataset
+from workers.models import load_tokenizer
+from workers.editing.delta import EditLog, check_binding, log_binding, saved_log_metadata, saved_log_steps
 from workers.editing.methods import split_method
 from workers.evaluation.text_metrics import first_line
 from workers.sampling import seeded_sample
 from workers.placement import EvaluationGroupPlan, deepspeed_installed, plan_evaluation_group
 
-# Settings that actors on other machines of a cluster must see as the driver does; an object store's
-# endpoint and region too (its credentials stay out of the job's runtime_env, which the dashboard
-# shows: nodes take theirs from their own environment or instance role).
-FORWARDED_ENVIRONMENT = ("EAC_OFFLINE", "HF_HUB_OFFLINE", "EAC_CACHE_DIR", "EAC_DATA_DIR", "AWS_ENDPOINT_URL",
-                         "AWS_REGION", "AWS_DEFAULT_REGION")
 CLUSTER_CHECK_SECONDS = 60.0  # with no event for this long, check that the cluster still has a live node
 
-
-LOOPBACK = ("127.0.0.1", "::1")
-# Ray's switch for single-node instances (what it does by default on Windows and macOS): the node's
-# address is then the loopback one, and every server of the instance (GCS, raylet, object manager,
-# workers, agents) binds to that address instead of the machine's routable one.
-SINGLE_NODE_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-@contextlib.contextmanager
-def loopback_node():
-    """Ray's single-node switch on for the block: a node this process starts or joins takes the
-    loopback address. Ray reads the switch when it is imported, so it is set in the environment (for
-    the processes an instance starts) and in this process's copy of Ray's constants."""
-    from ray._private import ray_constants  # no public API sets the node address to loopback
-
-    saved_env, saved_flag = os.environ.get(SINGLE_NODE_SWITCH), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[SINGLE_NODE_SWITCH] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-        if saved_env is None:
-            os.environ.pop(SINGLE_NODE_SWITCH, None)
-        else:
-            os.environ[SINGLE_NODE_SWITCH] = saved_env
-
-
-def init_loopback_ray(**options) -> None:
-    """Start a local Ray instance whose servers listen on the loopback interface only.
-
-    Anyone who can reach one of Ray's ports and pass its authentication can run code in the job (Ray
-    2.60 turns token authentication on for a local instance, but ``RAY_AUTH_MODE=disabled`` or an
-    older Ray has none), so a local run must not listen on the machine's other interfaces. The
-    address the instance got is checked."""
-    with loopback_node():
-        ray.init(**options)
-    address = ray.util.get_node_ip_address()
-    if address not in LOOPBACK:
-        ray.shutdown()
-        raise RuntimeError(f"the local Ray instance took the address {address}, not loopback; refusing to "
-                           "run with servers reachable from other machines (join a cluster with --address)")
 
 
 def select_requests(pool: list[EditRequest], n_edits: int, selection: str, seed: int) -> list[EditRequest]:
@@ -108,33 +61,6 @@ def select_requests(pool: list[EditRequest], n_edits: int, selection: str, seed:
     if selection == "first":
         return pool[:n_edits]
     return [pool[i] for i in seeded_sample(len(pool), n_edits, seed)]
-
-
-def is_loopback_address(address: str) -> bool:
-    """``host:port`` on this machine's loopback interface (not ``auto``, not a ``ray://`` client)."""
-    if "://" in address or ":" not in address:
-        return False
-    host = address.rsplit(":", 1)[0].strip("[]")
-    return host in LOOPBACK or host == "localhost"
-
-
-def connect(address: str | None = None) -> bool:
-    """Join the Ray cluster at ``address``, or start a loopback-only local instance; forward the
-    settings actors must see. False when Ray was already initialised (the caller's to shut down).
-
-    A driver joining an instance that listens on loopback (one ``eac run`` started, or ``ray start
-    --node-ip-address 127.0.0.1``) must take the loopback node address too: with the machine's
-    routable one, Ray looks for a raylet at that address and waits for it without end."""
-    if ray.is_initialized():
-        return False
-    env = {name: os.environ[name] for name in FORWARDED_ENVIRONMENT if name in os.environ}
-    options = dict(runtime_env={"env_vars": env}, logging_level="WARNING")
-    if address:  # the user's explicit choice: the cluster's own network settings apply, loopback's if it is one
-        with loopback_node() if is_loopback_address(address) else contextlib.nullcontext():
-            ray.init(address=address, **options)
-    else:
-        init_loopback_ray(include_dashboard=False, **options)
-    return True
 
 
 def steps_for(requests: int, batch_size: int) -> int:
@@ -206,15 +132,20 @@ def plan_trajectories(spec: ExperimentSpec, store: Store, *, data_root: str | Pa
     starts: a data set too small, a saved edit log made from other requests."""
     data_root, cache_dir = str(settings.data_dir(data_root)), str(settings.cache_dir(cache_dir))
     spec = dataclasses.replace(spec, data_root=data_root)
+    for table in TABLES:  # every file of the experiment, not only the trajectories' (the report reads them all)
+        store.read(table, spec.experiment)
     pools = {}
     for dataset in spec.datasets:
         pools[dataset] = load_edit_dataset(dataset, data_root)
         if spec.n_edits > len(pools[dataset]):
             raise SpecError(spec.source, "n_edits", f"{spec.n_edits} edits asked for, but {dataset} "
                                                     f"holds {len(pools[dataset])} requests")
-    plan = []
+    plan, tokenizers = [], {}
     for one in spec.trajectories():
         requests = select_requests(pools[one.dataset], one.n_edits, one.selection, one.seed)
+        if one.model not in tokenizers:
+            tokenizers[one.model] = load_tokenizer(one.model)
+        check_lengths(requests, *tokenizers[one.model], data_file(one.dataset, data_root))
         res = one.resources.trajectory
         task = TrajectoryTask(
             one.trajectory_id, Replica(one.model, one.dtype, res.num_gpus > 0, max(1, int(res.num_cpus))),
@@ -223,12 +154,18 @@ def plan_trajectories(spec: ExperimentSpec, store: Store, *, data_root: str | Pa
             str(store.log_path(one.experiment, one.trajectory_id)), cache_dir, data_root)
         trajectory = Trajectory(one, task, json.dumps(one.resolved_hparams, sort_keys=True))
         read_progress(store, trajectory)
-        if not trajectory.finished:  # its saved log will be replayed: made from these requests?
-            metadata = saved_log_metadata(task.log_path)
-            if metadata is not None:
-                check_binding(metadata, log_binding(requests, one.resolved_hparams), task.log_path)
+        if not trajectory.finished and saved_log_metadata(task.log_path) is not None:
+            # Its saved log will be replayed: intact (its content digest), made from these requests?
+            check_binding(EditLog.load(task.log_path).metadata, log_binding(requests, one.resolved_hparams),
+                          task.log_path)
         plan.append(trajectory)
     return plan
+
+
+def data_file(dataset: str, data_root: str) -> str:
+    """Where a data set's records are read from, as errors name it."""
+    file = Path(edit_dataset_file(dataset))
+    return str(file if file.is_absolute() or file.exists() else Path(data_root) / file)
 
 
 def read_progress(store: Store, trajectory: Trajectory) -> None:
@@ -270,7 +207,7 @@ class Driver:
                  progress: bool | str | Progress = True, data_root: str | Path | None = None,
                  cache_dir: str | Path | None = None,
                  observer: Callable[[str, Trajectory, object], None] | None = None,
-                 take_lock: bool = True):
+                 take_lock: bool = True, connect_timeout: float = CONNECT_TIMEOUT_SECONDS):
         """``progress``: a ``Progress``, or its mode (True = ``auto``: bars on a terminal, plain lines
         otherwise; False = none). ``take_lock``: hold the store's experiment lock while running; a Tune
         trial passes False, because its controller holds the lock for all the search's trials, which run
@@ -284,6 +221,7 @@ class Driver:
         self.observer = observer or (lambda kind, trajectory, event: None)
         self.resources = spec.resources  # as the spec asks; adapted to the cluster when the run starts
         self.take_lock = take_lock
+        self.connect_timeout = connect_timeout  # seconds to join the cluster at ``address``
 
     # ---- plan -----------------------------------------------------------------------------------
 
@@ -303,13 +241,18 @@ class Driver:
         todo = [t for t in plan if not t.finished]
         if todo and self.take_lock:
             with self.store.lock(self.spec.experiment):  # StoreError when another run holds it
-                self._run_todo(todo)
+                # Planned again under the lock: a run that held it until a moment ago may have done
+                # the work this plan saw undone; redoing it from a stale plan would rewrite its files.
+                plan = self.plan()
+                todo = [t for t in plan if not t.finished]
+                if todo:
+                    self._run_todo(todo)
         elif todo:
             self._run_todo(todo)
         return RunResult(plan, summary_table(self.store, plan))
 
     def _run_todo(self, todo: list[Trajectory]) -> None:
-        started_ray = connect(self.address)
+        started_ray = connect(self.address, self.connect_timeout)
         try:
             self._execute(todo)
             for trajectory in todo:  # every trajectory ends completed or failed; say so if not
@@ -328,7 +271,7 @@ class Driver:
             raise
         finally:
             if started_ray:
-                ray.shutdown()
+                shutdown()
 
     def _max_parallel(self, queued: int) -> int:
         resources = self.resources

@@ -49,7 +49,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from workers import settings
+from workers import settings, yaml_files
 from workers.data import EDIT_DATASETS, edit_dataset_file
 from workers.editing import METHODS, load_hparams
 from workers.editing.hparams import with_overrides
@@ -338,7 +338,7 @@ def read_spec_yaml(path: Path) -> Any:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         if node is not None and expanded_size(node) > MAX_SPEC_NODES:
             raise SpecError(path, "<yaml>", f"more than {MAX_SPEC_NODES} values once its aliases are expanded")
-        return yaml.safe_load(text)
+        return yaml_files.load_text(text)
     except yaml.YAMLError as exc:
         raise SpecError(path, "<yaml>", " ".join(str(exc).split())) from exc
 

@@ -187,8 +187,13 @@ class Store:
             yield
             return
         path = Path(self.base) / "locks" / f"{experiment}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a+", encoding="utf-8") as handle:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(path, "a+", encoding="utf-8")
+        except OSError as exc:  # locks/ a file, the lock a directory, a read-only store
+            raise StoreError(f"{path}: cannot take the experiment's lock ({exc.strerror or exc}); a lock file "
+                             "belongs there, in the directory locks/") from None
+        with handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -283,8 +288,14 @@ class Store:
     def files(self, table: str, experiment: str | None = None, trajectory_id: str | None = None) -> list[str]:
         """The table's Parquet files (paths in the store's filesystem), sorted; hidden ones skipped."""
         base = self._experiment_dir(table, experiment) if experiment else self.table_dir(table)
-        listing = self.filesystem.get_file_info(pafs.FileSelector(base, recursive=not experiment,
-                                                                  allow_not_found=True))
+        for directory in (self.base, self.table_dir(table), base):  # a file where a directory belongs
+            if storage.exists(self.filesystem, directory) and not storage.is_dir(self.filesystem, directory):
+                raise StoreError(f"{self.where(directory)}: a file where the store keeps a directory; move it aside")
+        try:
+            listing = self.filesystem.get_file_info(pafs.FileSelector(base, recursive=not experiment,
+                                                                      allow_not_found=True))
+        except OSError as exc:
+            raise StoreError(f"{self.where(base)}: cannot list the store directory ({exc})") from None
         found = []
         for info in listing:
             parts = posixpath.relpath(info.path, self.table_dir(table)).split("/")
@@ -306,7 +317,8 @@ class Store:
         seen: dict[tuple, str] = {}  # a row's key -> the file that holds it
         for path in self.files(table, experiment, trajectory_id):
             try:
-                columns = pq.read_schema(path, filesystem=self.filesystem).names
+                written = pq.read_schema(path, filesystem=self.filesystem)
+                columns = written.names
                 part = pq.read_table(path, schema=schema, filesystem=self.filesystem)
             except (OSError, pa.ArrowException) as exc:
                 raise StoreError(f"{self.where(path)}: unreadable Parquet file in table {table!r} ({exc}). It was "
@@ -316,6 +328,13 @@ class Store:
             if missing:  # reading with the schema would fill them with nulls
                 raise StoreError(f"{self.where(path)}: not a file of table {table!r} (columns {missing} missing). "
                                  "It was left in place; move it aside")
+            # Reading with the schema casts what it can (edit_index "3" as a string becomes 3): a file
+            # written by anything but this store would pass for valid rows.
+            wrong = [f"{field.name} is {written.field(field.name).type}, not {field.type}" for field in schema
+                     if field.name in written.names and not written.field(field.name).type.equals(field.type)]
+            if wrong:
+                raise StoreError(f"{self.where(path)}: not a file of table {table!r} (column {wrong[0]}). It was "
+                                 "left in place; move it aside")
             if trajectory_id is not None:
                 part = part.filter(ds.field("trajectory_id") == trajectory_id)
             if table == "trajectories":

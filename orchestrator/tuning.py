@@ -328,9 +328,7 @@ def run_tune(tune_spec: TuneSpec, store: Store | None = None, *, address: str | 
              out_dir: str | Path | None = None, data_root: str | Path | None = None,
              cache_dir: str | Path | None = None, verbose: int = 1) -> TuneRun:
     """Every search of the spec, one after another, on a local Ray cluster or the one at ``address``."""
-    import ray
-
-    from orchestrator.driver import connect
+    from orchestrator.cluster import connect, shutdown
 
     store = store or Store(tune_spec.experiment.store)
     data_root, cache_dir = str(settings.data_dir(data_root)), str(settings.cache_dir(cache_dir))
@@ -343,7 +341,7 @@ def run_tune(tune_spec: TuneSpec, store: Store | None = None, *, address: str | 
                             for model, variant in tune_spec.searches()])
         finally:
             if started:
-                ray.shutdown()
+                shutdown()
 
 
 def format_trials(result: SearchResult) -> str:

@@ -1,7 +1,8 @@
-"""Issue 12: every bad input of `eac run` — spec, edit data file, saved edit log, store — is one line on
-stderr naming the file, exit status 2, before Ray starts and with nothing written to the store.
-Seeded: each case draws its malformation (which field, which bytes, where a file is cut) from its
-own seed, so a failure names a case that replays exactly."""
+"""Issues 12 and 36: every bad input of `eac run` — spec, edit data file, saved edit log, store,
+cluster address — and of `eac eval` — config, model directory, data, edit log, options — is one line
+on stderr naming the file (or option), exit status 2, before Ray starts and with nothing written to
+the store. Seeded: each case draws its malformation (which field, which bytes, where a file is cut)
+from its own seed, so a failure names a case that replays exactly."""
 
 import json
 import random
@@ -20,7 +21,7 @@ from orchestrator.store import Store
 from read_only import read_only
 from workers.editing.delta import EditLog
 
-N_CASES = 80
+N_CASES = 120
 RECORD = {"prompt": "The capital of France is", "subject": "France", "target_new": "Rome",
           "ground_truth": "Paris", "rephrase_prompt": "France's capital is", "locality_prompt": "Spain's capital is",
           "locality_ground_truth": "Madrid"}
@@ -91,6 +92,12 @@ def not_utf8(rng):
     return text[:at] + bytes([rng.randint(0x80, 0xff)]) + b"\xfe" + text[at:]
 
 
+def duplicate_key(rng):
+    """A key given twice (YAML loaders silently keep the later value)."""
+    key = rng.choice(["n_edits", "batch_size", "experiment", "selection"])
+    return (yaml.safe_dump(SPEC) + f"{key}: {yaml.safe_dump(SPEC.get(key, 1)).splitlines()[0]}\n").encode()
+
+
 def cut_yaml(rng):
     return rng.choice([b"experiment: [unclosed\n", b"- a\n- b\n", b"42\n", b"key: value\n  bad indent: - x\n",
                        b"{experiment: fuzz, models: [tiny-gpt2"])
@@ -135,6 +142,20 @@ def data_not_records(rng):
     return rng.choice([b"[1, 2, 3]", b"{\"a\": 1}", b"[\"x\", \"y\", \"z\"]", b"[[1], [2], [3]]", b"\"text\""])
 
 
+def data_nested_deep(rng):
+    depth = rng.randint(5_000, 50_000)
+    return ("[" * depth + "]" * depth).encode() if rng.random() < 0.5 else (
+        '[{"case_id": 0, "prompt": ' + "[" * depth + "]" * depth + "}]").encode()
+
+
+def data_prompt_too_long(rng):
+    """A prompt longer than the model's context (tiny-gpt2: 256 tokens), or one of megabytes."""
+    rows = records()
+    words = rng.choice([rng.randint(300, 2000), rng.randint(200_000, 400_000)])
+    rows[rng.randrange(SPEC["n_edits"])]["prompt"] = "The capital of France is" + " very" * words  # an edited one
+    return json.dumps(rows).encode()
+
+
 def data_broken_bytes(rng):
     text = json.dumps(records()).encode()
     if rng.random() < 0.5:
@@ -162,19 +183,117 @@ def log_other_requests(rng, valid):
     return None  # built in the test: a well-formed log bound to other requests
 
 
+def reheadered(valid, tensors=None, metadata=None) -> bytes:
+    """The log with its tensors or metadata changed under its original header (digest included)."""
+    from safetensors.torch import load, save
+
+    from workers.editing.delta import safetensors_metadata
+
+    header = safetensors_metadata(valid, "log")
+    loaded = load(valid)
+    if tensors:
+        tensors(loaded)
+    if metadata:
+        values = json.loads(header["metadata"])
+        metadata(values)
+        header = {**header, "metadata": json.dumps(values)}
+    return save(loaded, metadata=header)
+
+
+def log_tensors_changed(rng, valid):
+    """Issue 36 item 1: tensors scaled, negated or nudged by one ulp-ish step, header intact."""
+    factor = rng.choice([50.0, -1.0, 1.0 + 1e-6, 0.0])
+    name = rng.choice(["0.0.left", "0.0.right"])
+    return reheadered(valid, tensors=lambda t: t.update({name: t[name] * factor}))
+
+
+def log_metadata_changed(rng, valid):
+    """Issue 36 item 1: steps_done, delta_steps or requests_done edited, digest kept."""
+    change = rng.choice([lambda m: m.update(steps_done=m["steps_done"] + rng.randint(1, 5)),
+                         lambda m: m.update(delta_steps=[rng.randint(1, 9)]),
+                         lambda m: m.update(requests_done=rng.randint(2, 99))])
+    return reheadered(valid, metadata=change)
+
+
+def log_data_cut(rng, valid):
+    """Issue 36 item 1: cut inside the tensor data, its header whole (only the header used to be read)."""
+    start = 8 + int.from_bytes(valid[:8], "little")
+    return valid[: rng.randrange(start, len(valid) - 1)]
+
+
 SPEC_CASES = [bad_value, bad_value, bad_value, bad_hparams, bad_hparams, bad_evaluation_value, huge_checkpoint_list,
-              unknown_field, alias_bomb, not_utf8, cut_yaml]
+              unknown_field, alias_bomb, not_utf8, cut_yaml, duplicate_key]
 DATA_CASES = [data_bad_record, data_duplicate_ids, data_rome_schema, data_zsre_answers, data_not_records,
-              data_broken_bytes]
-LOG_CASES = [log_garbage, log_truncated, log_header_lies, log_other_requests]
+              data_broken_bytes, data_nested_deep, data_prompt_too_long]
+LOG_CASES = [log_garbage, log_truncated, log_header_lies, log_other_requests, log_tensors_changed,
+             log_metadata_changed, log_data_cut]
 
 
 def store_read_only(rng):
     return None  # the store directory, made read-only in the test
 
 
-STORE_CASES = [store_read_only]
-ALL = SPEC_CASES + DATA_CASES + LOG_CASES + STORE_CASES
+# ---- the store's layout (issue 36 item 2): (rng, store, experiment, trajectory id) -> the path named ----
+
+def store_file_for_directory(rng, store, experiment, trajectory_id):
+    """A file where the store keeps a directory: a table's experiment directory, or locks/."""
+    path = store / rng.choice(["trajectories", "edits", "evaluations"]) / experiment
+    path.parent.mkdir(parents=True)
+    path.write_text("not a directory")
+    return path
+
+
+def store_directory_for_file(rng, store, experiment, trajectory_id):
+    """A directory where a file belongs: the resume log."""
+    path = store / "logs" / experiment / f"{trajectory_id}.safetensors"
+    path.mkdir(parents=True)
+    return path
+
+
+def store_wrong_types(rng, store, experiment, trajectory_id):
+    """Issue 36 item 4: an edits file whose columns have the wrong types (edit_index as strings)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from orchestrator.store import edit_row
+
+    first = Path(Store(store).put_edits(experiment, trajectory_id, [edit_row({"edit_index": 0, "case_id": 0})]))
+    table = pq.read_table(first)
+    column = rng.choice(["edit_index", "n_requests"])
+    table = table.set_column(table.schema.get_field_index(column), column,
+                             pa.array([str(v) for v in table.column(column).to_pylist()]))
+    pq.write_table(table, first)
+    return first
+
+
+def store_foreign_file(rng, store, experiment, trajectory_id):
+    """Issue 36 item 4: a foreign Parquet file, or a text file named .parquet, under a name no
+    trajectory owns (the plan read only its trajectories' files; the report read it at the end)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = store / rng.choice(["trajectories", "edits", "evaluations"]) / experiment / f"notes{rng.randint(0, 9)}.parquet"
+    path.parent.mkdir(parents=True)
+    if rng.random() < 0.5:
+        path.write_text("a text file, named like a table's")
+    else:
+        pq.write_table(pa.table({"x": [1, 2]}), path)
+    return path
+
+
+STORE_LAYOUT_CASES = [store_file_for_directory, store_directory_for_file, store_wrong_types, store_foreign_file]
+STORE_CASES = [store_read_only, *STORE_LAYOUT_CASES]
+
+
+# ---- cluster addresses (issue 36 items 2 and 3): (rng) -> the --address given ----
+
+def address_unusable(rng):
+    return rng.choice(["garbage", "ray://127.0.0.1:10001", "127.0.0.1:1", "localhost:99999", "host:port", ":6379",
+                       f"127.0.0.1:{rng.randint(2, 20)}", "nohost.invalid:6379"])
+
+
+ADDRESS_CASES = [address_unusable]
+ALL = SPEC_CASES + DATA_CASES + LOG_CASES + STORE_CASES + ADDRESS_CASES
 
 
 @pytest.fixture
@@ -186,13 +305,18 @@ def no_ray(monkeypatch):
 
 
 def valid_log(spec_path, store_root, data_root) -> tuple[str, bytes]:
-    """Where the plan's one trajectory keeps its log, and a well-formed log of one step for it."""
+    """Where the plan's one trajectory keeps its log, and a well-formed log of one step for it (a
+    rank-one update of layer 0 of tiny-gpt2)."""
+    import torch
+
+    from workers.editing.delta import LayerDelta, WeightDelta, log_binding
+
     driver = Driver(load_spec(spec_path), Store(store_root), progress=False, data_root=data_root)
     (trajectory,) = driver.plan()
-    from workers.actors import log_binding
-
     binding = log_binding(trajectory.task.requests, trajectory.spec.resolved_hparams)
-    log = EditLog(metadata={"steps_done": 1, "delta_steps": [], "binding": binding})
+    delta = WeightDelta([LayerDelta("transformer.h.0.mlp.c_proj", torch.full((64, 1), 0.01), torch.ones(256, 1))],
+                        [trajectory.task.requests[0].case_id], "rome")
+    log = EditLog([delta], metadata={"steps_done": 1, "delta_steps": [0], "requests_done": 1, "binding": binding})
     return trajectory.task.log_path, log
 
 
@@ -203,10 +327,17 @@ def test_bad_input_is_one_line_naming_the_file_exit_2_before_ray(seed, tmp_path,
     spec_path, data_path, store = tmp_path / "spec.yaml", tmp_path / "edits.json", tmp_path / "store"
     spec_path.write_text(yaml.safe_dump(SPEC))
     data_path.write_text(json.dumps(records()))
-    named, placed, guard = None, set(), nullcontext()
-    if malform in STORE_CASES:
+    named, placed, guard, extra = None, set(), nullcontext(), []
+    if malform is store_read_only:
         store.mkdir()
         named, guard = store, read_only(store)
+    elif malform in STORE_LAYOUT_CASES:
+        (trajectory,) = Driver(load_spec(spec_path), Store(store), progress=False, data_root=data_root).plan()
+        named = malform(rng, store, "fuzz", trajectory.trajectory_id)
+        placed = {p for p in store.rglob("*")}
+    elif malform in ADDRESS_CASES:
+        named = malform(rng)
+        extra = ["--address", named, "--connect-timeout", "2"]
     elif malform in SPEC_CASES:
         spec_path.write_bytes(malform(rng))
         named = spec_path
@@ -216,7 +347,7 @@ def test_bad_input_is_one_line_naming_the_file_exit_2_before_ray(seed, tmp_path,
     else:
         log_path, log = valid_log(spec_path, store, data_root)
         if malform is log_other_requests:
-            from workers.actors import log_binding
+            from workers.editing.delta import log_binding
 
             from workers.data import EditRequest
 
@@ -232,14 +363,17 @@ def test_bad_input_is_one_line_naming_the_file_exit_2_before_ray(seed, tmp_path,
         named = log_path
         placed = {p for p in store.rglob("*")}
     with guard:
-        assert_refused(["run", str(spec_path), "--store", str(store), "--no-report", "--no-progress"], named,
+        assert_refused(["run", str(spec_path), "--store", str(store), "--no-report", "--no-progress", *extra], named,
                        store, placed, capsys, malform.__name__)
 
 
 def assert_refused(argv, named, store, placed, capsys, case):
     """The command exits 2 with one line on stderr naming ``named``, and writes nothing to ``store``
     beyond the files ``placed`` there before it ran."""
-    code = cli.main(argv)
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:  # a usage error: argparse exits itself
+        code = exc.code
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert code == 2, (case, captured.err)
@@ -325,3 +459,121 @@ def test_eac_eval_refuses_a_garbage_or_truncated_edit_log_before_loading_the_mod
     log_path.write_bytes(valid[: len(valid) - 3] if cut else b"not a log at all")
     assert_refused(["eval", "--model", "tiny-gpt2", "--edit-log", str(log_path), "--dataset", str(data_path)],
                    log_path, tmp_path / "store", set(), capsys, "eval")
+
+
+# ---- `eac eval` (issue 36 items 2 and 4): (rng, directory, a model directory) -> (argv changes, named) ----
+
+def eval_config_broken(rng, directory, model_dir):
+    path = directory / "eval.yaml"
+    path.write_bytes(rng.choice([b"tasks: {wikitext: 1\n", b"seed: !!python/object/apply:os.system [true]\n",
+                                 b"seed: 1\nseed: 2\n", b"tasks:\n  wikitext: 1\n  wikitext: 2\n", b"[" * 5000]))
+    return ["--config", str(path)], path
+
+
+def eval_model_broken(rng, directory, model_dir):
+    """A model directory with truncated safetensors, a config.json that is not JSON, pickled weights
+    only, or NaN/inf weights."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = directory / "model"
+    shutil.copytree(model_dir, path)
+    weights = path / "model.safetensors"
+    kind = rng.choice(["cut", "config", "pickle", "nan"])
+    if kind == "cut":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: rng.randrange(1, len(data) - 1)])
+    elif kind == "config":
+        (path / "config.json").write_text(rng.choice(["{not json", "", "[" * 5000]))
+    elif kind == "pickle":
+        torch.save(load_file(weights), path / "pytorch_model.bin")
+        weights.unlink()
+    else:
+        tensors = load_file(weights)
+        name = rng.choice(sorted(n for n, t in tensors.items() if t.is_floating_point()))
+        tensors[name].view(-1)[rng.randrange(tensors[name].numel())] = rng.choice([float("nan"), float("inf")])
+        save_file(tensors, weights, metadata={"format": "pt"})
+    return ["--model", str(path)], path
+
+
+def eval_data_nested(rng, directory, model_dir):
+    path = directory / "nested.json"
+    path.write_bytes(data_nested_deep(rng))
+    return ["--dataset", str(path)], path
+
+
+def eval_log_is_a_directory(rng, directory, model_dir):
+    path = directory / "log.safetensors"
+    path.mkdir()
+    return ["--edit-log", str(path)], path
+
+
+def eval_log_nested_header(rng, directory, model_dir):
+    path = directory / "nested.safetensors"
+    header = b'{"__metadata__": {"format": "eac-edit-log/2"}, "x": ' + b"[" * 20000 + b"]" * 20000 + b"}"
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    return ["--edit-log", str(path)], path
+
+
+def eval_bad_option(rng, directory, model_dir):
+    option, value = rng.choice([("--threads", "-1"), ("--threads", "0"), ("-n", "-3"), ("-n", "0"), ("-n", "x")])
+    return [option, value], option
+
+
+def eval_json_a_directory(rng, directory, model_dir):
+    path = directory / "rows"
+    path.mkdir()
+    return ["--json", str(path)], path
+
+
+EVAL_CASES = [eval_config_broken, eval_model_broken, eval_data_nested, eval_log_is_a_directory, eval_log_nested_header,
+              eval_bad_option, eval_json_a_directory]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from workers.models import build_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model, tokenizer = build_tiny_model("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("seed", range(28))
+def test_bad_input_of_eac_eval_is_one_line_naming_it_exit_2(seed, tmp_path, tiny_model_dir, capsys):
+    rng = random.Random(seed)
+    malform = EVAL_CASES[seed % len(EVAL_CASES)]
+    data_path = tmp_path / "edits.json"
+    data_path.write_text(json.dumps(records()))
+    argv = {"--model": "tiny-gpt2", "--dataset": str(data_path), "--tasks": "wikitext=1", "-n": "1"}
+    changes, named = malform(rng, tmp_path, tiny_model_dir)
+    for option, value in zip(changes[::2], changes[1::2]):
+        argv[option] = value
+    argv = ["eval", *[part for pair in argv.items() for part in pair]]
+    assert_refused(argv, named, tmp_path / "store", set(), capsys, malform.__name__)
+
+
+def test_a_completed_experiment_in_a_read_only_store_is_refused_before_the_report(tmp_path, data_root, no_ray,
+                                                                                      capsys):
+    """Issue 36 item 2: `eac run` on completed work in a read-only store crashed writing the report."""
+    from orchestrator.driver import write_status
+    from orchestrator.status import Status
+    from orchestrator.store import edit_row
+
+    spec_path, store = tmp_path / "spec.yaml", tmp_path / "store"
+    (tmp_path / "edits.json").write_text(json.dumps(records()))
+    spec_path.write_text(yaml.safe_dump(SPEC))
+    (trajectory,) = Driver(load_spec(spec_path), Store(store), progress=False, data_root=data_root).plan()
+    done = Store(store)
+    done.put_edits("fuzz", trajectory.trajectory_id, [edit_row({"edit_index": i, "case_id": i}) for i in range(2)])
+    for checkpoint in trajectory.spec.checkpoints:
+        done.put_evaluations("fuzz", trajectory.trajectory_id, checkpoint,
+                             [{"task": "wikitext", "metric": "perplexity", "value": 1.0, "n_examples": 1}])
+    write_status(done, trajectory, Status.COMPLETED)
+    placed = {p for p in store.rglob("*")}
+    with read_only(store):
+        assert_refused(["run", str(spec_path), "--store", str(store), "--no-progress"], store, store, placed,
+                       capsys, "read-only completed")
+    assert cli.main(["run", str(spec_path), "--store", str(store), "--no-progress", "--no-report"]) == 0

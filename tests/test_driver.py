@@ -1,6 +1,7 @@
 """`eac run` through Ray: a scaled-down demo end to end, resume after a killed actor, determinism, and
 bad specs that fail before any actor starts. One local Ray instance (2 CPUs) serves the module."""
 
+import contextlib
 import json
 import re
 import shutil
@@ -19,7 +20,7 @@ from orchestrator.driver import Driver, on_this_cluster
 from orchestrator.dry_run import plan_table
 from orchestrator.spec import load_spec
 from orchestrator.store import Store
-from workers.actors import saved_log_steps
+from workers.editing.delta import saved_log_steps
 
 # The demo scaled down: a tiny model, four sequential edits, two methods, three checkpoints.
 SPEC = {
@@ -276,11 +277,11 @@ def test_rows_moved_aside_from_a_completed_trajectory_are_redone(uninterrupted, 
         assert_frame_equal(uninterrupted_tables[name], redone[name], check_exact=True)
 
 
-
 def test_the_actor_edits_with_the_planned_hparams_even_when_the_yaml_changes_after_planning(tmp_path, data_root):
     """Settings are resolved once, with the spec: the trajectory id hashes the typed hyper-parameters
     the task carries, and the actor edits with those, not with what its copy of the YAML says later."""
-    from workers.actors import TrajectoryRunner, hparams_digest
+    from workers.actors import TrajectoryRunner
+    from workers.editing.delta import hparams_digest
 
     hparams_file = tmp_path / "rome-tiny.yaml"
     planned = {"layer": 1, "num_steps": 2, "lr": 0.5, "context_template_lengths": [[5, 2]],
@@ -298,3 +299,36 @@ def test_the_actor_edits_with_the_planned_hparams_even_when_the_yaml_changes_aft
     (edit, checkpoint) = list(runner.run())
     assert list(edit.record["relative_l1"]) == ["transformer.h.1.mlp.c_proj"] and edit.record["steps"] <= 2
     assert checkpoint.requests_done == 1
+
+
+def store_bytes(root) -> dict[str, bytes]:
+    """Every stored file's bytes but the lock's (it names the process that last held it)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*"))
+            if p.is_file() and p.parts[len(Path(root).parts)] != "locks"}
+
+
+def test_a_run_that_finds_its_work_done_once_it_holds_the_lock_leaves_every_file_as_it_was(
+        uninterrupted, tmp_path):
+    """Issue 36 item 7: a second `eac run` planned while the first was finishing took the lock the
+    moment the first let it go and redid work from its stale plan (the stored files then differed).
+    Here the other run's last file lands between this run's plan and its lock."""
+    directory, _ = uninterrupted
+    root = tmp_path / "store"
+    shutil.copytree(directory / "store", root)
+    expected = store_bytes(root)
+    last = sorted((root / "evaluations" / "mini-demo").glob("*-at-000004.parquet"))[0]
+    aside = tmp_path / last.name
+    last.rename(aside)  # what this run's plan sees: one checkpoint still to score
+
+    class FinishedMeanwhile(Store):
+        @contextlib.contextmanager
+        def lock(self, experiment):
+            aside.rename(last)  # the other run stores its last file and lets the lock go
+            with Store.lock(self, experiment):
+                yield
+
+    driver = Driver(load_spec(write_spec(tmp_path)), FinishedMeanwhile(root), progress=False)
+    assert [t.finished for t in driver.plan()] != [True, True]
+    result = driver.run()
+    assert [t.status for t in result.trajectories] == ["completed", "completed"]
+    assert store_bytes(root) == expected

@@ -32,7 +32,8 @@ import yaml
 from pandas.testing import assert_frame_equal
 
 from orchestrator import cli
-from orchestrator.driver import Driver, init_loopback_ray
+from orchestrator.cluster import init_loopback_ray
+from orchestrator.driver import Driver
 from orchestrator.spec import load_spec
 from orchestrator.store import Store
 from workers.faults import FAULTS_ENV, POINTS

@@ -10,10 +10,10 @@ from orchestrator.driver import Driver
 from orchestrator.spec import spec_from_dict
 from orchestrator.store import Store
 from workers import actors
-from workers.actors import LogMismatch, Replica, TrajectoryRunner, TrajectoryTask
+from workers.actors import Replica, TrajectoryRunner, TrajectoryTask
 from workers.data import load_edit_dataset
 from workers.editing import load_hparams
-from workers.editing.delta import DeltaError, EditLog, LayerDelta, WeightDelta
+from workers.editing.delta import DeltaError, EditLog, LayerDelta, LogMismatch, WeightDelta, log_binding
 from workers.models import load_model, mlp_out_weight
 
 
@@ -69,7 +69,7 @@ def resume(task, start_step=1):
 def test_the_log_records_base_fingerprint_requests_and_hparams(saved_log):
     binding = EditLog.load(saved_log.log_path).metadata["binding"]
     assert binding["case_ids"] == [str(r.case_id) for r in saved_log.requests]
-    assert set(binding) == {"case_ids", "requests_digest", "hparams_digest", "base_fingerprint"}
+    assert set(binding) == {"case_ids", "requests_digest", "request_digests", "hparams_digest", "base_fingerprint"}
     assert len(resume(saved_log)) == 2  # the same inputs resume
 
 
@@ -104,7 +104,7 @@ def test_the_driver_refuses_a_mismatched_log_before_ray_starts(tmp_path, data_ro
     (trajectory,) = driver.plan()
     stranger = load_edit_dataset("counterfact", data_root)[5:7]
     log = EditLog(metadata={"steps_done": 1, "delta_steps": [],
-                            "binding": actors.log_binding(stranger, spec.trajectories()[0].resolved_hparams)})
+                            "binding": log_binding(stranger, spec.trajectories()[0].resolved_hparams)})
     log.save(trajectory.task.log_path)
     with pytest.raises(LogMismatch, match="case ids .*requests digest"):
         driver.plan()

@@ -4,6 +4,7 @@ if it is on at all, run code in the job). Runs in a fresh interpreter so that no
 A second driver joins that instance by its address, as `eac run --address 127.0.0.1:PORT` does."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -11,7 +12,7 @@ import textwrap
 JOIN = textwrap.dedent("""
     import sys
     import ray
-    from orchestrator.driver import connect
+    from orchestrator.cluster import connect
 
     assert connect(sys.argv[1])
     assert ray.cluster_resources()["CPU"] > 0
@@ -20,7 +21,7 @@ JOIN = textwrap.dedent("""
 PROBE = textwrap.dedent("""
     import json, os, subprocess, sys
     import psutil, ray
-    from orchestrator.driver import connect
+    from orchestrator.cluster import connect
     JOIN = sys.argv[2]
 
     assert connect()  # what `eac run` and `eac tune` do without --address
@@ -38,25 +39,36 @@ PROBE = textwrap.dedent("""
         processes = [me, *me.children(recursive=True)]
         listening = sorted({(c.laddr.ip, p.name()) for p in processes
                             for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN})
-        print(json.dumps({"listening": listening, "node_ip": ray.util.get_node_ip_address()}))
+        token = os.path.expanduser("~/.ray/auth_token")
+        session = ray._private.worker._global_node.get_session_dir_path()
+        modes = {name: os.stat(path).st_mode & 0o777 for name, path in
+                 (("token", token), ("token_dir", os.path.dirname(token)), ("session", session))}
+        print(json.dumps({"listening": listening, "node_ip": ray.util.get_node_ip_address(), "modes": modes}))
     finally:
         ray.shutdown()
 """)
 
 
 def test_local_ray_listens_on_loopback_only(tmp_path):
+    # Issue 36 item 6: a token Ray wrote world-readable before is made private, the session directory too.
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("0" * 64)
+    (home / ".ray" / "auth_token").chmod(0o644)
+    env = {key: value for key, value in os.environ.items() if key not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
     done = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / "store"), JOIN], capture_output=True,
-                          text=True, timeout=180)
+                          text=True, timeout=180, env={**env, "HOME": str(home)})
     assert done.returncode == 0, done.stderr[-2000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert found["listening"], "no listening server found: the probe sees no Ray process"
     assert found["node_ip"] == "127.0.0.1"
     exposed = [(ip, name) for ip, name in found["listening"] if ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
     assert not exposed, f"servers listening beyond loopback: {exposed}"
+    assert found["modes"] == {"token": 0o600, "token_dir": 0o700, "session": 0o700}, found["modes"]
 
 
 def test_only_host_port_addresses_on_loopback_join_as_a_loopback_node():
-    from orchestrator.driver import is_loopback_address
+    from orchestrator.cluster import is_loopback_address
 
     assert all(is_loopback_address(a) for a in ("127.0.0.1:6379", "localhost:6379", "[::1]:6379"))
     # A routable cluster keeps its own network settings; `auto` and Ray Client addresses are Ray's to resolve.

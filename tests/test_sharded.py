@@ -23,13 +23,15 @@ from orchestrator.spec import spec_from_dict
 from orchestrator.store import Store
 from workers.actors import CheckpointEvaluator, EvalGroup
 from workers.data import load_edit_dataset
-from workers.editing.delta import EditLog, LayerDelta, WeightDelta
+from workers.editing.delta import EditLog, LayerDelta, WeightDelta, log_binding
 from workers.models import load_model, weights_fingerprint
+from workers.evaluation import EvalConfig
 from workers.placement import EvaluationGroupPlan, plan_evaluation_group
 
-EVAL_FIELDS = {"tasks": {"nq": 3, "nli": 3, "wikitext": 1}, "perplexity_window": 64, "perplexity_stride": 64,
-               "edit_metrics": ["toolkit", "counterfact", "generative"], "generative_max_new_tokens": 6,
-               "drift_examples": 2, "batch_size": 4}
+EVAL_FIELDS = EvalConfig.from_dict(
+    {"tasks": {"nq": 3, "nli": 3, "wikitext": 1}, "perplexity_window": 64, "perplexity_stride": 64,
+     "edit_metrics": ["toolkit", "counterfact", "generative"], "generative_max_new_tokens": 6,
+     "drift_examples": 2, "batch_size": 4}, source="test_sharded")  # evaluators take the typed config
 ROUND_OFF = 1e-4  # relative; float32 sums in another order (see the module docstring): measured up to
 # 2.5e-5 on the drift KL (a difference of nearby log-probabilities), 3e-8 on perplexity
 # Rows read from greedily generated tokens: equal only if the tokens are.
@@ -43,22 +45,23 @@ def two_cpu_ray():
     ray.shutdown()
 
 
-def edit_log_for_tiny_llama(path):
+def edit_log_for_tiny_llama(path, requests):
     """One rank-one step on a row-parallel projection (its input dimension is split over the ranks):
     the sharded ranks must replay it on the whole matrix before they shard it."""
     model, _ = load_model("tiny-llama")
     generator = torch.Generator().manual_seed(0)
     left, right = torch.randn(64, 1, generator=generator), torch.randn(160, 1, generator=generator)
     delta = LayerDelta("model.layers.1.mlp.down_proj", left * 0.5, right)
-    log = EditLog([WeightDelta([delta], ["c0"], "rome")],
-                  {"delta_steps": [0], "steps_done": 1, "binding": {"base_fingerprint": weights_fingerprint(model)}})
+    log = EditLog([WeightDelta([delta], [requests[0].case_id], "rome")],
+                  {"delta_steps": [0], "steps_done": 1,
+                   "binding": log_binding(requests, {}, weights_fingerprint(model))})
     log.save(path)
     return str(path)
 
 
 def test_a_two_rank_gloo_group_scores_like_the_unsharded_evaluator(two_cpu_ray, data_root, tmp_path):
-    log_path = edit_log_for_tiny_llama(tmp_path / "log.safetensors")
     requests = load_edit_dataset("counterfact", data_root)[:2]
+    log_path = edit_log_for_tiny_llama(tmp_path / "log.safetensors", requests)
     unsharded = CheckpointEvaluator(str(tmp_path / "cache"), str(data_root))
     expected = unsharded.evaluate("tiny-llama", "float32", log_path, 1, requests, EVAL_FIELDS)
     base = unsharded.evaluate("tiny-llama", "float32", None, 0, requests, EVAL_FIELDS)

@@ -15,7 +15,7 @@ from orchestrator import driver as driver_module
 from orchestrator.driver import Driver
 from orchestrator.spec import load_spec
 from orchestrator.store import Store, StoreError
-from workers.actors import saved_log_steps
+from workers.editing.delta import saved_log_steps
 from workers.editing import EditLog, LayerDelta, WeightDelta
 
 BUCKET = "eac-test"

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import torch
 
 from workers.data import EditRequest
 from workers.editing import EditLog, Editor
-from workers.editing.delta import saved_log_metadata
+from workers.editing.delta import check_binding, check_requests, log_binding, log_prefix
 from workers.faults import fault_point
 from workers.models import load_model, weights_fingerprint
 from workers.placement import EvaluationGroupPlan
@@ -105,69 +104,6 @@ def load_replica(replica: Replica, role: str = "trajectory"):
         # Ray makes exactly the actor's GPUs visible to its process: all of them hold this replica.
         model = place_model(model, plan_for_actor(role, torch.accelerator.device_count()))
     return model, tokenizer
-
-
-def log_prefix(log: EditLog, steps: int) -> EditLog:
-    """The deltas of the log's first ``steps`` edit steps (skipped steps have no delta)."""
-    delta_steps = log.metadata.get("delta_steps")
-    if delta_steps is None or len(delta_steps) != len(log):
-        raise ValueError("the edit log carries no step index per delta (metadata 'delta_steps')")
-    if steps > log.metadata.get("steps_done", -1):
-        raise ValueError(f"the edit log holds {log.metadata.get('steps_done')} steps, not {steps}")
-    return log[: sum(1 for step in delta_steps if step < steps)]
-
-
-class LogMismatch(ValueError):
-    """An edit log made from other base weights, requests or hyper-parameters than it is used with."""
-
-
-def requests_digest(requests: Sequence[EditRequest]) -> str:
-    """A digest of the requests, every field, in order."""
-    canonical = json.dumps([dataclasses.asdict(r) for r in requests], sort_keys=True, default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def hparams_digest(hparams: dict) -> str:
-    """A digest of the resolved hyper-parameters (their fields as a dict)."""
-    return hashlib.sha256(json.dumps(hparams, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def log_binding(requests: Sequence[EditRequest], hparams: dict, base_fingerprint: str | None = None) -> dict:
-    """What an edit log is made from; saved in its metadata, compared whenever it is used. The base
-    fingerprint is left out where no model is loaded (the driver's check before any actor starts)."""
-    binding = {"case_ids": [str(r.case_id) for r in requests], "requests_digest": requests_digest(requests),
-               "hparams_digest": hparams_digest(hparams)}
-    if base_fingerprint is not None:
-        binding["base_fingerprint"] = base_fingerprint
-    return binding
-
-
-def check_binding(metadata: dict, expected: dict, location: str | Path) -> None:
-    """Refuse a log whose binding differs from ``expected`` (the fields ``expected`` holds), saying which."""
-    saved = metadata.get("binding")
-    if not isinstance(saved, dict):
-        raise LogMismatch(f"edit log {location}: it records no base model, requests or hyper-parameters; "
-                          "move it aside to redo its edits")
-    differences = []
-    for name, value in expected.items():
-        if name == "case_ids":
-            theirs = saved.get(name) or []
-            first = next((i for i, (a, b) in enumerate(zip(theirs, value)) if a != b), None)
-            if first is not None or len(theirs) != len(value):
-                at = first if first is not None else min(len(theirs), len(value))
-                differences.append(f"case ids (request {at}: log {theirs[at] if at < len(theirs) else None!r}, "
-                                   f"trajectory {value[at] if at < len(value) else None!r})")
-        elif saved.get(name) != value:
-            differences.append(f"{name.replace('_', ' ')} (log {saved.get(name)!r}, now {value!r})")
-    if differences:
-        raise LogMismatch(f"edit log {location} was made from other inputs: {'; '.join(differences)}; "
-                          "move it aside to redo its edits")
-
-
-def saved_log_steps(location: str | Path) -> int:
-    """How many edit steps the log saved at ``location`` (a path or store URI) holds; 0 when none."""
-    metadata = saved_log_metadata(location)
-    return int(metadata.get("steps_done", 0)) if metadata else 0
 
 
 class TrajectoryRunner:
@@ -258,6 +194,7 @@ class CheckpointEvaluator:
         if steps:
             saved = EditLog.load(log_path)
             check_binding(saved.metadata, {"base_fingerprint": fingerprint}, log_path)
+            check_requests(saved.metadata, requests, log_path)
             log = log_prefix(saved, steps)
         fault_point("scoring", trajectory_id=Path(log_path).stem if log_path else None, steps=steps)
         rows = evaluate_checkpoint(base, tokenizer, log, list(requests), config, reference=self.reference,

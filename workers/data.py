@@ -18,7 +18,7 @@ import json
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from workers import settings
 
@@ -168,12 +168,16 @@ def _read_json_records(path: Path) -> list[dict]:
                         records.append(json.loads(line))
                     except json.JSONDecodeError as exc:
                         raise DataError(path, f"line {line_no}", "<json>", str(exc)) from exc
+                    except RecursionError:
+                        raise DataError(path, f"line {line_no}", "<json>", "nested too deeply") from None
             return records
         records = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise DataError(path, f"line {exc.lineno}", "<json>", str(exc)) from exc
     except UnicodeDecodeError as exc:
         raise DataError(path, "<file>", "<encoding>", f"not UTF-8 text (byte {exc.start})") from exc
+    except RecursionError:  # json's parser recurses once per level of nesting
+        raise DataError(path, "<top level>", "<json>", "nested too deeply") from None
     if not isinstance(records, list):
         raise DataError(path, "<top level>", "<json>", "expected a list of records")
     return records
@@ -345,6 +349,24 @@ def load_edit_dataset(name: str, data_root: str | Path | None = None, **kwargs) 
         loader = load_zsre if first and isinstance(first[0], dict) and "src" in first[0] else load_counterfact
         return loader(path=path, **kwargs)
     raise ValueError(f"unknown edit data set {name!r}; known: {list(EDIT_DATASETS)} or a JSON file path")
+
+
+def check_lengths(requests: Sequence[EditRequest], tokenizer, context: int | None, source: str | Path) -> None:
+    """Refuse a request whose prompt (with a target or answer after it) is longer than the model's
+    context: found here, before any edit, not at the first checkpoint after all of them."""
+    if not context:
+        return
+    for request in requests:
+        texts = [("prompt", f"{request.prompt} {request.target_new}")]
+        texts += [("rephrase_prompts", f"{text} {request.target_new}") for text in request.rephrase_prompts]
+        texts += [("locality_prompts", f"{text} {answer}")
+                  for text, answer in zip(request.locality_prompts, request.locality_answers or ("",) * 10**6)]
+        for field_name, text in texts:
+            # No token spans 64 characters: a longer text is refused without tokenizing megabytes.
+            tokens = len(text) if len(text) > 64 * context else len(tokenizer(text)["input_ids"])
+            if tokens > context:
+                raise DataError(source, request.case_id, field_name,
+                                f"{tokens:,} tokens with its target, longer than the model's context of {context:,}")
 
 
 def edit_dataset_file(name: str) -> str:

@@ -150,12 +150,20 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | torch.device 
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from safetensors import SafetensorError
+
     if name_or_path in TINY_MODELS:
         model, tokenizer = build_tiny_model(name_or_path)
     else:
         path = resolve_checkpoint(name_or_path, cache=cache)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            # Safetensors only: pickled weights (pytorch_model.bin) can run code when unpickled.
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True)
+        except (OSError, ValueError, KeyError, TypeError, RecursionError, SafetensorError) as exc:  # the files' fault
+            problem = " ".join(str(exc).split())[:300]
+            raise ModelError(f"{path}: cannot load the model ({type(exc).__name__}: {problem})") from None
+        check_finite(model, path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.requires_grad_(False)
@@ -165,6 +173,36 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str | torch.device 
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     return model, tokenizer
+
+
+class ModelError(ValueError):
+    """A model directory that cannot be used: unreadable files, pickled weights, non-finite weights."""
+
+
+def check_finite(model, source) -> None:
+    """Refuse weights holding NaN or inf: every score of such a model is meaningless, and edits of it
+    fail only far downstream (a linear solve, a perplexity of nan)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ModelError(f"{source}: weight {name!r} holds non-finite values (NaN or inf)")
+
+
+def load_tokenizer(name_or_path: str, *, cache: str | Path | None = None):
+    """``(tokenizer, context length)`` of a model without its weights: what checks of the inputs need
+    before any actor loads the model."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if name_or_path in TINY_MODELS:
+        model, tokenizer = build_tiny_model(name_or_path)
+        return tokenizer, context_length(model)
+    path = resolve_checkpoint(name_or_path, cache=cache)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        problem = " ".join(str(exc).split())[:300]
+        raise ModelError(f"{path}: cannot load the model's tokenizer or config ({type(exc).__name__}: {problem})") from None
+    return tokenizer, getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 def resolve_checkpoint(name_or_path: str, *, cache: str | Path | None = None) -> str:

@@ -14,14 +14,20 @@ weights (one copy per edited matrix, not one per edit) and replays what should r
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
-from workers.models import arch_spec, edited_weight, num_layers
+from workers.models import arch_spec, edited_weight, num_layers, update_digest
+
+if TYPE_CHECKING:
+    from workers.data import EditRequest
 
 
 class DeltaError(ValueError):
@@ -143,11 +149,22 @@ class EditLog:
             seen.update(dict.fromkeys(delta.modules()))
         return list(seen)
 
+    def check_modules(self, model) -> None:
+        """Raise ``DeltaError`` when the log edits a module that is not an edited projection of ``model``."""
+        allowed = edited_projections(model)
+        stranger = next((m for m in self.modules() if m not in allowed), None)
+        if stranger is not None:
+            raise DeltaError(f"the edit log edits module {stranger!r}, which this model does not have as an MLP "
+                             f"output projection (e.g. {arch_spec(model).mlp_out_name(0)!r}): made on another "
+                             "architecture")
+
     def n_requests(self) -> int:
         return sum(len(d.case_ids) for d in self.deltas)
 
     def replay(self, model) -> None:
-        """Apply every delta in order, on top of whatever ``model`` holds now."""
+        """Apply every delta in order, on top of whatever ``model`` holds now; a log that names a
+        matrix the model lacks (another architecture's) is refused before anything changes."""
+        self.check_modules(model)
         for delta in self.deltas:
             delta.apply(model)
 
@@ -171,24 +188,36 @@ class EditLog:
                         tensors[f"{i}.{j}.{part}"] = getattr(layer, part).detach().to("cpu").clone(memory_format=torch.contiguous_format)
                 entries.append(layer.module)
             index.append({"modules": entries, "case_ids": delta.case_ids, "method": delta.method})
-        header = {"format": "eac-edit-log/1", "edits": json.dumps(index), "metadata": json.dumps(self.metadata)}
+        edits, metadata = json.dumps(index), json.dumps(self.metadata)
+        header = {"format": LOG_FORMAT, "edits": edits, "metadata": metadata,
+                  "digest": content_digest(tensors, edits, metadata)}
         storage.write_bytes(*storage.resolve(location), save(tensors, metadata=header))
         return str(location)
 
     @classmethod
     def load(cls, location: str | Path, device: str | torch.device = "cpu") -> "EditLog":
+        """The log saved at ``location``, its content verified against its digest: a log whose tensors,
+        step index or metadata changed since it was saved (bit rot, a hand edit, a cut copy) is refused
+        with one line naming the file. ``check_binding``/``check_requests`` then say whether it was made
+        from the model and requests it is used with."""
         from safetensors import SafetensorError
         from safetensors.torch import load
 
         from workers import storage
 
-        data = storage.read_bytes(*storage.resolve(location))
+        data = read_log_bytes(location)
         header = safetensors_metadata(data, location)
-        if header.get("format") != "eac-edit-log/1":
+        if header.get("format") not in (LOG_FORMAT, LEGACY_FORMAT):
             raise ValueError(f"{location}: not an eac edit log (format {header.get('format')!r})")
         # A truncated or hand-made file fails here with its name, not deep inside a replay.
         try:
             tensors = load(data)
+            if header["format"] == LOG_FORMAT:
+                verify_content(header, tensors, location)
+            else:
+                warnings.warn(LegacyLogWarning(
+                    f"edit log {location}: saved before logs carried a content digest ({LEGACY_FORMAT}); "
+                    "its tensors are used unverified"), stacklevel=2)
             deltas = []
             for i, entry in enumerate(json.loads(header["edits"])):
                 layers = []
@@ -197,11 +226,60 @@ class EditLog:
                     layers.append(LayerDelta(str(module), tensors[f"{i}.{j}.left"], **optional))
                 deltas.append(WeightDelta(layers, list(entry["case_ids"]), str(entry["method"])).to(device))
             metadata = json.loads(header.get("metadata", "{}"))
-        except (SafetensorError, ValueError, KeyError, TypeError, AttributeError) as exc:  # the file's fault
+        except (SafetensorError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            if isinstance(exc, LogMismatch):
+                raise
             raise ValueError(f"{location}: unreadable edit log ({type(exc).__name__}: {exc})") from exc
         if not isinstance(metadata, dict):
             raise ValueError(f"{location}: unreadable edit log (metadata is not a mapping)")
         return cls(deltas, metadata)
+
+
+LOG_FORMAT = "eac-edit-log/2"  # the header carries a digest of the log's content
+LEGACY_FORMAT = "eac-edit-log/1"  # before content digests: read with a warning (see ``LegacyLogWarning``)
+
+
+class LegacyLogWarning(UserWarning):
+    """A log saved before logs carried a content digest. It is still read: refusing it would gain no
+    safety (the digest is unkeyed, so whoever can rewrite a log can rewrite its digest too — it guards
+    against bit rot, cut copies and hand edits, not forgers) and would strand every interrupted run of
+    an older release; the binding (base model, requests, hyper-parameters) is still checked."""
+
+
+def content_digest(tensors: dict[str, torch.Tensor], edits: str, metadata: str) -> str:
+    """SHA-256 of a log's content: its step index and metadata (as saved, JSON) and every tensor
+    (name, dtype, shape, bytes), in name order."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([edits, metadata]).encode())
+    for name in sorted(tensors):
+        update_digest(digest, name, tensors[name])
+    return digest.hexdigest()
+
+
+def verify_content(header: dict, tensors: dict[str, torch.Tensor], location: str | Path) -> None:
+    """Refuse a log whose content is not what its digest says."""
+    saved = header.get("digest")
+    if not isinstance(saved, str):
+        raise LogMismatch(f"edit log {location}: its header has no content digest ({LOG_FORMAT} requires one)")
+    actual = content_digest(tensors, header.get("edits", ""), header.get("metadata", "{}"))
+    if actual != saved:
+        raise LogMismatch(f"edit log {location}: its content differs from its digest (tensors, steps or metadata "
+                          f"changed since it was saved: digest {saved[:16]}, content {actual[:16]}); move it "
+                          "aside to redo its edits")
+
+
+def read_log_bytes(location: str | Path, size: int | None = None) -> bytes:
+    """The file's bytes (its first ``size``); a directory or unreadable path is one line naming it."""
+    from workers import storage
+
+    try:
+        return storage.read_bytes(*storage.resolve(location), *(() if size is None else (size,)))
+    except IsADirectoryError:
+        raise ValueError(f"{location}: an edit log must be a file, not a directory") from None
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise ValueError(f"{location}: cannot read the edit log ({exc.strerror or exc})") from None
 
 
 def saved_log_metadata(location: str | Path) -> dict | None:
@@ -212,9 +290,15 @@ def saved_log_metadata(location: str | Path) -> dict | None:
     filesystem, path = storage.resolve(location)
     if not storage.exists(filesystem, path):
         return None
-    size = int.from_bytes(storage.read_bytes(filesystem, path, 8), "little")
-    header = safetensors_metadata(storage.read_bytes(filesystem, path, 8 + size), location)
-    return json.loads(header.get("metadata", "{}"))
+    size = int.from_bytes(read_log_bytes(location, 8), "little")
+    header = safetensors_metadata(read_log_bytes(location, 8 + size), location)
+    try:
+        metadata = json.loads(header.get("metadata", "{}"))
+    except (json.JSONDecodeError, RecursionError, TypeError) as exc:
+        raise ValueError(f"{location}: unreadable edit log metadata ({type(exc).__name__})") from None
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{location}: unreadable edit log (metadata is not a mapping)")
+    return metadata
 
 
 def safetensors_metadata(data: bytes, location: str | Path) -> dict:
@@ -227,8 +311,101 @@ def safetensors_metadata(data: bytes, location: str | Path) -> dict:
         raise ValueError(f"{location}: safetensors header of {size} bytes, but only {len(data) - 8} read")
     try:
         return json.loads(data[8:8 + size]).get("__metadata__") or {}
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-        raise ValueError(f"{location}: unreadable safetensors header ({exc})") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, RecursionError) as exc:
+        raise ValueError(f"{location}: unreadable safetensors header ({type(exc).__name__}: "
+                         f"{str(exc)[:200]})") from exc
+
+
+# ---- what a log is made from, and where it is used: the binding, checked by every reader ----
+
+def log_prefix(log: EditLog, steps: int) -> EditLog:
+    """The deltas of the log's first ``steps`` edit steps (skipped steps have no delta)."""
+    delta_steps = log.metadata.get("delta_steps")
+    if delta_steps is None or len(delta_steps) != len(log):
+        raise ValueError("the edit log carries no step index per delta (metadata 'delta_steps')")
+    if steps > log.metadata.get("steps_done", -1):
+        raise ValueError(f"the edit log holds {log.metadata.get('steps_done')} steps, not {steps}")
+    return log[: sum(1 for step in delta_steps if step < steps)]
+
+
+class LogMismatch(ValueError):
+    """An edit log made from other base weights, requests or hyper-parameters than it is used with."""
+
+
+def requests_digest(requests: Sequence[EditRequest]) -> str:
+    """A digest of the requests, every field, in order."""
+    canonical = json.dumps([dataclasses.asdict(r) for r in requests], sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def request_digest(request: EditRequest) -> str:
+    """A digest of one request, every field: what lets a reader holding some of a log's requests (an
+    evaluator's sample, ``eac eval``'s records looked up by case id) check each of them."""
+    return requests_digest([request])
+
+
+def hparams_digest(hparams: dict) -> str:
+    """A digest of the resolved hyper-parameters (their fields as a dict)."""
+    return hashlib.sha256(json.dumps(hparams, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def log_binding(requests: Sequence[EditRequest], hparams: dict, base_fingerprint: str | None = None) -> dict:
+    """What an edit log is made from; saved in its metadata, compared whenever it is used. The base
+    fingerprint is left out where no model is loaded (the driver's check before any actor starts)."""
+    binding = {"case_ids": [str(r.case_id) for r in requests], "requests_digest": requests_digest(requests),
+               "request_digests": [request_digest(r) for r in requests], "hparams_digest": hparams_digest(hparams)}
+    if base_fingerprint is not None:
+        binding["base_fingerprint"] = base_fingerprint
+    return binding
+
+
+def check_binding(metadata: dict, expected: dict, location: str | Path) -> None:
+    """Refuse a log whose binding differs from ``expected`` (the fields ``expected`` holds), saying which."""
+    saved = metadata.get("binding")
+    if not isinstance(saved, dict):
+        raise LogMismatch(f"edit log {location}: it records no base model, requests or hyper-parameters; "
+                          "move it aside to redo its edits")
+    differences = []
+    for name, value in expected.items():
+        if name == "request_digests" and name not in saved:
+            continue  # a binding of an older release: its requests_digest covers the same requests
+        if isinstance(value, list):
+            theirs = saved.get(name) if isinstance(saved.get(name), list) else []
+            first = next((i for i, (a, b) in enumerate(zip(theirs, value)) if a != b), None)
+            if first is not None or len(theirs) != len(value):
+                at = first if first is not None else min(len(theirs), len(value))
+                differences.append(f"{name.replace('_', ' ')} (request {at}: log "
+                                   f"{theirs[at] if at < len(theirs) else None!r}, "
+                                   f"trajectory {value[at] if at < len(value) else None!r})")
+        elif saved.get(name) != value:
+            differences.append(f"{name.replace('_', ' ')} (log {saved.get(name)!r}, now {value!r})")
+    if differences:
+        raise LogMismatch(f"edit log {location} was made from other inputs: {'; '.join(differences)}; "
+                          "move it aside to redo its edits")
+
+
+def check_requests(metadata: dict, requests: Sequence[EditRequest], location: str | Path) -> None:
+    """Refuse a log used with requests it was not made from: each of ``requests`` (any subset of the
+    log's, in any order) must be one of the log's case ids, with every field as when it was edited."""
+    saved = metadata.get("binding")
+    if not isinstance(saved, dict) or not isinstance(saved.get("case_ids"), list):
+        raise LogMismatch(f"edit log {location}: it records no requests; move it aside to redo its edits")
+    position = {str(case): i for i, case in enumerate(saved["case_ids"])}
+    digests = saved.get("request_digests")
+    for request in requests:
+        at = position.get(str(request.case_id))
+        if at is None:
+            raise LogMismatch(f"edit log {location} was made from other requests: case id {request.case_id!r} "
+                              "is not one of its requests")
+        if isinstance(digests, list) and (at >= len(digests) or digests[at] != request_digest(request)):
+            raise LogMismatch(f"edit log {location} was made from other requests: case id {request.case_id!r} "
+                              f"(request {at}) differs from the one it edited (prompt, subject or targets)")
+
+
+def saved_log_steps(location: str | Path) -> int:
+    """How many edit steps the log saved at ``location`` (a path or store URI) holds; 0 when none."""
+    metadata = saved_log_metadata(location)
+    return int(metadata.get("steps_done", 0)) if metadata else 0
 
 
 class applied:
@@ -239,6 +416,7 @@ class applied:
         self.model, self.log = model, log
 
     def __enter__(self):
+        self.log.check_modules(self.model)
         self.snapshot = WeightSnapshot(self.model, self.log.modules())
         try:
             self.log.replay(self.model)

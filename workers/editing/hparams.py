@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from workers.fields import Checked, FieldError, bounded
+from workers.yaml_files import read_yaml_file
 
 # Every class here is ``Checked``: its fields' types (the annotations) and ranges (``bounded``) are
 # checked whenever an instance is built — from a YAML file, from overrides, by ``dataclasses.replace``.
@@ -239,10 +238,7 @@ def base_changes(values, cls, source: Path) -> dict:
 
 
 def read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {exc}") from exc
+    data = read_yaml_file(path) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of hyper-parameters")
     return data

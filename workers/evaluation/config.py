@@ -238,10 +238,10 @@ class EvalConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "EvalConfig":
-        import yaml
+        from workers.yaml_files import read_yaml_file
 
         path = Path(path)
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        values = read_yaml_file(path) or {}
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a mapping of EvalConfig fields")
         return cls.from_dict(values, source=str(path))
