@@ -16,6 +16,7 @@ import torch
 
 from workers.editing.errors import EditFailure
 from workers.editing.targets import OptimisationResult, TargetProblem, optimise_delta
+from workers.editing.target_hooks import TargetHooks
 from workers.editing.templates import ContextTemplates
 from workers.models import weights_fingerprint
 
@@ -58,6 +59,8 @@ class EditContext:
         # AlphaEdit: P Σ K Kᵀ per (layer, null-space threshold), kept in step with key_cache so an edit
         # adds (P K) Kᵀ (d² b) instead of multiplying P by the whole running sum again (d³ per layer).
         self.projected_key_cache: dict[tuple[int, float], torch.Tensor] = {}
+        # A constraint's stopping rule and target rewrite (target_hooks.py); none by default.
+        self.target_hooks = TargetHooks()
         self._templates = ContextTemplates(self.cache_dir / "context_templates" if self.cache_dir else None)
         # Hashed once, before any edit: the templates' disk key names the base model, never the
         # weights of the moment (hashing at every edit cost a full state-dict pass per edit).
@@ -136,7 +139,7 @@ class EditContext:
     def optimise(self, problem: TargetProblem, hparams) -> tuple[OptimisationResult, dict]:
         """The plain target optimisation, or EAC's two phases around it when the method asks for it."""
         if hparams.eac is None:
-            return optimise_delta(problem), {}
+            return optimise_delta(problem, stop=self.target_hooks.new_stop()), {}
         from workers.editing.eac import optimise_with_anchors
 
         return optimise_with_anchors(problem, hparams.eac)

@@ -56,12 +56,19 @@ class Editor:
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
         base, constraint = BASES[base_name], CONSTRAINTS.get(constraint_name)
         rewrites = constraint is not None and constraint.rewrite is not None
-        if rewrites and getattr(hparams, constraint_name, None) is None:
+        sectioned = constraint is not None and any(hook is not None for hook in (constraint.rewrite, constraint.targets,
+                                                                                  constraint.step))
+        if sectioned and getattr(hparams, constraint_name, None) is None:
             raise ValueError(f"method {method} needs hyper-parameters with a '{constraint_name}' section "
                              f"(load_hparams({method!r}, model))")
         self.model, self.tokenizer, self.method, self.hparams = model, tokenizer, method, hparams
         self.on_error = on_error
         self._base_method = base
+        # The edit step: the base's, or the constraint's wrapping of it (ENCORE's update).
+        self._step = constraint.step(base.apply) if constraint is not None and constraint.step is not None \
+            else base.apply
+        self._on_resume = constraint.on_resume if constraint is not None and constraint.on_resume is not None \
+            else base.on_resume
         self.layers = base.layers(hparams)
         spec = arch_spec(model)
         self.modules = [spec.mlp_out_name(layer) for layer in self.layers]
@@ -71,6 +78,8 @@ class Editor:
             self.ctx.prepare_second_moments(self.layers, hparams)
         if base.context_templates:
             self.ctx.context_templates(hparams)
+        if constraint is not None and constraint.targets is not None:  # built on the unedited model (NAS's anchor)
+            self.ctx.target_hooks = constraint.targets(getattr(hparams, constraint_name), hparams, self.ctx)
         self.base = WeightSnapshot(model, self.modules)
         self._restrain = constraint.rewrite(getattr(hparams, constraint_name), self.base) if rewrites else None
         self._base_l1 = {m: float(self.base.original(m).double().abs().sum()) for m in self.modules}
@@ -96,8 +105,7 @@ class Editor:
         state = self.ctx.edit_state()
         start = time.perf_counter()
         try:
-            delta, info = self._base_method.apply(self.model, self.tokenizer, requests, self.hparams, self.ctx,
-                                                  self.method)
+            delta, info = self._step(self.model, self.tokenizer, requests, self.hparams, self.ctx, self.method)
             if self._restrain is not None:
                 restrain_start = time.perf_counter()
                 delta = self._restrain(self.model, delta, snapshot)
@@ -149,8 +157,8 @@ class Editor:
         """Replay ``log`` onto the base weights and continue editing after it."""
         self.revert()
         log.replay(self.model)
-        if self._base_method.on_resume is not None:
+        if self._on_resume is not None:
             for delta in log:
-                self._base_method.on_resume(self.ctx, delta)
+                self._on_resume(self.ctx, delta)
         self.log = EditLog(log.deltas, {**self.log.metadata, **log.metadata})
         self.records = [EditRecord(edit_index=i, case_ids=list(d.case_ids), method=d.method) for i, d in enumerate(log)]

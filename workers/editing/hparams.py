@@ -125,6 +125,46 @@ class RectHParams(Checked):
 
 
 @dataclass(frozen=True)
+class NASHParams(Checked):
+    """Norm-Anchor Scaling (Liu et al., arXiv 2602.02543): every solved value vector v* is rescaled to a
+    reference norm taken from the unedited model. See workers/editing/nas.py.
+
+    The reference is the mean ‖v*‖ of ``reference_edits`` CounterFact rewrites solved, with the method's
+    own target settings, on the unedited model (authors' code: 1000 rewrites, bare prompts, MEMIT's
+    settings at the same layer; the top 5% of norms dropped before the mean)."""
+
+    reference_dataset: str = "counterfact-val"             # where the reference rewrites come from
+    reference_edits: int = bounded(1000, minimum=1)         # authors' ``nas_restart``
+    reference_seed: int = bounded(0, minimum=0)             # which rewrites (seeded sample)
+    trim_upper: float = bounded(0.05, minimum=0, below=1)   # share of the largest norms dropped (authors: 5%)
+    # templates: the reference vectors are solved on the method's own rewriting prompts (the context
+    # templates, as the vectors they anchor); bare: on the bare prompt only (the authors' statistics).
+    reference_prompts: Literal["templates", "bare"] = "templates"
+    # None: every v* is rescaled (the paper's NAS). A number x: a v* longer than x times the reference
+    # is dropped instead (δ = 0, v* = v0), as the authors' code does with x = 2.
+    skip_above: float | None = bounded(None, above=0)
+    reference_batch: int = bounded(16, minimum=1)           # rewrites solved together (speed only)
+
+
+@dataclass(frozen=True)
+class ENCOREHParams(Checked):
+    """ENCORE (Gupta et al., arXiv 2502.01636): Most-Probable Early Stopping of the target optimisation
+    and a Frobenius-norm term in MEMIT's update. See workers/editing/encore.py."""
+
+    # MPES: stop once the target is the most probable continuation on the rewriting prompts for the
+    # ``mpes_hits``-th evaluated step (authors' ``prob_cutoff`` = −hits: GPT-2 XL 4, Llama3-8B 2).
+    mpes_hits: int = bounded(1, minimum=1)
+    # all: every rewriting prompt; context: the context-template prompts only, not the bare prompt
+    # (the authors' code, ``log_probs[1:]``).
+    mpes_prompts: Literal["all", "context"] = "all"
+    # The authors' code stops when exactly 5 target tokens (their number of context prompts) are top-1,
+    # which for a multi-token target can fire before every prompt has it; True reproduces that count.
+    mpes_count_tokens: bool = False
+    norm_weight: float = bounded(10.0, minimum=0)   # μ of μ‖ΔW‖²_F (``update_norm_lambda``: GPT-2 XL 10, Llama3-8B 20)
+    preserve_earlier_edits: bool = True              # K_p K_pᵀ of earlier edits in the preservation term (``add_prev_edits``)
+
+
+@dataclass(frozen=True)
 class LocateEditHParams(TargetConfig):
     """Shared by ROME, MEMIT and AlphaEdit: the target optimiser (TargetConfig's fields) and the statistics."""
 
@@ -139,6 +179,7 @@ class LocateEditHParams(TargetConfig):
     eac: EACHParams | None = section(EACHParams)
     prune: PruneHParams | None = section(PruneHParams)
     rect: RectHParams | None = section(RectHParams)
+    nas: NASHParams | None = section(NASHParams)
 
     def target_config(self) -> TargetConfig:
         """The shared optimiser's view: TargetConfig's fields, read off these hyper-parameters."""
@@ -159,6 +200,7 @@ class MemitHParams(LocateEditHParams):
     layers: tuple[int, ...] = bounded((13, 14, 15, 16, 17), minimum=0)
     mom2_update_weight: float = bounded(20_000.0, minimum=0)  # λ in ΔW = R Kᵀ (λC + K Kᵀ)⁻¹
     context_template_lengths: tuple[tuple[int, int], ...] = bounded(((10, 5),), minimum=0)
+    encore: ENCOREHParams | None = section(ENCOREHParams)
 
 
 @dataclass(frozen=True)

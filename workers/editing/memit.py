@@ -60,12 +60,14 @@ def optimise_targets(model, tokenizer, requests: list[EditRequest], hparams, ctx
     layer, config = list(hparams.layers)[-1], hparams.target_config()
     if hparams.eac is None:
         problem = TargetBatch(model, tokenizer, requests, layer, templates, init_from="residual", config=config)
-        results = optimise_deltas(problem)
+        results = optimise_deltas(problem, stop=ctx.target_hooks.new_stop())
+        ctx.target_hooks.finish(problem, results)  # a constraint's rewrite of z (none by default)
         return [v + r.delta for v, r in zip(problem.v_inits, results)], results, [{} for _ in results]
     results, extras, targets = [], [], []
     for request in requests:
         problem = TargetProblem(model, tokenizer, request, layer, templates, init_from="residual", config=config)
         result, extra = ctx.optimise(problem, hparams)
+        ctx.target_hooks.finish(problem, [result])
         targets.append(problem.v_init + result.delta)
         results.append(result)
         extras.append(extra)

@@ -19,14 +19,17 @@ from typing import Any, Callable
 from workers.editing.alphaedit import apply_alphaedit, remember_keys
 from workers.editing.context import EditContext, StepInfo
 from workers.editing.delta import WeightDelta, WeightSnapshot
+from workers.editing.encore import encore_hooks, encore_step
 from workers.editing.ft import apply_ft
 from workers.editing.hparams import (HPARAMS_DIR, MODEL_KEYS, AlphaEditHParams, FTHParams, MemitHParams,
                                      RomeHParams, base_changes, from_dict, model_key, read_yaml, sections,
                                      with_overrides)
 from workers.editing.memit import apply_memit
+from workers.editing.nas import norm_anchor_hooks
 from workers.editing.prune import PruneRestraint
 from workers.editing.rect import RectSparsifier
 from workers.editing.rome import apply_rome
+from workers.editing.target_hooks import TargetHooks
 
 # (model, tokenizer, requests, hparams, ctx, method name) -> the step's delta, already applied, and its report
 EditStep = Callable[..., tuple[WeightDelta, StepInfo]]
@@ -59,6 +62,14 @@ class Constraint:
     # EditContext.optimise), not on the weights.
     rewrite: Callable[[Any, WeightSnapshot], WeightRewrite] | None = None
     sets_base_fields: bool = False  # its YAML's ``base:`` mapping may set base-method fields
+    # Built per editor from (its settings, the method's hyper-parameters, the edit context on the
+    # unedited model): a stopping rule and/or a rewrite of the solved targets (target_hooks.py). NAS
+    # rescales v*; ENCORE's MPES stops the optimisation.
+    targets: Callable[[Any, Any, EditContext], TargetHooks] | None = None
+    # Wraps the base's edit step (base step -> step): ENCORE's norm-constrained layer update.
+    step: Callable[[EditStep], EditStep] | None = None
+    # Replaces the base's on_resume where the wrapped step keeps running state (ENCORE's key cache).
+    on_resume: Callable[[EditContext, WeightDelta], None] | None = None
 
 
 def one_layer(hparams) -> list[int]:
@@ -93,6 +104,8 @@ CONSTRAINTS: dict[str, Constraint] = {
     "eac": Constraint(tuple(BASES), sets_base_fields=True),
     "prune": Constraint(LOCATE_THEN_EDIT, rewrite=PruneRestraint),
     "rect": Constraint(LOCATE_THEN_EDIT, rewrite=RectSparsifier),
+    "nas": Constraint(LOCATE_THEN_EDIT, targets=norm_anchor_hooks),
+    "encore": Constraint(("memit",), targets=encore_hooks, step=encore_step, on_resume=remember_keys),
 }
 METHODS = tuple(BASES) + tuple(f"{base}-{name}" for name, constraint in CONSTRAINTS.items()
                                for base in constraint.bases)

@@ -54,6 +54,7 @@ def apply_rome(model, tokenizer, requests: list[EditRequest], hparams: RomeHPara
         problem = TargetProblem(model, tokenizer, request, hparams.layer, templates, init_from="mlp",
                                 config=hparams.target_config())
         result, extra = ctx.optimise(problem, hparams)
+        ctx.target_hooks.finish(problem, [result])  # a constraint's rewrite of v* (none by default)
         v_star = problem.v_init + result.delta
         info.targets.append(v_star)
         info.seconds["targets"] = info.seconds.get("targets", 0.0) + time.perf_counter() - start

@@ -53,6 +53,14 @@ class LossParts:
     nll: torch.Tensor
     kl: torch.Tensor
     weight_decay: torch.Tensor
+    # Per request (in the order of the parts): one bool per rewriting prompt, True where every target
+    # token is the most probable next token there (what a most-probable stopping rule reads).
+    most_probable: list[torch.Tensor] | None = None
+
+
+# (request index in the batch, its ``most_probable`` bools, its plain loss) -> stop now. Made fresh for
+# each optimisation (a rule may count), called once per request per evaluated step.
+StopRule = Callable[[int, torch.Tensor, float], bool]
 
 
 class TargetBatch:
@@ -109,6 +117,9 @@ class TargetBatch:
         # ROME/MEMIT take v_init from the first rewriting prompt (the bare "{}" template).
         first_t = as_tensor(first_rows)
         self.v_inits = source[first_t, lookup[first_t] - offset[first_t]].detach().float().clone()
+        # The MLP output of ``layer`` at the same position (= v_inits for init_from="mlp"): the value
+        # vector v0 inside the residual target, so that v* = mlp_inits + δ in either case.
+        self.mlp_inits = setup.mlp_out[first_t, lookup[first_t] - offset[first_t]].detach().float().clone()
         # Constant within the request, so computed once: ‖v_init‖² (weight decay) and P_0 at the KL token.
         self.v_init_sq_norms = self.v_inits.norm(dim=-1) ** 2
         lm_head = model.get_output_embeddings()
@@ -135,11 +146,13 @@ class TargetBatch:
         target_logits = lm_head(hidden[row_of[self.target_rows[kept]], self.target_cols[kept]]).float()
         target_tok = self.target_tok[kept]
         token_nll = -F.log_softmax(target_logits, dim=-1).gather(1, target_tok.unsqueeze(1)).squeeze(1)
+        token_top = (target_logits.argmax(dim=-1) == target_tok).detach()
         # Mean over each prompt's target tokens, then over the request's prompts (all the same count).
         # The kept requests' tokens are contiguous and in request order, as in the full batch.
-        nll, start = [], 0
+        nll, most_probable, start = [], [], 0
         for prompts, tokens in (self.counts[r] for r in requests):
             nll.append(token_nll[start:start + prompts * tokens].view(prompts, tokens).mean(dim=1).mean())
+            most_probable.append(token_top[start:start + prompts * tokens].view(prompts, tokens).all(dim=1))
             start += prompts * tokens
         nll = torch.stack(nll)
         index = torch.as_tensor(requests, device=self.device)
@@ -148,7 +161,7 @@ class TargetBatch:
         kl = self.config.kl_factor * F.kl_div(self.kl_reference[index], kl_logprobs, log_target=True,
                                               reduction="none").sum(dim=-1)
         weight_decay = self.config.weight_decay * (deltas[index].norm(dim=-1) / self.v_init_sq_norms[index])
-        return LossParts(nll + kl + weight_decay, nll, kl, weight_decay)
+        return LossParts(nll + kl + weight_decay, nll, kl, weight_decay, most_probable)
 
 
 class TargetProblem(TargetBatch):
@@ -161,7 +174,7 @@ class TargetProblem(TargetBatch):
 
     def loss(self, delta: torch.Tensor) -> LossParts:
         parts = self.losses(delta.unsqueeze(0))
-        return LossParts(parts.total[0], parts.nll[0], parts.kl[0], parts.weight_decay[0])
+        return LossParts(parts.total[0], parts.nll[0], parts.kl[0], parts.weight_decay[0], parts.most_probable)
 
 
 @dataclass
@@ -177,7 +190,8 @@ class OptimisationResult:
 def optimise_delta(problem: TargetProblem, *, num_steps: int | None = None, lr: float | None = None,
                    init: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                    penalty: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                   record_gradients: bool = False, update_last: bool = False) -> OptimisationResult:
+                   record_gradients: bool = False, update_last: bool = False,
+                   stop: StopRule | None = None) -> OptimisationResult:
     """Minimise ``problem.loss(δ) + penalty(δ)`` over δ with Adam, as ROME's compute_v does.
 
     ``mask`` (0/1 per dimension) restricts optimisation to those dimensions: δ = mask ⊙ θ, so the
@@ -186,23 +200,26 @@ def optimise_delta(problem: TargetProblem, *, num_steps: int | None = None, lr: 
     compute_v makes no update after its last evaluation (num_steps − 1 updates); ``update_last``
     makes one there too (num_steps updates, as the EAC authors' loops do), so the returned δ is one
     step past the last reported loss. An early stop (the plain loss ``problem.loss(δ).total`` below
-    ``early_stop_loss``, whatever the penalty) never updates.
+    ``early_stop_loss``, whatever the penalty, or ``stop`` saying so) never updates.
     """
     return optimise_deltas(problem, num_steps=num_steps, lr=lr, init=None if init is None else init.unsqueeze(0),
                            mask=mask, penalty=penalty, record_gradients=record_gradients,
-                           update_last=update_last)[0]
+                           update_last=update_last, stop=stop)[0]
 
 
 def optimise_deltas(problem: TargetBatch, *, num_steps: int | None = None, lr: float | None = None,
                     init: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                     penalty: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                    record_gradients: bool = False, update_last: bool = False) -> list[OptimisationResult]:
+                    record_gradients: bool = False, update_last: bool = False,
+                    stop: StopRule | None = None) -> list[OptimisationResult]:
     """``optimise_delta`` for every request of ``problem`` at once, one result per request.
 
     θ is (n, hidden), ``init`` (n, hidden), ``mask`` (hidden,) or (n, hidden), ``penalty`` a function
     of one request's δ. Each request keeps its own step count and stops at its own step: once it
     stops, its δ is frozen (put back after each later Adam step) and its rows are no longer run, so
     its result is the one it would have had alone and the later steps cost what the others cost.
+    ``stop`` is an extra early-stopping rule (a constraint's, e.g. a most-probable criterion), read
+    after the loss threshold at every evaluated step of every request still optimising.
     """
     config = problem.config
     num_steps = config.num_steps if num_steps is None else num_steps
@@ -237,6 +254,8 @@ def optimise_deltas(problem: TargetBatch, *, num_steps: int | None = None, lr: f
             # The stopping rule reads the plain target loss, not the penalty (EAC's elastic net), so a
             # constrained run stops exactly when its base would.
             if plain[i] < config.early_stop_loss or (step == num_steps - 1 and not update_last):
+                stopping.append(r)
+            elif stop is not None and stop(r, parts.most_probable[i], plain[i]):
                 stopping.append(r)
         backward = [i for i, r in enumerate(active) if record_gradients or r not in stopping]
         if backward:
