@@ -47,7 +47,7 @@ EDIT_PREFIX = "edit/"
 PAPER_FIGURES = {"zsre": ("Fig. 5", "Fig. 6"), "counterfact": ("Fig. 9", "Fig. 10")}
 # A method's constraint (workers.editing.methods.CONSTRAINTS) -> its line style; the base method
 # itself is dashed.
-CONSTRAINT_LINESTYLES = {"eac": "-", "prune": "-.", "rect": ":"}
+CONSTRAINT_LINESTYLES = {"eac": "-", "prune": "-.", "rect": ":", "nas": (0, (5, 1)), "encore": (0, (3, 1, 1, 1, 1, 1))}
 BASE_LINESTYLE = "--"
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
 

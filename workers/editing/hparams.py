@@ -129,17 +129,18 @@ class NASHParams(Checked):
     """Norm-Anchor Scaling (Liu et al., arXiv 2602.02543): every solved value vector v* is rescaled to a
     reference norm taken from the unedited model. See workers/editing/nas.py.
 
-    The reference is the mean ‖v*‖ of ``reference_edits`` CounterFact rewrites solved, with the method's
-    own target settings, on the unedited model (authors' code: 1000 rewrites, bare prompts, MEMIT's
-    settings at the same layer; the top 5% of norms dropped before the mean)."""
+    The reference is the mean ‖v*‖ of ``reference_edits`` CounterFact rewrites solved on the bare prompt,
+    with the method's own target settings, on the unedited model (authors' code: 1000 rewrites, bare
+    prompts, MEMIT's settings at the same layer; the top 5% of norms dropped before the mean)."""
 
     reference_dataset: str = "counterfact-val"             # where the reference rewrites come from
     reference_edits: int = bounded(1000, minimum=1)         # authors' ``nas_restart``
     reference_seed: int = bounded(0, minimum=0)             # which rewrites (seeded sample)
     trim_upper: float = bounded(0.05, minimum=0, below=1)   # share of the largest norms dropped (authors: 5%)
-    # templates: the reference vectors are solved on the method's own rewriting prompts (the context
-    # templates, as the vectors they anchor); bare: on the bare prompt only (the authors' statistics).
-    reference_prompts: Literal["templates", "bare"] = "templates"
+    # bare: the reference vectors are solved on the bare edit prompt only (the authors' statistics; a
+    # tenth of the cost of ROME's 21 rewriting prompts); templates: on the method's own rewriting
+    # prompts (the context templates), as the vectors they anchor are.
+    reference_prompts: Literal["bare", "templates"] = "bare"
     # None: every v* is rescaled (the paper's NAS). A number x: a v* longer than x times the reference
     # is dropped instead (δ = 0, v* = v0), as the authors' code does with x = 2.
     skip_above: float | None = bounded(None, above=0)

@@ -20,13 +20,14 @@ rescaled (the authors' ``compute_z``: ``target = res_pre_mlp + v_star``). In bot
 
 The reference r (computed once per editor, on the unedited model, before any edit; cached on disk by
 the base model's fingerprint and the settings): ``reference_edits`` rewrites sampled (seeded) from
-``reference_dataset``, each solved by the method's own target optimiser at the method's own layer, and
-the mean of their ‖v0 + δ‖ after dropping the largest ``trim_upper`` share.
+``reference_dataset``, each solved on its bare prompt by the method's own target optimiser at the
+method's own layer, and the mean of their ‖v0 + δ‖ after dropping the largest ``trim_upper`` share.
 
 Where this departs from the authors' code (each reachable by configuration, hparams.NASHParams):
-- their reference solves the rewrites on the bare prompt with MEMIT's settings even for other editors;
-  here, by default, with the method's own settings and rewriting prompts (``reference_prompts:
-  templates``), so that the anchor is the norm of the very vectors it rescales; ``bare`` gives theirs.
+- their reference solves the rewrites with MEMIT's settings whatever the editor; here with the
+  method's own settings (ROME's clamp, weight decay and layer for ROME-NAS), so that the anchor is the
+  norm of the kind of vector it rescales. ``reference_prompts: templates`` also solves them on the
+  method's rewriting prompts (context templates) rather than the bare prompt (their choice, default).
 - their code drops a v* longer than twice the reference instead of rescaling it (δ = 0: the edit
   writes nothing); the paper describes rescaling every vector. ``skip_above: 2`` gives theirs.
 - their reference pool is all of CounterFact, edited facts included; here a seeded sample of
