@@ -4,8 +4,6 @@ criterion says on a scripted loss curve; ENCORE's update solves its own normal e
 and sequential edits on the tiny models whose saved log replays bit for bit and whose resume rebuilds
 ENCORE's key cache."""
 
-import math
-
 import pytest
 import torch
 
@@ -19,7 +17,7 @@ from workers.editing.nas import NormAnchor, rescaled_delta, trimmed_mean
 from workers.editing.rome import apply_rome
 from workers.editing.target_hooks import TargetHooks
 from workers.editing.targets import LossParts, TargetBatch, optimise_deltas
-from workers.models import arch_spec, load_model
+from workers.models import load_model
 from replay_check import assert_revert_and_replay_are_bit_exact
 
 NEW_METHODS = ["rome-nas", "memit-nas", "alphaedit-nas", "memit-encore"]
@@ -206,7 +204,6 @@ def test_sequential_edits_replay_exactly_and_resume(method, name, tmp_path, data
 
 def test_a_failed_encore_step_restores_the_key_cache(tmp_path, monkeypatch):
     """All-or-nothing: a step that fails after the keys were remembered leaves no trace."""
-    from workers.editing import editor as editor_module
     from workers.editing.errors import EditFailure
 
     model, tokenizer = load_model("tiny-llama")
@@ -226,4 +223,4 @@ def test_a_failed_encore_step_restores_the_key_cache(tmp_path, monkeypatch):
     assert record.skipped and "injected" in record.error
     assert all(torch.equal(editor.ctx.key_cache[layer], cache[layer]) for layer in cache)
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
-    assert editor_module is not None and math.isfinite(editor.records[0].loss)
+    assert len(editor.log) == 1  # nothing of the failed step was logged

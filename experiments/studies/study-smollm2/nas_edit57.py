@@ -2,20 +2,19 @@
 study-smollm2 (seed 0), first 58 edits, ROME's default settings (the reference code's prompt key) with
 Norm-Anchor Scaling (issue 34). Per edit: ‖W‖₁ relative to the base, ‖ΔW‖₁, and the solved ‖v*‖ before
 and after the rescaling. The data directory is EAC_DATA_DIR's; the NAS reference norm is cached under
-EAC_NAS_CACHE (default ~/.cache/eac). Output: stdout (nas_edit57.log beside this file)."""
+EAC_NAS_CACHE (default ~/.cache/eac). Output: stdout; the run is experiments/results/study-smollm2/nas_edit57.log."""
 import dataclasses
 import os
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-import torch  # noqa: E402
-from orchestrator.driver import select_requests  # noqa: E402
-from workers import settings  # noqa: E402
-from workers.data import load_edit_dataset  # noqa: E402
-from workers.editing import Editor, load_hparams  # noqa: E402
-from workers.models import load_model  # noqa: E402
+import torch
+from orchestrator.driver import select_requests
+from workers import settings
+from workers.data import load_edit_dataset
+from workers.editing import Editor, load_hparams
+from workers.models import load_model
 
 torch.set_num_threads(1)
 count = int(sys.argv[1]) if len(sys.argv) > 1 else 58

@@ -7,22 +7,21 @@ efficacy (P(new) > P(true) on the prompt, teacher-forced), and the edit's ‖ΔW
 context templates [[10, 5]] as the comparison spec does. NAS references come from the cache directory
 (EAC_CACHE_DIR or ~/.cache/eac), shared with `eac run`.
 
-    python experiments/results/nas-encore/single_edit.py [N]     (output: stdout)
+    .venv/bin/python experiments/studies/nas-encore/single_edit.py [N] [METHODS]   (its run: experiments/results/nas-encore/single_edit.log)
 """
 import os
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from workers import settings  # noqa: E402
-from workers.data import load_edit_dataset  # noqa: E402
-from workers.editing import Editor, load_hparams  # noqa: E402
-from workers.generation import begins_with, greedy_continuations  # noqa: E402
-from workers.models import load_model  # noqa: E402
-from workers.sampling import seeded_sample  # noqa: E402
+import torch
+import torch.nn.functional as F
+from workers import settings
+from workers.data import load_edit_dataset
+from workers.editing import Editor, load_hparams
+from workers.generation import begins_with, greedy_continuations
+from workers.models import load_model
+from workers.sampling import seeded_sample
 
 torch.set_num_threads(1)
 count = int(sys.argv[1]) if len(sys.argv) > 1 else 8
