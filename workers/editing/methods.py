@@ -17,16 +17,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 from workers.editing.alphaedit import apply_alphaedit, remember_keys
-from workers.editing.context import EditContext, StepInfo
+from workers.editing.context import EditContext
 from workers.editing.delta import WeightDelta, WeightSnapshot
+from workers.editing.eac import AnchoredOptimiser
 from workers.editing.ft import apply_ft
 from workers.editing.hparams import (HPARAMS_DIR, MODEL_KEYS, AlphaEditHParams, FTHParams, MemitHParams,
                                      RomeHParams, base_changes, from_dict, model_key, read_yaml, sections,
                                      with_overrides)
 from workers.editing.memit import apply_memit
 from workers.editing.prune import PruneRestraint
+from workers.editing.record import StepInfo
 from workers.editing.rect import RectSparsifier
 from workers.editing.rome import apply_rome
+from workers.editing.targets import TargetOptimiser
 
 # (model, tokenizer, requests, hparams, ctx, method name) -> the step's delta, already applied, and its report
 EditStep = Callable[..., tuple[WeightDelta, StepInfo]]
@@ -51,12 +54,15 @@ class Method:
 @dataclass(frozen=True)
 class Constraint:
     """What ``<base>-<name>`` adds to a base method; its settings are the base hyper-parameters'
-    ``<name>`` section."""
+    ``<name>`` section. It wraps the base through hooks, each built by the Editor from those
+    settings; the base method never knows which constraint, if any, is around it."""
 
     bases: tuple[str, ...]  # the base methods it combines with
-    # Built per editor from (its settings, the base weights); rewrites each step's update after the
-    # base method wrote it. None: the constraint acts inside the target optimisation (EAC:
-    # EditContext.optimise), not on the weights.
+    # (its settings) -> the target optimiser the base runs instead of the plain one (the Editor puts it
+    # in the edit context, ``ctx.optimiser``): EAC's two phases around the shared loop. None: the plain one.
+    optimise: Callable[[Any], TargetOptimiser] | None = None
+    # (its settings, the base weights) -> a rewrite of each step's update after the base method wrote
+    # it (PRUNE, RECT). None: the weights are the base method's.
     rewrite: Callable[[Any, WeightSnapshot], WeightRewrite] | None = None
     sets_base_fields: bool = False  # its YAML's ``base:`` mapping may set base-method fields
 
@@ -90,7 +96,7 @@ BASES: dict[str, Method] = {
 }
 LOCATE_THEN_EDIT = ("rome", "memit", "alphaedit")
 CONSTRAINTS: dict[str, Constraint] = {
-    "eac": Constraint(tuple(BASES), sets_base_fields=True),
+    "eac": Constraint(tuple(BASES), optimise=AnchoredOptimiser, sets_base_fields=True),
     "prune": Constraint(LOCATE_THEN_EDIT, rewrite=PruneRestraint),
     "rect": Constraint(LOCATE_THEN_EDIT, rewrite=RectSparsifier),
 }
