@@ -21,8 +21,8 @@ from workers.editing.context import EditContext
 from workers.editing.delta import WeightDelta, WeightSnapshot
 from workers.editing.eac import AnchoredOptimiser
 from workers.editing.ft import apply_ft
-from workers.editing.hparams import (HPARAMS_DIR, MODEL_KEYS, AlphaEditHParams, FTHParams, MemitHParams,
-                                     RomeHParams, base_changes, from_dict, model_key, read_yaml, sections,
+from workers.editing.hparams import (HPARAMS_DIR, HPARAMS_KEYS, AlphaEditHParams, FTHParams, MemitHParams,
+                                     RomeHParams, base_changes, from_dict, hparams_key, read_yaml, sections,
                                      with_overrides)
 from workers.editing.memit import apply_memit
 from workers.editing.prune import PruneRestraint
@@ -134,7 +134,7 @@ def load_hparams(method: str, model=None, *, overrides: dict | None = None, path
         source = Path(path)
         values = read_yaml(source)
     else:
-        key = model if isinstance(model, str) and model in set(MODEL_KEYS.values()) else model_key(model)
+        key = model if isinstance(model, str) and model in set(HPARAMS_KEYS.values()) else hparams_key(model)
         source = HPARAMS_DIR / base / f"{key}.yaml"
         if not source.exists():
             raise ValueError(f"no {base} hyper-parameters for {key!r} ({source} is missing)")
