@@ -4,10 +4,11 @@
     ΔW_l = R K_lᵀ P (K_l K_lᵀ P + K_p K_pᵀ P + α I)⁻¹       α = l2, K_p = keys of all earlier edits
 Written as the released code solves it: A = (P (K Kᵀ + K_p K_pᵀ) + α I)⁻¹ P K and ΔW = R Aᵀ (the
 transpose of the same expression, since P is symmetric). For any preserved key k₀ with P k₀ = 0,
-ΔW k₀ = 0. After each batch the running sum K_p K_pᵀ += K Kᵀ, per layer, is kept in the edit context
-and rebuilt from a saved log's keys on resume. So is P K_p K_pᵀ: by distributivity
-P (K Kᵀ + K_p K_pᵀ) = (P K) Kᵀ + P K_p K_pᵀ, so each edit costs a d×b product and a d×d solve, not a
-d×d×d product of P with the whole running sum (the released code's form; equal up to float64 round-off).
+ΔW k₀ = 0. After each batch the running sum K_p K_pᵀ += K Kᵀ, per layer, is kept in ``AlphaEditState``
+(this module's running state in the edit context) and rebuilt from a saved log's keys on resume. So
+is P K_p K_pᵀ: by distributivity P (K Kᵀ + K_p K_pᵀ) = (P K) Kᵀ + P K_p K_pᵀ, so each edit costs a d×b
+product and a d×d solve, not a d×d×d product of P with the whole running sum (the released code's
+form; equal up to float64 round-off).
 """
 
 from __future__ import annotations
