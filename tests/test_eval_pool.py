@@ -42,7 +42,7 @@ def actors(monkeypatch):
     return made
 
 
-def plan(cpus: float, **changes):
+def plan(**changes):
     spec = spec_from_dict({**SPEC, **changes}, check_data=False)
     driver = Driver(spec, store=None, progress=Progress("none"))
     pool = EvalPool(spec, spec.resources, "cache", "data")
@@ -57,7 +57,7 @@ def in_flight(pool) -> list[tuple[int, int]]:
 
 
 def test_an_evaluator_scores_one_checkpoint_at_a_time_the_rest_wait_in_the_pool(actors):
-    _, pool, trajectories = plan(2)
+    _, pool, trajectories = plan()
     for checkpoint in (0, 2, 4):
         pool.submit(trajectories[0], checkpoint)
     assert in_flight(pool) == [(0, 0)] and [c for _, c, _ in pool.waiting] == [2, 4]
@@ -67,7 +67,7 @@ def test_an_evaluator_scores_one_checkpoint_at_a_time_the_rest_wait_in_the_pool(
 
 def test_the_pool_grows_into_cpus_the_trajectories_free_and_new_evaluators_take_waiting_work(actors, monkeypatch):
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
-    driver, pool, trajectories = plan(2)
+    driver, pool, trajectories = plan()
     for trajectory in trajectories[:2]:
         for checkpoint in (0, 2, 4):
             pool.submit(trajectory, checkpoint)
@@ -92,7 +92,7 @@ def test_the_pool_grows_into_cpus_the_trajectories_free_and_new_evaluators_take_
 
 def test_a_spec_with_fewer_trajectories_than_cpus_starts_with_the_spare_ones_for_evaluation(actors, monkeypatch):
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
-    driver, pool, trajectories = plan(8, methods=["rome"], resources={"trajectory": {"num_cpus": 1},
+    driver, pool, trajectories = plan(methods=["rome"], resources={"trajectory": {"num_cpus": 1},
                                                                        "evaluation": {"num_cpus": 1, "actors": 1}})
     for checkpoint in (0, 2, 4):
         pool.submit(trajectories[0], checkpoint)
@@ -101,7 +101,7 @@ def test_a_spec_with_fewer_trajectories_than_cpus_starts_with_the_spare_ones_for
     assert in_flight(pool) == [(0, 0), (1, 2), (2, 4)]
 
 
-def test_no_growth_when_the_driver_is_told_not_to(actors, monkeypatch, tmp_path):
+def test_no_growth_when_the_driver_is_told_not_to(actors, monkeypatch):
     """A Tune trial's actors live in its placement group: the driver there does not grow its pool."""
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
     spec = spec_from_dict(SPEC, check_data=False)
@@ -110,7 +110,7 @@ def test_no_growth_when_the_driver_is_told_not_to(actors, monkeypatch, tmp_path)
 
 
 def test_an_evaluation_on_a_dead_evaluator_goes_to_its_replacement_first(actors, monkeypatch):
-    _, pool, trajectories = plan(2)
+    _, pool, trajectories = plan()
     for checkpoint in (0, 2):
         pool.submit(trajectories[0], checkpoint)
 
