@@ -9,14 +9,18 @@ length. ``edit_sample: s`` caps the requests scored per checkpoint at ``s``.
 
 Measured here (one process, ``--threads``): the seconds of (a) for ``--sizes`` requests (interleaved
 over ``--repeats`` rounds; medians; the slope r per request from a least-squares line through them),
-and of (b) for the study's task sample (``experiments/configs/study-smollm2.yaml``), once. From these,
+and of (b) for the study's task sample (``experiments/configs/study-smollm2.yaml``), once — at
+``1/--fixed-scale`` of each task's count, multiplied back (each task's cost is linear in its examples;
+on a loaded machine the whole sample takes too long). From these,
 the scoring seconds of one trajectory with checkpoints every 50 edits to 300 and to 1,000 edits, for
 each ``--samples`` value ("all" = no sample). The unedited model's locality predictions are computed
 before the timing, as the evaluators' disk cache holds them in a running study.
 
 Padding: every batch the scoring builds (teacher-forced scoring through ``workers.batching``; greedy
 generation's left-padded prompts) is counted: padded positions / all positions, with the batches
-sorted by length as the evaluation does, and in the requests' own order (the same examples unsorted).
+sorted by length as the evaluation does, and in the requests' own order (the same examples unsorted),
+for the editing metrics of the largest ``--sizes`` and the demo's task sample (``--padding-tasks``;
+WikiText windows all have the same length and never pad).
 
     python benchmarks/edit_sample.py --json benchmarks/results/edit_sample-smollm2.json
 """
@@ -102,14 +106,20 @@ def unsorted_batches(sequences, batch_size, pad_id, device=None, *, progress=Fal
 
 
 def padding_shares(model, tokenizer, requests, reference, suite, config) -> dict:
-    """Padding share of one checkpoint's scoring: sorted (as the evaluation runs) and unsorted."""
+    """Padding share of one checkpoint's scoring, and its rows: ``bucketed`` (as the evaluation runs:
+    sorted, each batch's padding capped), ``sorted`` (fixed-size batches of the sorted rows, the cap
+    off) and ``unsorted`` (fixed-size batches in the examples' own order)."""
     from workers.evaluation import scoring
 
     shares = {}
-    for label in ("sorted", "unsorted"):
+    for label in ("bucketed", "sorted", "unsorted"):
         monkey: list = []
         count = PaddingCount()
         count.install(monkey)
+        if label != "bucketed":
+            for module in (scoring, generation):
+                monkey.append((module, "SCORING_MAX_PADDING", module.SCORING_MAX_PADDING))
+                module.SCORING_MAX_PADDING = None
         if label == "unsorted":
             monkey.append((scoring, "right_padded_batches", scoring.right_padded_batches))
             scoring.right_padded_batches = unsorted_batches
@@ -117,11 +127,17 @@ def padding_shares(model, tokenizer, requests, reference, suite, config) -> dict
             monkey.append((generation, "greedy_token_ids", greedy))
             generation.greedy_token_ids = lambda *a, **k: greedy(*a, **{**k, "sort_by_length": False})
         try:
-            edit_metric_rows(model, tokenizer, requests, locality_reference=reference)
-            general_task_rows(model, tokenizer, suite, config)
+            start = time.perf_counter()
+            rows = edit_metric_rows(model, tokenizer, requests, locality_reference=reference)
+            rows += general_task_rows(model, tokenizer, suite, config)
+            seconds = time.perf_counter() - start
         finally:
             restore(monkey)
-        shares[label] = {"padding_share": count.share, "real_positions": count.real, "positions": count.total}
+        shares[label] = {"padding_share": count.share, "real_positions": count.real, "positions": count.total,
+                         "seconds": seconds, "rows": [(r.task, r.metric, r.value) for r in rows]}
+    reference_rows = shares["sorted"]["rows"]
+    for values in shares.values():
+        values["rows_equal_sorted"] = values["rows"] == reference_rows
     return shares
 
 
@@ -143,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="16,32,64")
     parser.add_argument("--samples", default="all,50,100")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--fixed-scale", type=int, default=4, help="general tasks timed at 1/this of their counts")
+    parser.add_argument("--padding-tasks", default="nli:16,sst2:16,nq:8,samsum:5", help="the demo's sample")
+    parser.add_argument("--padding-only", action="store_true", help="measure the padding only")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -151,16 +170,31 @@ def main(argv: list[str] | None = None) -> int:
 
     model, tokenizer = load_model(args.model)
     study = yaml.safe_load(STUDY.read_text())
-    config = EvalConfig.from_dict({**study["evaluation"], "progress": False})
+    scale = args.fixed_scale
+    scaled = {**study["evaluation"], "progress": False,
+              "tasks": {task: max(1, count // scale) for task, count in study["evaluation"]["tasks"].items()},
+              "drift_examples": max(1, study["evaluation"].get("drift_examples", 50) // scale)}
+    config = EvalConfig.from_dict(scaled)
     suite = TaskSuite.load(tokenizer, config, context_length=context_length(model))
+    padding_tasks = {name: int(count) for name, count in (item.split(":") for item in args.padding_tasks.split(","))}
+    padding_config = EvalConfig.from_dict({"tasks": padding_tasks, "progress": False})
+    padding_suite = TaskSuite.load(tokenizer, padding_config, context_length=context_length(model))
     requests = load_counterfact("edit")[: max(sizes)]
     reference = unedited_locality_argmax(model, tokenizer, requests, ReferenceCache(), "edit-sample")
     load_before = os.getloadavg()[0]
     print(f"{args.model}, {args.threads} thread(s), load average before {load_before:.1f}", flush=True)
 
-    padding = padding_shares(model, tokenizer, requests[:sizes[-1]], reference[:sizes[-1]], suite, config)
+    padding = padding_shares(model, tokenizer, requests[:sizes[-1]], reference[:sizes[-1]], padding_suite,
+                             padding_config)
     for label, values in padding.items():
-        print(f"padding {label}: {values['padding_share']:.3f} of {values['positions']} positions", flush=True)
+        print(f"padding {label}: {values['padding_share']:.3f} of {values['positions']} positions, "
+              f"{values['seconds']:.1f} s, rows equal to sorted: {values['rows_equal_sorted']}", flush=True)
+    if args.padding_only:
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump({"model": args.model, "threads": args.threads, "padding_tasks": padding_tasks,
+                           "requests": sizes[-1], "padding": padding}, handle, indent=1)
+        return 0
 
     timings: dict[int, list[float]] = {n: [] for n in sizes}
     for _ in range(args.repeats):
@@ -180,8 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     general_task_rows(model, tokenizer, suite, config)
     for prompts in drift_prompts(suite, config).values():
         next_token_logprobs(model, tokenizer, prompts)
-    fixed = time.perf_counter() - start
-    print(f"general tasks + drift (the study's sample): {fixed:.1f} s per checkpoint", flush=True)
+    fixed = (time.perf_counter() - start) * scale
+    print(f"general tasks + drift (the study's sample, timed at 1/{scale} and scaled): {fixed:.1f} s per checkpoint",
+          flush=True)
 
     every = int(study["checkpoints"]["every"])
     projections = []
@@ -201,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as handle:
             json.dump({"model": args.model, "threads": args.threads, "load_average": [load_before, load_after],
                        "padding": padding, "editing_metric_seconds": timings, "per_request_seconds": slope,
-                       "intercept_seconds": intercept, "fixed_seconds": fixed, "projections": projections},
+                       "intercept_seconds": intercept, "fixed_seconds": fixed, "fixed_scale": scale,
+                       "padding_tasks": padding_tasks, "projections": projections},
                       handle, indent=1)
     return 0
 

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import torch
 
+from workers.batching import SCORING_MAX_PADDING, length_batches
 from workers.models import model_device
 
 
@@ -32,20 +33,21 @@ def greedy_token_ids(model, tokenizer, prompts: list[str], max_new_tokens: int =
     padding ``generate`` puts after a finished row is dropped), in the order of ``prompts``.
 
     ``add_special_tokens=False`` for prompts that already carry them (a rendered chat template).
-    ``sort_by_length`` batches prompts of similar length together (less padding, same outputs).
+    ``sort_by_length`` batches prompts of similar length together, at most
+    ``batching.SCORING_MAX_PADDING`` of each batch padding (less padding, same outputs).
     """
     from tqdm.auto import tqdm
 
     outputs: list[list[int] | None] = [None] * len(prompts)
     device = model_device(model)
-    order = list(range(len(prompts)))
     if sort_by_length:
         lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]]
-        order.sort(key=lambda i: -lengths[i])
+        batches = length_batches(lengths, batch_size, SCORING_MAX_PADDING)
+    else:
+        batches = [list(range(start, min(start + batch_size, len(prompts))))
+                   for start in range(0, len(prompts), batch_size)]
     eos = tokenizer.eos_token_id
-    for start in tqdm(range(0, len(prompts), batch_size), desc="generating", leave=False,
-                      disable=None if progress else True):
-        indices = order[start:start + batch_size]
+    for indices in tqdm(batches, desc="generating", leave=False, disable=None if progress else True):
         chunk = [prompts[i] for i in indices]
         with padding_side(tokenizer, "left"):
             enc = tokenizer(chunk, return_tensors="pt", padding=True,
