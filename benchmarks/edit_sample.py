@@ -98,7 +98,8 @@ def restore(monkey: list) -> None:
     monkey.clear()
 
 
-def unsorted_batches(sequences, batch_size, pad_id, device=None, *, progress=False, desc="batches"):
+def unsorted_batches(sequences, batch_size, pad_id, device=None, *, max_padding=None, progress=False,
+                     desc="batches"):
     """``right_padded_batches`` without the sort: the sequences in their own order."""
     for start in range(0, len(sequences), batch_size):
         indices = list(range(start, min(start + batch_size, len(sequences))))
@@ -171,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model(args.model)
     study = yaml.safe_load(STUDY.read_text())
     scale = args.fixed_scale
+    study["evaluation"].pop("edit_sample", None)  # the spec's, not an EvalConfig field
     scaled = {**study["evaluation"], "progress": False,
               "tasks": {task: max(1, count // scale) for task, count in study["evaluation"]["tasks"].items()},
               "drift_examples": max(1, study["evaluation"].get("drift_examples", 50) // scale)}
