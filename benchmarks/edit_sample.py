@@ -44,7 +44,7 @@ from workers import batching, generation  # noqa: E402
 from workers.data import load_counterfact  # noqa: E402
 from workers.evaluation.config import EvalConfig  # noqa: E402
 from workers.evaluation.edit_metrics import edit_metric_rows, unedited_locality_argmax  # noqa: E402
-from workers.evaluation.prompts import TaskSuite  # noqa: E402
+from workers.evaluation.suite import TaskSuite  # noqa: E402
 from workers.evaluation.reference import ReferenceCache  # noqa: E402
 from workers.evaluation.scoring import next_token_logprobs  # noqa: E402
 from workers.evaluation.tasks import drift_prompts, general_task_rows  # noqa: E402

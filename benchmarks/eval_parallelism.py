@@ -34,7 +34,7 @@ def _load(model_name: str, requests: int, windows: int, threads: int) -> None:
     from workers.data import load_counterfact
     from workers.evaluation.config import EvalConfig
     from workers.evaluation.edit_metrics import unedited_locality_argmax
-    from workers.evaluation.prompts import TaskSuite
+    from workers.evaluation.suite import TaskSuite
     from workers.evaluation.reference import ReferenceCache
     from workers.models import context_length, load_model
 

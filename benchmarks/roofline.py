@@ -56,7 +56,7 @@ from workers.editing.context import EditContext  # noqa: E402
 from workers.editing.targets import TargetProblem  # noqa: E402
 from workers.evaluation.config import EvalConfig  # noqa: E402
 from workers.evaluation.edit_metrics import edit_metric_rows, unedited_locality_argmax  # noqa: E402
-from workers.evaluation.prompts import TaskSuite  # noqa: E402
+from workers.evaluation.suite import TaskSuite  # noqa: E402
 from workers.evaluation.reference import ReferenceCache  # noqa: E402
 from workers.evaluation.tasks import window_nlls  # noqa: E402
 from workers.generation import greedy_continuations  # noqa: E402
