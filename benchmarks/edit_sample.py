@@ -118,9 +118,8 @@ def padding_shares(model, tokenizer, requests, reference, suite, config) -> dict
         count = PaddingCount()
         count.install(monkey)
         if label != "bucketed":
-            for module in (scoring, generation):
-                monkey.append((module, "SCORING_MAX_PADDING", module.SCORING_MAX_PADDING))
-                module.SCORING_MAX_PADDING = None
+            monkey.append((scoring, "SCORING_MAX_PADDING", scoring.SCORING_MAX_PADDING))
+            scoring.SCORING_MAX_PADDING = None
         if label == "unsorted":
             monkey.append((scoring, "right_padded_batches", scoring.right_padded_batches))
             scoring.right_padded_batches = unsorted_batches

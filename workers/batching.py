@@ -3,9 +3,10 @@
 Real tokens keep positions 0..n-1 and causal attention never lets them see the padding, so a padded
 row computes exactly what the unpadded sequence would. Batches are formed longest first: rows of
 similar length share a batch (little padding) and the peak memory shows up in the first batch.
-Scoring and generation also cap each batch's padding share (``SCORING_MAX_PADDING``): a fixed count of
+Teacher-forced scoring also caps each batch's padding share (``SCORING_MAX_PADDING``): a fixed count of
 rows sorted by length still pads a small sample of long, unequal texts (five dialogues, sixteen NLI
-premises) to its longest; a row's result does not depend on the rows beside it.
+premises) to its longest; a row's result does not depend on the rows beside it. Generation keeps
+sorted fixed-size batches (a split batch repeats every decoding step).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-# The most padding a scoring or generation batch may hold (share of its positions; padding measured by
+# The most padding a teacher-forced scoring batch may hold (share of its positions; padding measured by
 # benchmarks/edit_sample.py). Only a batch of at least BUCKET_MIN_POSITIONS positions is closed for its
 # padding: below that the matmuls lose more to their small size than the padding costs (float32 at 64
 # rows runs at about half the rate of 512 rows, benchmarks/roofline.py). The statistics

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import torch
 
-from workers.batching import SCORING_MAX_PADDING, length_batches
+from workers.batching import length_batches
 from workers.models import model_device
 
 
@@ -33,19 +33,18 @@ def greedy_token_ids(model, tokenizer, prompts: list[str], max_new_tokens: int =
     padding ``generate`` puts after a finished row is dropped), in the order of ``prompts``.
 
     ``add_special_tokens=False`` for prompts that already carry them (a rendered chat template).
-    ``sort_by_length`` batches prompts of similar length together, at most
-    ``batching.SCORING_MAX_PADDING`` of each batch padding (less padding, same outputs).
+    ``sort_by_length`` batches prompts of similar length together (less padding, same outputs).
     """
     from tqdm.auto import tqdm
 
     outputs: list[list[int] | None] = [None] * len(prompts)
     device = model_device(model)
-    if sort_by_length:
-        lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]]
-        batches = length_batches(lengths, batch_size, SCORING_MAX_PADDING)
-    else:
-        batches = [list(range(start, min(start + batch_size, len(prompts))))
-                   for start in range(0, len(prompts), batch_size)]
+    # Sorted, not bucketed: splitting a batch for its padding would save prefill positions but repeat
+    # every one of the ``max_new_tokens`` decoding steps, which cost per call, not per row.
+    lengths = ([len(ids) for ids in tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]]
+               if sort_by_length else None)
+    batches = (length_batches(lengths, batch_size) if lengths is not None else
+               [list(range(start, min(start + batch_size, len(prompts)))) for start in range(0, len(prompts), batch_size)])
     eos = tokenizer.eos_token_id
     for indices in tqdm(batches, desc="generating", leave=False, disable=None if progress else True):
         chunk = [prompts[i] for i in indices]
