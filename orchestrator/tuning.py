@@ -111,7 +111,8 @@ def run_trial(config: dict, context: TrialContext) -> None:
 
     driver = Driver(spec, store, progress=False, data_root=context.data_root, cache_dir=context.cache_dir,
                     observer=lambda kind, trajectory, event: report(event) if kind == "evaluation" else None,
-                    take_lock=False)  # run_tune holds the experiment's lock for every trial
+                    take_lock=False, grow_evaluators=False)  # run_tune holds the experiment's lock for every
+    # trial; the trial's actors live in its placement group, which has no room for more evaluators
     (planned,) = driver.plan()
     trajectory_id = planned.trajectory_id
     try:
@@ -225,7 +226,7 @@ def reference_scores(context: TrialContext, constraint: tuple[str, str]) -> tupl
     spec = context.experiment.with_methods((reference_variant(variant),))
     store = Store(context.store_root)
     result = Driver(spec, store, progress=False, data_root=context.data_root, cache_dir=context.cache_dir,
-                    take_lock=False).run()  # run_tune holds the experiment's lock
+                    take_lock=False, grow_evaluators=False).run()  # run_tune holds the experiment's lock
     (trajectory,) = result.trajectories
     if trajectory.status == Status.FAILED:
         raise RuntimeError(f"{trajectory.spec.label} (the constrained objective's reference): "
