@@ -22,6 +22,7 @@ from workers.editing import load_hparams
 from workers.editing.alphaedit import alphaedit_right_factor
 from workers.editing.context import EditContext
 from workers.editing.delta import WeightSnapshot
+from workers.editing.eac import AnchoredOptimiser
 from workers.editing.hparams import with_overrides
 from workers.editing.memit import memit_right_factor, optimise_targets, spread_targets
 from workers.editing.rome import apply_rome
@@ -72,7 +73,7 @@ def calibrate_eac(model, tokenizer, requests, neighbours, gamma: float, args) ->
         hp = with_overrides(load_hparams(method, model),
                             {**overrides, **eac_overrides, "eac.gamma_percentile": gamma})
         hp_layers = [rome_layer] if method == "rome-eac" else list(layers)
-        ctx = EditContext(model, tokenizer)
+        ctx = EditContext(model, tokenizer, optimiser=AnchoredOptimiser(hp.eac))  # as the Editor builds it
         ctx.prepare_second_moments(hp_layers, hp)
         snapshot = WeightSnapshot(model, [spec.mlp_out_name(l) for l in hp_layers])
         rows, start = [], time.perf_counter()

@@ -29,9 +29,9 @@ from pathlib import Path
 import pandas as pd
 
 from orchestrator import compare
+from orchestrator.spec import TUNE_GROUP
 from orchestrator.status import status_text
 from orchestrator.store import Store
-from orchestrator.tuning import TUNE_GROUP
 from workers.editing.methods import split_method
 from workers.evaluation.intervals import proportion_interval
 from workers.evaluation.metrics import BINARY_SCORES, CHANCE_LEVELS, LOG_SCALE_METRICS, TASK_METRICS

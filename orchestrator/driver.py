@@ -11,8 +11,10 @@
 2. **Run**: an evaluation pool (``EvalActor`` × ``resources.evaluation.actors``) and as many
    ``TrajectoryActor``s at once as the cluster holds. Each trajectory streams one ``EditEvent`` per
    step (buffered) and a ``CheckpointEvent`` per checkpoint: the buffered rows are written, and the
-   checkpoint goes to the least busy evaluator while editing continues. A trajectory is completed
-   when its last edit is stored and every checkpoint is scored.
+   checkpoint waits in the pool for the next free evaluator while editing continues. When trajectory
+   actors finish (or there are fewer trajectories than the cluster holds), the pool grows into the
+   resources no trajectory will need while checkpoints wait (``EvalPool.grow``). A trajectory is
+   completed when its last edit is stored and every checkpoint is scored.
 3. **Failures**: a trajectory actor that dies is started again (up to ``max_restarts``) and resumes
    from the store exactly as a re-run would; an error inside the editor or the evaluation fails the
    trajectory, with its reason in ``trajectories.reason``.
@@ -36,7 +38,7 @@ from typing import Callable
 import pandas as pd
 import ray
 from orchestrator.progress import Progress, resolve_mode
-from orchestrator.spec import ExperimentSpec, Resources, SpecError, TrajectorySpec
+from orchestrator.spec import ActorResources, ExperimentSpec, Resources, SpecError, TrajectorySpec
 from orchestrator.status import Status, status_text
 from orchestrator.store import TABLES, Store, edit_row, split_examples
 from workers import settings
@@ -207,11 +209,14 @@ class Driver:
                  progress: bool | str | Progress = True, data_root: str | Path | None = None,
                  cache_dir: str | Path | None = None,
                  observer: Callable[[str, Trajectory, object], None] | None = None,
-                 take_lock: bool = True, connect_timeout: float = CONNECT_TIMEOUT_SECONDS):
+                 take_lock: bool = True, connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
+                 grow_evaluators: bool = True):
         """``progress``: a ``Progress``, or its mode (True = ``auto``: bars on a terminal, plain lines
         otherwise; False = none). ``take_lock``: hold the store's experiment lock while running; a Tune
         trial passes False, because its controller holds the lock for all the search's trials, which run
-        side by side as distinct trajectories of one experiment."""
+        side by side as distinct trajectories of one experiment. ``grow_evaluators``: add evaluators
+        into the CPUs (and GPUs) no trajectory needs any more while checkpoints wait to be scored; a
+        Tune trial passes False (its actors live in the trial's placement group, which has no room)."""
         self.data_root = str(settings.data_dir(data_root))
         # The data digests in the trajectory ids are taken from the directory this run reads.
         self.spec = dataclasses.replace(spec, data_root=self.data_root)
@@ -222,6 +227,7 @@ class Driver:
         self.resources = spec.resources  # as the spec asks; adapted to the cluster when the run starts
         self.take_lock = take_lock
         self.connect_timeout = connect_timeout  # seconds to join the cluster at ``address``
+        self.grow_evaluators = grow_evaluators
 
     # ---- plan -----------------------------------------------------------------------------------
 
@@ -317,7 +323,7 @@ class Driver:
         warmed: set[tuple[str, str]] = set()
         quiet_since = time.monotonic()
         try:
-            while queue or running or pool.pending:
+            while queue or running or pool.outstanding:
                 while queue and len(running) < parallel:
                     trajectory = self._next_startable(queue, running.values(), warmed)
                     if trajectory is None:
@@ -326,6 +332,8 @@ class Driver:
                     if not trajectory.finished:
                         self._start(trajectory)
                         running[trajectory.generator] = trajectory
+                if self.grow_evaluators:
+                    self._grow(pool, min(len(queue) + len(running), parallel))
                 waitables = list(running) + list(pool.pending)
                 ready, _ = ray.wait(waitables, num_returns=1, timeout=1.0)
                 quiet_since = quiet_since if not ready else time.monotonic()
@@ -350,6 +358,24 @@ class Driver:
         finally:
             pool.close()
             self.progress.close()
+
+    def _grow(self, pool: "EvalPool", trajectories: int) -> None:
+        """Grow the evaluation pool into what ``trajectories`` actors (those running and those that will
+        start) leave free of the cluster's CPUs and GPUs, while checkpoints wait for an evaluator."""
+        if not pool.waiting:
+            return
+        total, unit = ray.cluster_resources(), pool.grown_resources
+        count = len(pool.waiting)
+        for name, key in (("num_cpus", "CPU"), ("num_gpus", "GPU")):
+            need = getattr(unit, name)
+            if need > 0:
+                free = (total.get(key, 0.0) - trajectories * getattr(self.resources.trajectory, name)
+                        - pool.holding(name))
+                count = min(count, int(free / need + 1e-9))
+        if count > 0:
+            added = pool.grow(count)
+            self.progress.message(f"evaluation pool grown to {len(pool.actors)} evaluators "
+                                  f"({added} added into freed CPUs)")
 
     @staticmethod
     def _next_startable(queue: list[Trajectory], running, warmed: set) -> Trajectory | None:
@@ -449,7 +475,12 @@ class Driver:
 
 
 class EvalPool:
-    """The evaluation actors; each checkpoint goes to the one with the fewest evaluations queued."""
+    """The evaluation actors. Checkpoints wait in the pool's own queue, and each actor is given the next
+    one as soon as it is free (one evaluation at a time per actor), so an actor added later takes work
+    that is already waiting: ``grow`` adds evaluators into CPUs the trajectories no longer need.
+
+    Every evaluator runs the same number of threads and restores the base weights bit for bit after
+    each checkpoint, so a checkpoint's scores do not depend on which evaluator scored it, nor when."""
 
     def __init__(self, spec: ExperimentSpec, resources: Resources, cache_dir: str, data_root: str,
                  group: EvaluationGroupPlan = EvaluationGroupPlan()):
@@ -457,50 +488,95 @@ class EvalPool:
         self.spec, self.resources, self.cache_dir, self.data_root = spec, resources, cache_dir, data_root
         self.group = group
         self.actors = [self._new_actor() for _ in range(resources.eval_actors)]
-        self.queued = [0] * len(self.actors)
+        self.held = [resources.evaluation] * len(self.actors)  # what each actor asked Ray for
+        self.busy = [False] * len(self.actors)
+        self.waiting: list[tuple[Trajectory, int, int]] = []  # (trajectory, checkpoint, try), in order
         # ref -> (trajectory, checkpoint, actor slot, the evaluator it went to, try)
         self.pending: dict[object, tuple[Trajectory, int, int, object, int]] = {}
 
-    def _new_actor(self):
+    @property
+    def grown_resources(self) -> ActorResources:
+        """What an evaluator added by ``grow`` asks for: the pool's own, on at least one whole CPU (it
+        runs the same one thread per whole CPU as the others; two single-threaded processes on one core
+        score no faster than one, and each costs a start-up and a model's memory)."""
         res = self.resources.evaluation
+        return dataclasses.replace(res, num_cpus=float(max(1, math.ceil(res.num_cpus))))
+
+    def _new_actor(self, res: ActorResources | None = None):
+        res = res or self.resources.evaluation
+        threads = max(1, int(self.resources.evaluation.num_cpus))  # the same in every evaluator of the pool
         if self.group.ranks > 1:
             return EvalGroup(self.group, res.num_cpus, self.cache_dir, self.data_root)
         return EvalActor.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus).remote(
-            self.cache_dir, self.data_root, res.num_gpus > 0, max(1, int(res.num_cpus)))
+            self.cache_dir, self.data_root, res.num_gpus > 0, threads)
+
+    def holding(self, name: str) -> float:
+        """The pool's total of one resource (``num_cpus``, ``num_gpus``)."""
+        return sum(getattr(res, name) for res in self.held)
+
+    def grow(self, count: int) -> int:
+        """Add up to ``count`` evaluators, no more than there are checkpoints waiting for one; each takes
+        the next waiting checkpoint. The number added."""
+        count = max(0, min(count, len(self.waiting)))
+        for _ in range(count):
+            res = self.grown_resources
+            self.actors.append(self._new_actor(res))
+            self.held.append(res)
+            self.busy.append(False)
+        self._dispatch()
+        return count
+
+    @property
+    def outstanding(self) -> bool:
+        """Evaluations running or waiting."""
+        return bool(self.pending or self.waiting)
 
     def has(self, trajectory: Trajectory, checkpoint: int) -> bool:
-        return any(t is trajectory and c == checkpoint for t, c, *_ in self.pending.values())
+        return (any(t is trajectory and c == checkpoint for t, c, *_ in self.pending.values())
+                or any(t is trajectory and c == checkpoint for t, c, _ in self.waiting))
 
     def submit(self, trajectory: Trajectory, checkpoint: int, attempt: int = 0) -> None:
+        self.waiting.append((trajectory, checkpoint, attempt))
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Give the waiting checkpoints, in order, to the free evaluators."""
+        for index in range(len(self.actors)):
+            if not self.waiting:
+                return
+            if not self.busy[index]:
+                self._send(index, *self.waiting.pop(0))
+
+    def _send(self, index: int, trajectory: Trajectory, checkpoint: int, attempt: int) -> None:
         spec, task = trajectory.spec, trajectory.task
         requests = [task.requests[i] for i in spec.evaluated_requests(checkpoint)]
         steps = steps_for(checkpoint, spec.batch_size)
-        index = min(range(len(self.actors)), key=self.queued.__getitem__)
         ref = self.actors[index].evaluate.remote(spec.model, spec.dtype, task.log_path if steps else None, steps,
                                                  requests, spec.evaluation.config)
-        self.queued[index] += 1
+        self.busy[index] = True
         self.pending[ref] = (trajectory, checkpoint, index, self.actors[index], attempt)
 
     def collect(self, ref) -> tuple[Trajectory, int, list[dict] | None, str | None]:
         """(trajectory, checkpoint, rows, error); neither rows nor error when the evaluation's actor
         died and the evaluation went to a fresh one."""
         trajectory, checkpoint, index, evaluator, attempt = self.pending.pop(ref)
-        self.queued[index] -= 1
         try:
             return trajectory, checkpoint, ray.get(ref), None
         except ray.exceptions.RayActorError as exc:
-            # Every evaluation queued on a dead evaluator fails with it. Only the first of them replaces
-            # it: replacing it again would kill the fresh evaluator, and with it the evaluations already
-            # resubmitted there, until every queued checkpoint had used up its restarts.
+            # Only the evaluation running on a dead evaluator fails with it (the others wait in the
+            # pool's queue); it is replaced once, and the evaluation tried again.
             if self.actors[index] is evaluator:
                 kill_evaluator(evaluator)
-                self.actors[index] = self._new_actor()
+                self.actors[index] = self._new_actor(self.held[index])
             if attempt < self.spec.max_restarts:  # an evaluation only reads: running it again is safe
-                self.submit(trajectory, checkpoint, attempt + 1)
+                self.waiting.insert(0, (trajectory, checkpoint, attempt + 1))
                 return trajectory, checkpoint, None, None
             return trajectory, checkpoint, None, f"evaluation actor died: {error_reason(exc)}"
         except ray.exceptions.RayTaskError as exc:
             return trajectory, checkpoint, None, _reason(exc)
+        finally:  # one evaluation at a time per actor: this slot is free for the next
+            self.busy[index] = False
+            self._dispatch()
 
     def close(self) -> None:
         for actor in self.actors:

@@ -63,7 +63,8 @@ from workers.placement import ENGINES
 
 SELECTIONS = ("random", "first")
 DTYPES = ("float32", "float16", "bfloat16")
-GROUPS = ("ablation", "anchor-selection")
+GROUPS = ("ablation", "anchor-selection")  # the ``group`` a spec's method variant may name
+TUNE_GROUP = "tune"  # the ``group`` of Tune trial trajectories in the store (kept out of the paper figures)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 MAX_NAME = 120  # experiment and variant names become file and directory names (255 bytes at most)
 # A spec is a page of YAML: anything far larger is a mistake or an attack (an alias bomb expands

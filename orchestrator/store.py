@@ -38,13 +38,16 @@ it cannot read, so no stored row is lost behind the user's back.
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
+import dataclasses
 import fcntl
 import json
 import os
 import posixpath
 import re
 import socket
+import types
+import typing
+from collections import Counter
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -56,8 +59,39 @@ import pyarrow.parquet as pq
 
 from orchestrator.status import split_statuses
 from workers import storage
+from workers.editing.record import EditRecord, measure_names
 
 SECONDS = pa.map_(pa.string(), pa.float64())
+# The column type of an EditRecord field, by its annotation (``... | None``: the same, nullable).
+ARROW_TYPES = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_(), dict[str, float]: SECONDS}
+# EditRecord fields stored as two columns each (their values: ``edit_row``).
+SPLIT_FIELDS = {"case_ids": (("case_id", pa.string()),  # the request's case id; a batch step joins its ids with ','
+                             ("n_requests", pa.int64())),
+                "seconds": (("seconds_total", pa.float64()),  # seconds["total"]
+                            ("seconds", SECONDS))}  # per phase, e.g. {"targets": .., "update": .., "total": ..}
+
+
+def record_fields() -> dict[str, type]:
+    """The editor's per-edit record (``workers.editing.record.EditRecord``): field name -> its type,
+    ``... | None`` reduced to the type; the record's own fields first, then the measures it inherits."""
+    hints = typing.get_type_hints(EditRecord)
+    out = {}
+    for item in sorted(dataclasses.fields(EditRecord), key=lambda item: item.name in measure_names()):
+        kind = hints[item.name]
+        if isinstance(kind, types.UnionType):
+            (kind,) = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+        out[item.name] = kind
+    return out
+
+
+def edits_schema() -> pa.Schema:
+    """The ``edits`` table: experiment, trajectory_id, a column per record field (two for the fields
+    of ``SPLIT_FIELDS``) and ``extra``, any further fields of a record, as JSON."""
+    columns = [("experiment", pa.string()), ("trajectory_id", pa.string())]
+    for name, kind in record_fields().items():
+        columns += SPLIT_FIELDS[name] if name in SPLIT_FIELDS else [(name, ARROW_TYPES[kind])]
+    return pa.schema(columns + [("extra", pa.string())])
+
 
 SCHEMAS: dict[str, pa.Schema] = {
     "trajectories": pa.schema([
@@ -70,19 +104,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("reason", pa.string()),  # why it failed, was interrupted or stopped; null otherwise
         ("edits_done", pa.int64()), ("updated_at", pa.timestamp("us", tz="UTC")),
     ]),
-    "edits": pa.schema([
-        ("experiment", pa.string()), ("trajectory_id", pa.string()),
-        ("edit_index", pa.int64()),  # 0-based index of the edit step in the trajectory
-        ("case_id", pa.string()),  # the request's case id; a batch step joins its ids with ','
-        ("n_requests", pa.int64()), ("method", pa.string()),
-        ("seconds_total", pa.float64()),
-        ("seconds", SECONDS),  # per phase, e.g. {"targets": .., "anchors": .., "update": .., "total": ..}
-        ("loss", pa.float64()), ("delta_norm", pa.float64()), ("delta_norm_before", pa.float64()),
-        ("dw_l1", pa.float64()), ("dw_fro", pa.float64()),
-        ("relative_l1", SECONDS),  # per edited matrix: ||W||_1 / ||W0||_1 after this edit
-        ("anchors", pa.int64()), ("skipped", pa.bool_()), ("error", pa.string()),
-        ("extra", pa.string()),  # any further record fields, as JSON
-    ]),
+    "edits": edits_schema(),  # one column per field of the editor's EditRecord (+ "extra")
     "evaluations": pa.schema([
         ("experiment", pa.string()), ("trajectory_id", pa.string()),
         ("n_edits", pa.int64()),  # the checkpoint: edits applied when the model was scored
@@ -109,7 +131,8 @@ KEYS = {"trajectories": ("experiment", "trajectory_id"),
         "examples": ("experiment", "trajectory_id", "n_edits", "task", "metric", "example_id")}
 # Columns that stores written by earlier versions lack; an older file reads them as nulls (the
 # trajectories' reason is then filled in from the old status string: ``split_statuses``).
-ADDED_COLUMNS = {"trajectories": ("reason",), "evaluations": ("ci_low", "ci_high")}
+ADDED_COLUMNS = {"trajectories": ("reason",), "evaluations": ("ci_low", "ci_high"),
+                 "edits": ("steps",)}  # before it was a column, ``steps`` was kept in ``extra``
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -391,23 +414,24 @@ def split_examples(rows: Sequence[dict]) -> tuple[list[dict], list[dict]]:
 
 def edit_row(record: Any) -> dict:
     """A row of the ``edits`` table from an editor's record (``EditRecord`` or a dict of its fields):
-    the known fields in their columns, anything else as JSON in ``extra``."""
+    the record's fields in their columns, anything else as JSON in ``extra``."""
     data = asdict(record) if is_dataclass(record) else dict(record)
     case_ids = data.pop("case_ids", None)
     if case_ids is None:
         case_ids = [data.pop("case_id")]
     seconds = {k: float(v) for k, v in (data.pop("seconds", None) or {}).items()}
-    row = {"edit_index": int(data.pop("edit_index")),
-           "case_id": ",".join(str(c) for c in case_ids), "n_requests": len(case_ids),
-           "method": data.pop("method", None), "seconds": seconds, "seconds_total": seconds.get("total"),
-           "relative_l1": {k: float(v) for k, v in (data.pop("relative_l1", None) or {}).items()},
-           "skipped": bool(data.pop("skipped", False))}
-    for column in ("loss", "delta_norm", "delta_norm_before", "dw_l1", "dw_fro"):
-        value = data.pop(column, None)
-        row[column] = None if value is None else float(value)
-    anchors = data.pop("anchors", None)
-    row["anchors"] = None if anchors is None else int(anchors)
-    row["error"] = data.pop("error", None)
+    row = {"case_id": ",".join(str(c) for c in case_ids), "n_requests": len(case_ids),
+           "seconds": seconds, "seconds_total": seconds.get("total")}
+    for name, kind in record_fields().items():
+        if name in SPLIT_FIELDS:
+            continue
+        value = data.pop(name, None)
+        if kind is bool:
+            row[name] = bool(value)  # a missing flag is False
+        elif kind == dict[str, float]:
+            row[name] = {k: float(v) for k, v in (value or {}).items()}
+        else:
+            row[name] = None if value is None else kind(value)
     row["extra"] = json.dumps(data, sort_keys=True, default=str) if data else None
     return row
 

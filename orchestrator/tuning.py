@@ -38,14 +38,19 @@ from typing import Any, Mapping
 
 import pandas as pd
 import yaml
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from orchestrator.spec import ExperimentSpec, MethodVariant
+from orchestrator.cluster import connect, shutdown
+from orchestrator.driver import Driver, error_reason, plan_trajectories, write_status
+from orchestrator.spec import TUNE_GROUP, ExperimentSpec, MethodVariant
 from orchestrator.status import Status, status_text
 from orchestrator.store import Store
 from orchestrator.tune_spec import CONSTRAINED, METRIC, Objective, TuneSpec
 from workers import settings, storage
+from workers.editing.methods import split_method
 
-TUNE_GROUP = "tune"  # the ``group`` of trial trajectories in the store (kept out of the paper figures)
 TIME_AXIS = "edits"  # what ASHA counts: requests edited when the checkpoint was scored
 
 
@@ -92,10 +97,6 @@ def checkpoint_values(store: Store, experiment: str, trajectory_id: str) -> dict
 def run_trial(config: dict, context: TrialContext) -> None:
     """One Tune trial: ``eac run`` of the one-trajectory spec, reporting the objective at each scored
     checkpoint (checkpoints already in the store from an earlier run are reported first)."""
-    from ray import tune
-
-    from orchestrator.driver import Driver
-
     spec = context.trial_spec(config)
     store = Store(context.store_root)
     reported: list[int] = []
@@ -110,7 +111,8 @@ def run_trial(config: dict, context: TrialContext) -> None:
 
     driver = Driver(spec, store, progress=False, data_root=context.data_root, cache_dir=context.cache_dir,
                     observer=lambda kind, trajectory, event: report(event) if kind == "evaluation" else None,
-                    take_lock=False)  # run_tune holds the experiment's lock for every trial
+                    take_lock=False, grow_evaluators=False)  # run_tune holds the experiment's lock for every
+    # trial; the trial's actors live in its placement group, which has no room for more evaluators
     (planned,) = driver.plan()
     trajectory_id = planned.trajectory_id
     try:
@@ -133,8 +135,6 @@ def run_trial(config: dict, context: TrialContext) -> None:
 def trial_resources(experiment: ExperimentSpec):
     """The trial's placement group: a zero-CPU bundle for the trial itself (it only waits on its
     actors), one for the trajectory actor and one per evaluation actor, as the spec asks."""
-    from ray import tune
-
     def bundle(resources) -> dict[str, float]:
         out = {"CPU": resources.num_cpus}
         if resources.num_gpus:
@@ -168,10 +168,6 @@ class SearchResult:
 def run_search(tune_spec: TuneSpec, model: str, variant: MethodVariant, store: Store, *, out_dir: Path,
                data_root: str, cache_dir: str, verbose: int = 1) -> SearchResult:
     """One Tune search (one model, one method variant) on the connected Ray cluster."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
     search, experiment = tune_spec.search, tune_spec.experiment
     context = TrialContext(dataclasses.replace(experiment, models=(model,)).with_methods((variant,)),
                            search.objective, str(store.root.resolve()), data_root, cache_dir)
@@ -218,8 +214,6 @@ def run_search(tune_spec: TuneSpec, model: str, variant: MethodVariant, store: S
 def reference_variant(variant: MethodVariant) -> MethodVariant:
     """The base method of a constrained variant (``rome-eac`` -> ``rome``) with the variant's overrides
     that are not the constraint's own (``eac.*``), tagged as a tuning trajectory."""
-    from workers.editing.methods import split_method
-
     base, constraint = split_method(variant.method)
     hparams = {name: value for name, value in variant.hparams.items() if name.split(".")[0] != constraint}
     return MethodVariant(f"{base}[reference]", base, hparams, TUNE_GROUP)
@@ -228,13 +222,11 @@ def reference_variant(variant: MethodVariant) -> MethodVariant:
 def reference_scores(context: TrialContext, constraint: tuple[str, str]) -> tuple[tuple[int, float], ...]:
     """Run the base method's own trajectory with the trials' setting (skipped when the store has it) and
     return its ``constraint`` score at each scored checkpoint after 0: the constrained objective's bar."""
-    from orchestrator.driver import Driver
-
     (variant,) = context.experiment.methods
     spec = context.experiment.with_methods((reference_variant(variant),))
     store = Store(context.store_root)
     result = Driver(spec, store, progress=False, data_root=context.data_root, cache_dir=context.cache_dir,
-                    take_lock=False).run()  # run_tune holds the experiment's lock
+                    take_lock=False, grow_evaluators=False).run()  # run_tune holds the experiment's lock
     (trajectory,) = result.trajectories
     if trajectory.status == Status.FAILED:
         raise RuntimeError(f"{trajectory.spec.label} (the constrained objective's reference): "
@@ -250,8 +242,6 @@ def settle_status(context: TrialContext, trial_spec: ExperimentSpec, error: Base
     ``failed`` after an error (its first line the reason), otherwise ``stopped`` (the scheduler cut it;
     reason: scored at N of M edits). A completed trajectory keeps its status, and so does a failed one
     after an error unless ``replace_failure`` (the error is the reason, not the driver's unwinding)."""
-    from orchestrator.driver import error_reason, plan_trajectories, write_status
-
     store = Store(context.store_root)
     (trajectory,) = plan_trajectories(trial_spec, store, data_root=context.data_root, cache_dir=context.cache_dir)
     spec = trajectory.spec
@@ -328,8 +318,6 @@ def run_tune(tune_spec: TuneSpec, store: Store | None = None, *, address: str | 
              out_dir: str | Path | None = None, data_root: str | Path | None = None,
              cache_dir: str | Path | None = None, verbose: int = 1) -> TuneRun:
     """Every search of the spec, one after another, on a local Ray cluster or the one at ``address``."""
-    from orchestrator.cluster import connect, shutdown
-
     store = store or Store(tune_spec.experiment.store)
     data_root, cache_dir = str(settings.data_dir(data_root)), str(settings.cache_dir(cache_dir))
     out = Path(out_dir) if out_dir is not None else store.root / "tune"

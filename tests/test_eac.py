@@ -7,7 +7,7 @@ import torch
 
 from workers.editing import load_hparams
 from workers.editing.context import EditContext
-from workers.editing.eac import anchor_mask, elastic_net, optimise_with_anchors, plan_anchors
+from workers.editing.eac import AnchoredOptimiser, anchor_mask, elastic_net, optimise_with_anchors, plan_anchors
 from workers.editing.hparams import EACHParams
 from workers.editing.rome import apply_rome
 from workers.editing.targets import TargetProblem
@@ -74,7 +74,8 @@ def test_each_ablation_flag_changes_exactly_what_it_names():
 def tiny_problem(tmp_path):
     model, tokenizer = load_model("tiny-llama")
     hp = load_hparams("rome-eac", model)
-    ctx = EditContext(model, tokenizer, cache_dir=tmp_path, second_moments=moments(model, [hp.layer]))
+    ctx = EditContext(model, tokenizer, cache_dir=tmp_path, second_moments=moments(model, [hp.layer]),
+                      optimiser=AnchoredOptimiser(hp.eac))  # as the Editor builds it for rome-eac
     problem = TargetProblem(model, tokenizer, REQUESTS[0], hp.layer, ctx.context_templates(hp), init_from="mlp",
                             config=hp.target_config())
     return model, tokenizer, hp, ctx, problem

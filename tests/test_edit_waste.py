@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from workers.data import EditRequest
+from workers.editing.alphaedit import AlphaEditState
 from workers.editing.context import EditContext
 from workers.editing.delta import edited_weight
 from workers.editing.hparams import with_overrides
@@ -82,8 +83,9 @@ def test_rome_computes_its_keys_in_one_pass(residual_key, tmp_path):
 def released_alphaedit_right_factor(hparams):
     """The released code's form: solve(P (K Kᵀ + K_p K_pᵀ) + α I, P K), P times the whole running sum."""
     def right(ctx, layer, keys):
-        projector = ctx.null_space_projector(layer, hparams.null_space_threshold)
-        earlier = ctx.key_cache.get(layer)
+        state = ctx.running_state(AlphaEditState)
+        projector = state.null_space_projector(layer, hparams.null_space_threshold)
+        earlier = state.key_cache.get(layer)
         gram = keys @ keys.T + (earlier if earlier is not None else 0.0)
         return torch.linalg.solve(projector @ gram + hparams.l2 * torch.eye(keys.shape[0], dtype=keys.dtype),
                                   projector @ keys)
@@ -107,10 +109,11 @@ def test_alphaedit_projects_the_running_key_sum_once_per_layer_not_once_per_edit
     hp = alphaedit_hparams(model)
     ctx = EditContext(model, tokenizer, cache_dir=tmp_path, second_moments=moments(model, hp.layers))
     d_in = ctx.second_moment(1).shape[0]
+    state = ctx.running_state(alphaedit.AlphaEditState)
     for layer in hp.layers:
-        ctx.null_space_projector(layer, hp.null_space_threshold)  # made before counting
+        state.null_space_projector(layer, hp.null_space_threshold)  # made before counting
     square_products = []
-    real_projector = ctx.null_space_projector
+    real_projector = state.null_space_projector
 
     class CountedProjector:
         """P as the AlphaEdit code uses it (``.to(device) @ X``), noting each product with a d × d X."""
@@ -127,7 +130,7 @@ def test_alphaedit_projects_the_running_key_sum_once_per_layer_not_once_per_edit
             return self.matrix @ other
 
     counted_projector = CountedProjector
-    monkeypatch.setattr(ctx, "null_space_projector", counted_projector)
+    monkeypatch.setattr(state, "null_space_projector", counted_projector)
     for request in THREE:
         alphaedit.apply_alphaedit(model, tokenizer, [request], hp, ctx)
     assert sorted(square_products) == [1, 2]

@@ -6,7 +6,7 @@ import torch
 from orchestrator.store import edit_row
 from workers.data import EditRequest
 from workers.editing import Editor, load_hparams
-from workers.editing.alphaedit import apply_alphaedit
+from workers.editing.alphaedit import AlphaEditState, apply_alphaedit
 from workers.editing.context import EditContext
 from workers.editing.hparams import with_overrides
 from workers.editing.keys import at_subject, template_weights
@@ -110,7 +110,7 @@ def test_alphaedit_leaves_preserved_keys_alone(name, tmp_path):
         assert update.norm() > 1e-6
         assert (update @ preserved[layer].double()).norm() / update.norm() < 1e-5
     # Each batch adds its keys to the running cache used by the next one.
-    assert set(ctx.key_cache) == set(hp.layers)
+    assert set(ctx.running_state(AlphaEditState).key_cache) == set(hp.layers)
 
 
 @pytest.mark.parametrize("method", ["rome", "memit", "alphaedit", "ft-l", "ft-m"])

@@ -145,7 +145,8 @@ def test_failed_alphaedit_step_restores_the_key_cache(tmp_path, monkeypatch):
     hp = load_hparams("alphaedit", model)
     editor = Editor(model, tokenizer, "alphaedit", hp, cache_dir=tmp_path, second_moments=moments(model, hp.layers))
     assert not editor.edit_step(REQUESTS[:1]).skipped
-    cache = {layer: gram.clone() for layer, gram in editor.ctx.key_cache.items()}
+    state = editor.ctx.running_state(alphaedit_module.AlphaEditState)
+    cache = {layer: gram.clone() for layer, gram in state.key_cache.items()}
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     real = alphaedit_module.remember_keys
 
@@ -157,8 +158,8 @@ def test_failed_alphaedit_step_restores_the_key_cache(tmp_path, monkeypatch):
     record = editor.edit_step(REQUESTS[1:2])
     assert record.skipped and "injected" in record.error
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
-    assert set(editor.ctx.key_cache) == set(cache)
-    assert all(torch.equal(editor.ctx.key_cache[l], cache[l]) for l in cache)
+    assert set(state.key_cache) == set(cache)
+    assert all(torch.equal(state.key_cache[l], cache[l]) for l in cache)
 
 
 # ---- item 7: the authors' step counts and MEMIT-EAC's retrain from zero ------------------------

@@ -483,3 +483,41 @@ def test_pca_separability_tells_moved_states_from_unmoved():
     moved = pca_view(states, states + 3.0)
     assert moved.separability >= 0.95
     assert sum(moved.explained_variance_ratio) <= 1.0
+
+
+def test_length_batches_cap_the_padding_of_long_unequal_rows_and_keep_short_ones_together():
+    from workers.batching import BUCKET_MIN_POSITIONS, length_batches, right_padded_batches
+
+    dialogues = [150, 500, 100, 300, 200]  # a sample of long texts of unequal length, fewer than a batch
+    batches = length_batches(dialogues, 16, 0.2)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(dialogues)))
+    assert [i for batch in batches for i in batch] == [1, 3, 4, 0, 2]  # longest first, order kept
+    for batch in batches:
+        lengths = [dialogues[i] for i in batch]
+        assert 1 - sum(lengths) / (len(lengths) * max(lengths)) <= 0.2
+    assert length_batches(dialogues, 16) == [[1, 3, 4, 0, 2]]  # without the cap: one batch, 37% padding
+    prompts = [15, 9, 12, 7, 20, 11]  # short rows: below BUCKET_MIN_POSITIONS, never split for padding
+    assert sum(prompts) < BUCKET_MIN_POSITIONS
+    assert length_batches(prompts, 16, 0.2) == [[4, 0, 2, 5, 1, 3]]
+    assert length_batches(prompts, 4, 0.2) == [[4, 0, 2, 5], [1, 3]]  # batch_size still bounds a batch
+    sequences = [[1] * n for n in dialogues]
+    widths = [ids.shape[1] for _, ids, _ in right_padded_batches(sequences, 16, 0, max_padding=0.2)]
+    assert widths == [500, 200, 100]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
+def test_scores_of_long_unequal_texts_are_the_same_bucketed_or_not(fixture, request, monkeypatch):
+    """Bucketing by length changes which rows share a batch, never a row's scores."""
+    from workers.batching import length_batches
+    from workers.evaluation import scoring
+
+    model, tokenizer = request.getfixturevalue(fixture)
+    pairs = [("word " * n, " end") for n in (40, 5, 25, 15, 2)]
+    lengths = [len(encode_pair(tokenizer, *pair).ids) - 1 for pair in pairs]
+    assert len(length_batches(lengths, 16, scoring.SCORING_MAX_PADDING)) > 1  # the cap splits them
+    bucketed = score_continuations(model, tokenizer, pairs, batch_size=16)
+    monkeypatch.setattr(scoring, "SCORING_MAX_PADDING", None)
+    plain = score_continuations(model, tokenizer, pairs, batch_size=16)
+    for a, b in zip(bucketed, plain):
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+        assert torch.equal(a.argmax_ids, b.argmax_ids)

@@ -186,3 +186,64 @@ def test_a_task_added_by_one_record_reaches_the_spec_the_suite_and_the_figures(t
     assert TASK_TITLES["known"] == TASKS["known"].title
     general = text.split("### Fig. 10 — general tasks vs number of edits")[1].split("### ")[0]
     assert "| known recall |" in general  # drawn with the general tasks
+
+
+# ---- constraints wrap the base methods; one per-edit record -------------------------------------
+
+def project_imports(module: str) -> set[str]:
+    """The project modules ``module`` imports (its file's imports, at any depth in it)."""
+    spec = importlib.util.find_spec(module)
+    tree = ast.parse(Path(spec.origin).read_text())
+    return {name for name in imported_modules(tree) if is_project_module(name)}
+
+
+def reachable(module: str) -> set[str]:
+    """Every project module that importing ``module`` reads, through its own imports and theirs."""
+    seen, todo = set(), [module]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        todo += sorted(project_imports(current))
+    return seen - {module}
+
+
+def test_no_base_method_module_imports_a_constraint_module():
+    """Constraints wrap the bases through the registry's hooks (methods.Constraint): the module of
+    every base method's step, and everything it imports, never imports a constraint's module."""
+    from workers.editing.methods import BASES, CONSTRAINTS
+
+    constraint_modules = {hook.__module__ for constraint in CONSTRAINTS.values()
+                          for hook in (constraint.optimise, constraint.rewrite) if hook is not None}
+    assert {"workers.editing.eac", "workers.editing.prune", "workers.editing.rect"} <= constraint_modules
+    base_modules = {hook.__module__ for method in BASES.values() for hook in (method.apply, method.on_resume)
+                    if hook is not None}
+    assert {"workers.editing.rome", "workers.editing.memit", "workers.editing.alphaedit",
+            "workers.editing.ft"} <= base_modules
+    offenders = {base: sorted(reachable(base) & constraint_modules) for base in sorted(base_modules)}
+    assert offenders == {base: [] for base in sorted(base_modules)}
+
+
+def test_the_edits_schema_is_derived_from_the_edit_record():
+    """One per-edit record (workers/editing/record.py): every field of EditRecord is a column of the
+    store's edits table, the table has no column the record does not give, and store.py spells no
+    field's name in the functions that make the schema and the rows, but the two fields split in two."""
+    import dataclasses
+
+    from orchestrator import store
+    from workers.editing.record import EditRecord, StepInfo, StepMeasures
+
+    assert issubclass(StepInfo, StepMeasures) and issubclass(EditRecord, StepMeasures)
+    record_fields = [item.name for item in dataclasses.fields(EditRecord)]
+    expected = {"experiment", "trajectory_id", "extra"}
+    for name in record_fields:
+        expected |= {column for column, _ in store.SPLIT_FIELDS[name]} if name in store.SPLIT_FIELDS else {name}
+    assert set(store.SCHEMAS["edits"].names) == expected
+    assert store.SCHEMAS["edits"] == store.edits_schema()
+    derivers = [node for node in ast.walk(ast.parse(Path(store.__file__).read_text()))
+                if isinstance(node, ast.FunctionDef) and node.name in ("edits_schema", "edit_row")]
+    assert len(derivers) == 2
+    spelled = {node.value for function in derivers for node in ast.walk(function)
+               if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    assert spelled & set(record_fields) <= set(store.SPLIT_FIELDS)

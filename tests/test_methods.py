@@ -7,7 +7,7 @@ import torch
 
 from workers.data import EditRequest
 from workers.editing import Editor, load_hparams, methods
-from workers.editing.context import StepInfo
+from workers.editing.record import StepInfo
 from workers.editing.delta import LayerDelta, WeightDelta
 from workers.models import arch_spec, edited_weight, load_model
 

@@ -4,23 +4,30 @@ criterion says on a scripted loss curve; ENCORE's update solves its own normal e
 and sequential edits on the tiny models whose saved log replays bit for bit and whose resume rebuilds
 ENCORE's key cache."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from tests.test_editing import REQUESTS, moments
 from workers.editing import METHODS, Editor, load_hparams
 from workers.editing.context import EditContext
-from workers.editing.encore import encore_right_factor, most_probable_stop, norm_constrained_system
+from workers.editing.encore import (EarlierKeys, MostProbableOptimiser, NormConstrainedSolve, encore_right_factor,
+                                    most_probable_stop, norm_constrained_system)
 from workers.editing.hparams import ENCOREHParams, NASHParams, TargetConfig, with_overrides
 from workers.editing.memit import memit_right_factor
-from workers.editing.nas import NormAnchor, rescaled_delta, trimmed_mean
+from workers.editing.nas import NormAnchoredOptimiser, rescaled_delta, trimmed_mean
 from workers.editing.rome import apply_rome
-from workers.editing.target_hooks import TargetHooks
 from workers.editing.targets import LossParts, TargetBatch, optimise_deltas
 from workers.models import load_model
 from replay_check import assert_revert_and_replay_are_bit_exact
 
 NEW_METHODS = ["rome-nas", "memit-nas", "alphaedit-nas", "memit-encore"]
+
+
+def key_cache(editor) -> dict:
+    """ENCORE's running Σ K_p K_pᵀ per layer in the editor's context."""
+    return editor.ctx.running_state(EarlierKeys).key_cache
 
 
 # ---- NAS -----------------------------------------------------------------------------------------
@@ -40,9 +47,9 @@ def test_rescaling_keeps_the_direction_and_sets_the_reference_norm_on_a_tiny_mod
     for result in results:
         result.delta = torch.randn(v0.shape[1], generator=generator, dtype=torch.float64) * 3
     before = [v0[r] + res.delta for r, res in enumerate(results)]
-    anchor = NormAnchor.__new__(NormAnchor)
-    anchor.settings, anchor.reference = NASHParams(), 0.731
-    anchor.rewrite(problem, results)
+    anchor = NormAnchoredOptimiser(NASHParams())
+    anchor.reference = 0.731
+    anchor.rescale(problem, results)
     for r, result in enumerate(results):
         after = v0[r] + result.delta
         assert float(after.norm()) == pytest.approx(0.731, rel=1e-12)
@@ -72,14 +79,17 @@ def test_rome_nas_writes_the_rescaled_v_star(tmp_path, data_root):
     hp = load_hparams("rome-nas", model)
     ctx = EditContext(model, tokenizer, cache_dir=tmp_path, data_root=data_root,
                       second_moments=moments(model, [hp.layer]))
-    anchor = NormAnchor(hp.nas, hp, ctx)
+    anchor = NormAnchoredOptimiser(hp.nas)
+    anchor.prepare(hp, ctx)
     assert anchor.reference > 0
-    ctx.target_hooks = anchor.hooks()
+    ctx.optimiser = anchor
     _, info = apply_rome(model, tokenizer, REQUESTS[:1], hp, ctx, "rome-nas")
     assert float(info.targets[0].norm()) == pytest.approx(anchor.reference, rel=1e-5)
     # Cached on disk: a second editor reads the same reference without solving again.
     assert len(list((tmp_path / "nas").glob("*.json"))) == 1
-    assert NormAnchor(hp.nas, hp, ctx).reference == anchor.reference
+    again = NormAnchoredOptimiser(hp.nas)
+    again.prepare(hp, ctx)
+    assert again.reference == anchor.reference
 
 
 # ---- ENCORE: MPES --------------------------------------------------------------------------------
@@ -118,6 +128,9 @@ def test_mpes_stops_where_its_criterion_says(settings, steps):
     # No update at the stopping evaluation: the returned δ is the one that was evaluated last.
     unstopped = optimise_deltas(ScriptedProblem(SCRIPT), num_steps=steps, update_last=False)[0]
     assert torch.equal(result.delta, unstopped.delta)
+    # ENCORE's target optimiser (the registry's optimiser hook) runs the shared loop with that rule.
+    batched = MostProbableOptimiser(settings).optimise_batch(ScriptedProblem(SCRIPT))[0][0]
+    assert batched.steps == steps and torch.equal(batched.delta, result.delta)
 
 
 def test_without_a_stop_rule_the_script_runs_to_the_budget():
@@ -137,7 +150,7 @@ def test_encore_update_satisfies_its_normal_equations(name, tmp_path):
     d_in, d_out = ctx.second_moment(layer).shape[0], 16
     keys = torch.randn(d_in, 3, generator=generator, dtype=torch.float64)
     earlier = torch.randn(d_in, 5, generator=generator, dtype=torch.float64)
-    ctx.key_cache[layer] = earlier @ earlier.T
+    ctx.running_state(EarlierKeys).key_cache[layer] = earlier @ earlier.T
     residual = torch.randn(d_out, 3, generator=generator, dtype=torch.float64)
     delta_w = residual @ encore_right_factor(hp)(ctx, layer, keys).T
     moment = ctx.second_moment(layer).double()
@@ -185,21 +198,22 @@ def test_sequential_edits_replay_exactly_and_resume(method, name, tmp_path, data
     layers = [hp.layer] if hasattr(hp, "layer") else list(hp.layers)
     second = moments(model, layers)
     editor = Editor(model, tokenizer, method, hp, cache_dir=tmp_path, data_root=data_root, second_moments=second)
-    assert isinstance(editor.ctx.target_hooks, TargetHooks)
+    assert isinstance(editor.ctx.optimiser, MostProbableOptimiser if method == "memit-encore" else NormAnchoredOptimiser)
+    assert isinstance(editor.ctx.layer_solve, NormConstrainedSolve) == (method == "memit-encore")
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     log = editor.apply(REQUESTS)
     assert len(log) == 3 and not any(r.skipped for r in editor.records)
     if method == "memit-encore":
-        cache = {layer: gram.clone() for layer, gram in editor.ctx.key_cache.items()}
+        cache = {layer: gram.clone() for layer, gram in key_cache(editor).items()}
         assert sorted(cache) == layers and all(layer.keys is not None for d in log for layer in d.layers)
         # Resuming the saved log in a fresh editor rebuilds the running Σ K_p K_pᵀ.
         other_model, _ = load_model(name)
         other = Editor(other_model, tokenizer, method, hp, cache_dir=tmp_path, data_root=data_root,
                        second_moments=second)
         other.resume(log)
-        assert all(torch.allclose(other.ctx.key_cache[layer], cache[layer]) for layer in layers)
+        assert all(torch.allclose(key_cache(other)[layer], cache[layer]) for layer in layers)
     assert_revert_and_replay_are_bit_exact(model, editor, log, base, tmp_path)
-    assert not editor.ctx.key_cache  # revert clears the running state
+    assert not key_cache(editor)  # revert clears the running state
 
 
 def test_a_failed_encore_step_restores_the_key_cache(tmp_path, monkeypatch):
@@ -210,17 +224,17 @@ def test_a_failed_encore_step_restores_the_key_cache(tmp_path, monkeypatch):
     hp = load_hparams("memit-encore", model)
     editor = Editor(model, tokenizer, "memit-encore", hp, cache_dir=tmp_path, second_moments=moments(model, hp.layers))
     editor.apply(REQUESTS[:1])
-    cache = {layer: gram.clone() for layer, gram in editor.ctx.key_cache.items()}
+    cache = {layer: gram.clone() for layer, gram in key_cache(editor).items()}
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    original = editor._step
+    original = editor._base_method.apply
 
     def failing(*args, **kwargs):
         original(*args, **kwargs)
         raise EditFailure("injected after the update")
 
-    monkeypatch.setattr(editor, "_step", failing)
+    monkeypatch.setattr(editor, "_base_method", dataclasses.replace(editor._base_method, apply=failing))
     record = editor.edit_step(REQUESTS[1:2])
     assert record.skipped and "injected" in record.error
-    assert all(torch.equal(editor.ctx.key_cache[layer], cache[layer]) for layer in cache)
+    assert all(torch.equal(key_cache(editor)[layer], cache[layer]) for layer in cache)
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
     assert len(editor.log) == 1  # nothing of the failed step was logged

@@ -23,15 +23,20 @@ import signal
 from pathlib import Path
 
 FAULTS_ENV = "EAC_FAULTS"
-POINTS = ("edit", "checkpoint-save", "checkpoint-event", "scoring")
+POINTS = ("edit", "checkpoint-save", "checkpoint-event", "scoring")  # every place that calls fault_point
 
 
 def fault_point(point: str, **where) -> None:
     """Kill this process here if the plan named by ``EAC_FAULTS`` holds an unfired fault for this place."""
+    if point not in POINTS:  # a misspelt place would never fire, and its test would pass for nothing
+        raise ValueError(f"unknown fault point {point!r}; known: {list(POINTS)}")
     plan = os.environ.get(FAULTS_ENV)
     if not plan:
         return
     for fault in json.loads(Path(plan).read_text(encoding="utf-8")):
+        if fault["point"] not in POINTS:
+            raise ValueError(f"{plan}: fault {fault.get('id')!r} names unknown point {fault['point']!r}; "
+                             f"known: {list(POINTS)}")
         if fault["point"] != point or any(where.get(key) != value for key, value in fault["where"].items()):
             continue
         marker = Path(f"{plan}.fired") / str(fault["id"])

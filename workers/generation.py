@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import torch
 
+from workers.batching import length_batches
 from workers.models import model_device
 
 
@@ -38,14 +39,14 @@ def greedy_token_ids(model, tokenizer, prompts: list[str], max_new_tokens: int =
 
     outputs: list[list[int] | None] = [None] * len(prompts)
     device = model_device(model)
-    order = list(range(len(prompts)))
-    if sort_by_length:
-        lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]]
-        order.sort(key=lambda i: -lengths[i])
+    # Sorted, not bucketed: splitting a batch for its padding would save prefill positions but repeat
+    # every one of the ``max_new_tokens`` decoding steps, which cost per call, not per row.
+    lengths = ([len(ids) for ids in tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]]
+               if sort_by_length else None)
+    batches = (length_batches(lengths, batch_size) if lengths is not None else
+               [list(range(start, min(start + batch_size, len(prompts)))) for start in range(0, len(prompts), batch_size)])
     eos = tokenizer.eos_token_id
-    for start in tqdm(range(0, len(prompts), batch_size), desc="generating", leave=False,
-                      disable=None if progress else True):
-        indices = order[start:start + batch_size]
+    for indices in tqdm(batches, desc="generating", leave=False, disable=None if progress else True):
         chunk = [prompts[i] for i in indices]
         with padding_side(tokenizer, "left"):
             enc = tokenizer(chunk, return_tensors="pt", padding=True,

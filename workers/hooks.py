@@ -4,7 +4,7 @@ Forward hooks, when every module still runs:
 - ``Trace`` records the input and/or output of named modules during a forward pass and can stop the
   pass right after the last module it needs (so statistics for layers 4-8 never run layers 9-29);
 - ``patch_output`` replaces a module's output by a function of it (and, if asked, of its input):
-  FT adds D k to the projection's output, ``add_to_output`` adds δ at given token positions.
+  FT adds D k to the projection's output; ``add_to_output`` (a benchmark aid) adds δ at given token positions.
 Module replacement, when modules must not run at all (a hook cannot skip its module):
 - ``modules_replaced`` swaps named submodules for others within a block (the target optimiser
   replaces the layers below the edited one by a replay of their cached output, prefix.py).
@@ -94,7 +94,9 @@ def patch_output(model, name: str, edit: Callable[..., torch.Tensor], *, with_in
 
 def add_to_output(model, name: str, vector: torch.Tensor, rows: Sequence[int], positions: Sequence[int]):
     """Add ``vector`` to module ``name``'s output at (row, position) pairs — out of place, so the
-    gradient flows to ``vector``. Returns a context manager."""
+    gradient flows to ``vector``. Returns a context manager. A benchmark aid: the naive δ injection
+    (a full forward per step) that benchmarks/edit_latency.py times the shared optimiser against;
+    the editing code itself injects δ through targets.py's cached runs (prefix.py)."""
     rows_t = torch.as_tensor(list(rows), dtype=torch.long)
     positions_t = torch.as_tensor(list(positions), dtype=torch.long)
 

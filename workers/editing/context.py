@@ -2,65 +2,58 @@
 
 One ``EditContext`` per Editor (per model replica), built on the *unedited* model. It owns explicit
 caches — no module globals: second moments C_l (computed once on the unedited model), their Cholesky
-factors, context templates (generated once from the unedited model, keyed on its fingerprint taken
-here at construction), AlphaEdit's null-space projectors, and the running key cache — the one piece
-of state an edit step changes, so ``edit_state``/``restore_edit_state`` let a failed step undo it.
+factors and context templates (generated once from the unedited model, keyed on its fingerprint taken
+here at construction); the target optimiser the Editor chose (the plain one, or a constraint's:
+``methods.Constraint.optimise``) and MEMIT's layer solve where a constraint supplies one
+(``methods.Constraint.solve``); and the running state a method keeps across edit steps (AlphaEdit's
+key caches, an object of alphaedit.py) — the one thing an edit step changes here, so
+``edit_state``/``restore_edit_state`` let a failed step undo it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Protocol, TypeVar
 
 import torch
 
 from workers.editing.errors import EditFailure
-from workers.editing.targets import OptimisationResult, TargetProblem, optimise_delta
-from workers.editing.target_hooks import TargetHooks
+from workers.editing.targets import TargetOptimiser
 from workers.editing.templates import ContextTemplates
 from workers.models import weights_fingerprint
 
+if TYPE_CHECKING:
+    from workers.editing.memit import LayerSolve
 
-@dataclass
-class StepInfo:
-    """What a method reports about one edit step, beyond the delta itself."""
 
-    loss: float = float("nan")
-    delta_norm: float = float("nan")
-    steps: int = 0  # optimisation steps (loss evaluations), summed over the step's requests
-    seconds: dict[str, float] = field(default_factory=dict)
-    anchors: int | None = None
-    delta_norm_before: float | None = None
-    targets: list[torch.Tensor] = field(default_factory=list)  # v* (ROME) or z (MEMIT) per request
+class RunningState(Protocol):
+    """State a method keeps across edit steps, made by ``EditContext.running_state``."""
 
-    def absorb(self, results: list[OptimisationResult], extra: list[dict]) -> None:
-        """Average the per-request optimisation outcomes (batch edits optimise one δ per request)."""
-        self.loss = sum(r.loss for r in results) / len(results)
-        self.steps = sum(r.steps for r in results)
-        self.delta_norm = sum(float(r.delta.norm()) for r in results) / len(results)
-        anchors = [e["anchors"] for e in extra if e.get("anchors") is not None]
-        before = [e["delta_norm_before"] for e in extra if e.get("delta_norm_before") is not None]
-        if anchors:
-            self.anchors = round(sum(anchors) / len(anchors))
-        if before:
-            self.delta_norm_before = sum(before) / len(before)
+    def snapshot(self):
+        """A copy to put back with ``restore`` (cheap: tensors are replaced, never changed in place)."""
+
+    def restore(self, snapshot) -> None: ...
+
+    def clear(self) -> None:
+        """Back to no earlier edits."""
+
+
+State = TypeVar("State", bound=RunningState)
 
 
 class EditContext:
     def __init__(self, model, tokenizer, *, cache_dir: str | Path | None = None, data_root=None,
-                 second_moments: dict[int, torch.Tensor] | None = None):
+                 second_moments: dict[int, torch.Tensor] | None = None, optimiser: TargetOptimiser | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.data_root = data_root
+        self.optimiser = optimiser if optimiser is not None else TargetOptimiser()
+        # MEMIT's per-layer least-squares solve, where a constraint supplies another
+        # (``methods.Constraint.solve``, a ``memit.LayerSolve``); None: MEMIT's own.
+        self.layer_solve: LayerSolve | None = None
         self._second_moments: dict[int, torch.Tensor] = dict(second_moments or {})
         self._cholesky: dict[int, torch.Tensor] = {}
-        self._projectors: dict[tuple[int, float], torch.Tensor] = {}
-        self.key_cache: dict[int, torch.Tensor] = {}  # AlphaEdit: Σ K Kᵀ of earlier edits, per layer
-        # AlphaEdit: P Σ K Kᵀ per (layer, null-space threshold), kept in step with key_cache so an edit
-        # adds (P K) Kᵀ (d² b) instead of multiplying P by the whole running sum again (d³ per layer).
-        self.projected_key_cache: dict[tuple[int, float], torch.Tensor] = {}
-        # A constraint's stopping rule and target rewrite (target_hooks.py); none by default.
-        self.target_hooks = TargetHooks()
+        self._running: dict[Callable, RunningState] = {}
         self._templates = ContextTemplates(self.cache_dir / "context_templates" if self.cache_dir else None)
         # Hashed once, before any edit: the templates' disk key names the base model, never the
         # weights of the moment (hashing at every edit cost a full state-dict pass per edit).
@@ -102,16 +95,7 @@ class EditContext:
         solved = torch.cholesky_solve(column.unsqueeze(1) if squeeze else column, factor)
         return solved.squeeze(1) if squeeze else solved
 
-    def null_space_projector(self, layer: int, threshold: float) -> torch.Tensor:
-        """AlphaEdit's P: projector onto the eigenvectors of C with eigenvalue < threshold (float64)."""
-        key = (layer, threshold)
-        if key not in self._projectors:
-            eigenvalues, eigenvectors = torch.linalg.eigh(self.second_moment(layer).double())
-            basis = eigenvectors[:, eigenvalues < threshold]
-            self._projectors[key] = basis @ basis.T
-        return self._projectors[key]
-
-    # ---- templates and the target optimiser ----------------------------------------------------
+    # ---- templates ---------------------------------------------------------------------------------
 
     def context_templates(self, hparams) -> list[str]:
         """The trajectory's templates (see templates.py). The first call for a given (lengths, seed)
@@ -121,25 +105,25 @@ class EditContext:
 
     # ---- the state an edit step changes -------------------------------------------------------
 
-    def edit_state(self) -> tuple[dict, dict]:
-        """A copy of AlphaEdit's running key caches (their tensors are replaced, never changed in place)."""
-        return dict(self.key_cache), dict(self.projected_key_cache)
+    def running_state(self, kind: Callable[["EditContext"], State]) -> State:
+        """The running state ``kind`` (a class taking this context) of the method that keeps one: made
+        on first use, the same object afterwards."""
+        if kind not in self._running:
+            self._running[kind] = kind(self)
+        return self._running[kind]  # type: ignore[return-value]
 
-    def restore_edit_state(self, state: tuple[dict, dict]) -> None:
-        keys, projected = state
-        self.key_cache.clear()
-        self.key_cache.update(keys)
-        self.projected_key_cache.clear()
-        self.projected_key_cache.update(projected)
+    def edit_state(self) -> dict:
+        """A copy of every running state, for ``restore_edit_state``."""
+        return {kind: state.snapshot() for kind, state in self._running.items()}
+
+    def restore_edit_state(self, saved: dict) -> None:
+        for kind, state in self._running.items():
+            if kind in saved:
+                state.restore(saved[kind])
+            else:  # made during the step being undone: there were no earlier edits
+                state.clear()
 
     def clear_edit_state(self) -> None:
         """Back to no earlier edits (the base weights)."""
-        self.restore_edit_state(({}, {}))
-
-    def optimise(self, problem: TargetProblem, hparams) -> tuple[OptimisationResult, dict]:
-        """The plain target optimisation, or EAC's two phases around it when the method asks for it."""
-        if hparams.eac is None:
-            return optimise_delta(problem, stop=self.target_hooks.new_stop()), {}
-        from workers.editing.eac import optimise_with_anchors
-
-        return optimise_with_anchors(problem, hparams.eac)
+        for state in self._running.values():
+            state.clear()

@@ -48,6 +48,9 @@ class LayerDelta:
     # The edit's keys (in, n) where a method needs them later (AlphaEdit's running key cache).
     keys: torch.Tensor | None = None
     mask: torch.Tensor | None = None  # (out, in) bool: the elements of left @ rightᵀ written (RECT)
+    # The number of the layer whose ``module`` this is (what a method's running state is keyed on);
+    # None in a log saved before deltas recorded it (Editor.resume fills it in from its own layers).
+    layer: int | None = None
 
     @torch.no_grad()
     def apply(self, model) -> None:
@@ -96,7 +99,8 @@ class WeightDelta:
         def move(t):
             return None if t is None else t.to(device)
 
-        moved = [LayerDelta(l.module, move(l.left), move(l.right), move(l.keys), move(l.mask)) for l in self.layers]
+        moved = [LayerDelta(l.module, move(l.left), move(l.right), move(l.keys), move(l.mask), l.layer)
+                 for l in self.layers]
         return WeightDelta(moved, list(self.case_ids), self.method)
 
 
@@ -187,7 +191,8 @@ class EditLog:
                     if getattr(layer, part) is not None:
                         tensors[f"{i}.{j}.{part}"] = getattr(layer, part).detach().to("cpu").clone(memory_format=torch.contiguous_format)
                 entries.append(layer.module)
-            index.append({"modules": entries, "case_ids": delta.case_ids, "method": delta.method})
+            index.append({"modules": entries, "layers": [layer.layer for layer in delta.layers],
+                          "case_ids": delta.case_ids, "method": delta.method})
         edits, metadata = json.dumps(index), json.dumps(self.metadata)
         header = {"format": LOG_FORMAT, "edits": edits, "metadata": metadata,
                   "digest": content_digest(tensors, edits, metadata)}
@@ -221,9 +226,11 @@ class EditLog:
             deltas = []
             for i, entry in enumerate(json.loads(header["edits"])):
                 layers = []
-                for j, module in enumerate(entry["modules"]):
+                numbers = entry.get("layers") or [None] * len(entry["modules"])  # older logs: none
+                for j, (module, number) in enumerate(zip(entry["modules"], numbers, strict=True)):
                     optional = {part: tensors.get(f"{i}.{j}.{part}") for part in OPTIONAL_PARTS}
-                    layers.append(LayerDelta(str(module), tensors[f"{i}.{j}.left"], **optional))
+                    layers.append(LayerDelta(str(module), tensors[f"{i}.{j}.left"], **optional,
+                                             layer=None if number is None else int(number)))
                 deltas.append(WeightDelta(layers, list(entry["case_ids"]), str(entry["method"])).to(device))
             metadata = json.loads(header.get("metadata", "{}"))
         except (SafetensorError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:

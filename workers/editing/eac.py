@@ -28,6 +28,11 @@ being optimised, δ = z − v_init (penalising the constant v_init would only pu
 representation towards zero). The authors' released ROME code computes the L1 term but never adds it
 to the loss and has no μ term; ``elastic_net: false`` reproduces that.
 
+EAC wraps the base methods through the registry's optimiser hook (``methods.Constraint.optimise``):
+``AnchoredOptimiser`` replaces the plain target optimiser of ROME, MEMIT and AlphaEdit (per request,
+so MEMIT's batch is optimised one request at a time), and gives FT, which has no target vector, the
+elastic net on its weight update with every α_i = 1 (Appendix E).
+
 Ablations (paper §6.3, §6.5) are configuration: ``saliency_mask: false`` (elastic net only),
 ``elastic_net: false`` (saliency only), ``score: random | gradient | magnitude`` (anchor selection).
 """
@@ -39,7 +44,7 @@ import typing
 import torch
 
 from workers.editing.hparams import EACHParams, Score
-from workers.editing.targets import OptimisationResult, TargetProblem, optimise_delta
+from workers.editing.targets import OptimisationResult, TargetOptimiser, TargetProblem, optimise_delta
 
 SCORES = typing.get_args(Score)
 
@@ -75,7 +80,7 @@ def anchor_mask(magnitude: torch.Tensor, percentile: float, rule: str = "percent
     raise ValueError(f"unknown anchor_rule {rule!r}; known: percentile, top_fraction")
 
 
-def elastic_net(alpha: torch.Tensor, l1_weight: float, l2_weight: float):
+def elastic_net(alpha: torch.Tensor | float, l1_weight: float, l2_weight: float):
     """λ Σ α_i |δ_i| + μ ‖δ‖²₂ (Eqs. 4–5) as a penalty function of δ."""
     def penalty(delta: torch.Tensor) -> torch.Tensor:
         return l1_weight * (alpha * delta.abs()).sum() + l2_weight * delta.pow(2).sum()
@@ -105,3 +110,19 @@ def optimise_with_anchors(problem: TargetProblem, eac: EACHParams) -> tuple[Opti
                            update_last=eac.authors_loops)
     final.steps += probe.steps
     return final, {"anchors": int(mask.sum()), "delta_norm_before": float(probe.delta.norm())}
+
+
+class AnchoredOptimiser(TargetOptimiser):
+    """The target optimiser of a ``<base>-eac`` method (the registry builds it from the ``eac`` section)."""
+
+    batches = False  # both phases run per request
+
+    def __init__(self, eac: EACHParams):
+        self.eac = eac
+
+    def optimise(self, problem: TargetProblem) -> tuple[OptimisationResult, dict]:
+        return optimise_with_anchors(problem, self.eac)
+
+    def weight_penalty(self):
+        """FT-EAC: λ‖D‖₁ + μ‖D‖²_F on the weight update D (Eq. 4, every α_i = 1: no target to score)."""
+        return elastic_net(1.0, self.eac.l1_weight, self.eac.l2_weight) if self.eac.elastic_net else None

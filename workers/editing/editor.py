@@ -4,7 +4,7 @@
     log = editor.apply(requests, batch_size=1, on_edit=print)   # each step on top of all previous ones
 
 Every step is all-or-nothing: the matrices a method may touch and the edit context's running state
-(AlphaEdit's key cache) are snapshotted first, and if the method fails (bad input, a NaN loss, a
+(AlphaEdit's key caches) are snapshotted first, and if the method fails (bad input, a NaN loss, a
 singular solve) or produces non-finite weights, both are restored bit for bit, the step is recorded
 as skipped with its reason, and the trajectory goes on
 (``on_error="raise"`` re-raises instead). ``revert()`` restores the base weights exactly;
@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -27,25 +26,8 @@ from workers.editing.context import EditContext
 from workers.editing.delta import EditLog, WeightDelta, WeightSnapshot
 from workers.editing.errors import EditFailure
 from workers.editing.methods import BASES, CONSTRAINTS, split_method
+from workers.editing.record import EditRecord
 from workers.models import arch_spec, edited_weight
-
-
-@dataclass
-class EditRecord:
-    edit_index: int
-    case_ids: list
-    method: str
-    seconds: dict[str, float] = field(default_factory=dict)
-    loss: float = float("nan")
-    delta_norm: float = float("nan")
-    steps: int = 0
-    dw_l1: float = float("nan")
-    dw_fro: float = float("nan")
-    relative_l1: dict[str, float] = field(default_factory=dict)
-    anchors: int | None = None
-    delta_norm_before: float | None = None
-    skipped: bool = False
-    error: str | None = None
 
 
 class Editor:
@@ -55,33 +37,31 @@ class Editor:
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
         base, constraint = BASES[base_name], CONSTRAINTS.get(constraint_name)
-        rewrites = constraint is not None and constraint.rewrite is not None
-        sectioned = constraint is not None and any(hook is not None for hook in (constraint.rewrite, constraint.targets,
-                                                                                  constraint.step))
-        if sectioned and getattr(hparams, constraint_name, None) is None:
+        settings = None if constraint is None else getattr(hparams, constraint_name, None)
+        if constraint is not None and settings is None:
             raise ValueError(f"method {method} needs hyper-parameters with a '{constraint_name}' section "
                              f"(load_hparams({method!r}, model))")
         self.model, self.tokenizer, self.method, self.hparams = model, tokenizer, method, hparams
         self.on_error = on_error
         self._base_method = base
-        # The edit step: the base's, or the constraint's wrapping of it (ENCORE's update).
-        self._step = constraint.step(base.apply) if constraint is not None and constraint.step is not None \
-            else base.apply
-        self._on_resume = constraint.on_resume if constraint is not None and constraint.on_resume is not None \
-            else base.on_resume
         self.layers = base.layers(hparams)
         spec = arch_spec(model)
         self.modules = [spec.mlp_out_name(layer) for layer in self.layers]
-        self.ctx = EditContext(model, tokenizer, cache_dir=cache_dir, data_root=data_root, second_moments=second_moments)
+        # The constraint's hooks (methods.Constraint), built from its settings.
+        optimiser = constraint.optimise(settings) if constraint is not None and constraint.optimise else None
+        self.ctx = EditContext(model, tokenizer, cache_dir=cache_dir, data_root=data_root, second_moments=second_moments,
+                               optimiser=optimiser)
         # Statistics of the unedited model, computed (or loaded) once, before any edit.
         if base.second_moments(hparams):
             self.ctx.prepare_second_moments(self.layers, hparams)
         if base.context_templates:
             self.ctx.context_templates(hparams)
-        if constraint is not None and constraint.targets is not None:  # built on the unedited model (NAS's anchor)
-            self.ctx.target_hooks = constraint.targets(getattr(hparams, constraint_name), hparams, self.ctx)
+        if constraint is not None and constraint.solve is not None:
+            self.ctx.layer_solve = constraint.solve(settings)
+        self.ctx.optimiser.prepare(hparams, self.ctx)  # on the unedited model (NAS's reference norm)
         self.base = WeightSnapshot(model, self.modules)
-        self._restrain = constraint.rewrite(getattr(hparams, constraint_name), self.base) if rewrites else None
+        self._restrain = (constraint.rewrite(settings, self.base) if constraint is not None and constraint.rewrite
+                          else None)
         self._base_l1 = {m: float(self.base.original(m).double().abs().sum()) for m in self.modules}
         self.log = EditLog(metadata={"method": method, "hparams": dataclasses.asdict(hparams)})
         self.records: list[EditRecord] = []
@@ -100,12 +80,13 @@ class Editor:
         return self.log
 
     def edit_step(self, requests: list[EditRequest]) -> EditRecord:
-        record = EditRecord(edit_index=len(self.records), case_ids=[r.case_id for r in requests], method=self.method)
+        who = {"edit_index": len(self.records), "case_ids": [r.case_id for r in requests], "method": self.method}
         snapshot = WeightSnapshot(self.model, self.modules)
         state = self.ctx.edit_state()
         start = time.perf_counter()
         try:
-            delta, info = self._step(self.model, self.tokenizer, requests, self.hparams, self.ctx, self.method)
+            delta, info = self._base_method.apply(self.model, self.tokenizer, requests, self.hparams, self.ctx,
+                                                  self.method)
             if self._restrain is not None:
                 restrain_start = time.perf_counter()
                 delta = self._restrain(self.model, delta, snapshot)
@@ -117,17 +98,16 @@ class Editor:
             self.ctx.restore_edit_state(state)
             if self.on_error == "raise":
                 raise
-            record.skipped, record.error = True, f"{type(exc).__name__}: {exc}"
-            record.seconds["total"] = time.perf_counter() - start
+            record = EditRecord.of_step(None, **who, skipped=True, error=f"{type(exc).__name__}: {exc}",
+                                        seconds={"total": time.perf_counter() - start})
             self.records.append(record)
             return record
         except BaseException:
             snapshot.restore(self.model)  # never leave the model half-edited
             self.ctx.restore_edit_state(state)
             raise
-        record.seconds = {**info.seconds, "total": time.perf_counter() - start}
-        record.loss, record.delta_norm, record.steps = info.loss, info.delta_norm, info.steps
-        record.anchors, record.delta_norm_before = info.anchors, info.delta_norm_before
+        info.seconds["total"] = time.perf_counter() - start
+        record = EditRecord.of_step(info, **who)
         self._measure(record, delta, snapshot)
         self.log.append(delta)
         self.records.append(record)
@@ -157,8 +137,12 @@ class Editor:
         """Replay ``log`` onto the base weights and continue editing after it."""
         self.revert()
         log.replay(self.model)
-        if self._on_resume is not None:
+        layer_of = dict(zip(self.modules, self.layers))
+        for layer_delta in (layer_delta for delta in log for layer_delta in delta.layers):
+            if layer_delta.layer is None:  # a log saved before deltas recorded their layer
+                layer_delta.layer = layer_of.get(layer_delta.module)
+        if self._base_method.on_resume is not None:
             for delta in log:
-                self._on_resume(self.ctx, delta)
+                self._base_method.on_resume(self.ctx, delta)
         self.log = EditLog(log.deltas, {**self.log.metadata, **log.metadata})
         self.records = [EditRecord(edit_index=i, case_ids=list(d.case_ids), method=d.method) for i, d in enumerate(log)]

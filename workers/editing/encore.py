@@ -19,7 +19,7 @@ knowledge Editing, around MEMIT. Two regularisations, one at each of the two ste
 
    (λ = mom2_update_weight, μ = norm_weight; ``preserve_earlier_edits: false`` drops K_p K_pᵀ). The
    normal equations ΔW (λC + K_pK_pᵀ + μI + KKᵀ) = R Kᵀ are what the tests check. The running
-   Σ K_p K_pᵀ is the edit context's key cache (as AlphaEdit's), rebuilt from a saved log's keys on
+   Σ K_p K_pᵀ is ENCORE's running state in the edit context (``EarlierKeys``), rebuilt from a saved log's keys on
    resume, and restored with the weights when a step fails.
 
 Where this follows the authors' code rather than a reading of the paper, and what is configurable:
@@ -36,12 +36,11 @@ from __future__ import annotations
 
 import torch
 
-from workers.editing.alphaedit import remember_keys
 from workers.editing.context import EditContext
 from workers.editing.hparams import ENCOREHParams, MemitHParams
-from workers.editing.memit import solve, spread_over_layers
-from workers.editing.target_hooks import TargetHooks
-from workers.editing.targets import StopRule
+from workers.editing.memit import LayerSolve, solve
+from workers.editing.targets import (OptimisationResult, StopRule, TargetBatch, TargetOptimiser, TargetProblem,
+                                     optimise_delta, optimise_deltas)
 
 
 def most_probable_stop(settings: ENCOREHParams) -> StopRule:
@@ -62,8 +61,42 @@ def most_probable_stop(settings: ENCOREHParams) -> StopRule:
     return stop
 
 
-def encore_hooks(settings: ENCOREHParams, hparams, ctx) -> TargetHooks:
-    return TargetHooks(stop=lambda: most_probable_stop(settings))
+class MostProbableOptimiser(TargetOptimiser):
+    """The target optimiser of ``memit-encore`` (the registry builds it from the ``encore`` section): the
+    plain optimisation with a fresh MPES rule as its extra stop, for each optimisation."""
+
+    def __init__(self, settings: ENCOREHParams):
+        self.settings = settings
+
+    def optimise(self, problem: TargetProblem) -> tuple[OptimisationResult, dict]:
+        return optimise_delta(problem, stop=most_probable_stop(self.settings)), {}
+
+    def optimise_batch(self, problem: TargetBatch) -> tuple[list[OptimisationResult], list[dict]]:
+        results = optimise_deltas(problem, stop=most_probable_stop(self.settings))
+        return results, [{} for _ in results]
+
+
+class EarlierKeys:
+    """ENCORE's running state in the edit context (``ctx.running_state(EarlierKeys)``): Σ K_p K_pᵀ of the
+    earlier edits' keys per layer (float64). Tensors are replaced, never changed in place."""
+
+    def __init__(self, ctx: EditContext):
+        self.key_cache: dict[int, torch.Tensor] = {}
+
+    def remember(self, layer: int, keys: torch.Tensor) -> None:
+        keys = keys.double()
+        gram = keys @ keys.T
+        previous = self.key_cache.get(layer)
+        self.key_cache[layer] = gram if previous is None else previous + gram.to(previous.device)
+
+    def snapshot(self) -> dict:
+        return dict(self.key_cache)
+
+    def restore(self, snapshot: dict) -> None:
+        self.key_cache = dict(snapshot)
+
+    def clear(self) -> None:
+        self.key_cache = {}
 
 
 def norm_constrained_system(ctx: EditContext, layer: int, keys: torch.Tensor, hparams: MemitHParams) -> torch.Tensor:
@@ -73,7 +106,7 @@ def norm_constrained_system(ctx: EditContext, layer: int, keys: torch.Tensor, hp
     moment = (moment + moment.T) / 2  # C is symmetric by definition; float32 estimates are only nearly so
     system = hparams.mom2_update_weight * moment + keys @ keys.T
     system = system + settings.norm_weight * torch.eye(keys.shape[0], dtype=keys.dtype, device=keys.device)
-    earlier = ctx.key_cache.get(layer) if settings.preserve_earlier_edits else None
+    earlier = ctx.running_state(EarlierKeys).key_cache.get(layer) if settings.preserve_earlier_edits else None
     if earlier is not None:
         system = system + earlier.to(keys.device)
     return system
@@ -86,19 +119,21 @@ def encore_right_factor(hparams: MemitHParams):
     return right
 
 
-def apply_memit_encore(model, tokenizer, requests, hparams: MemitHParams, ctx: EditContext,
-                       method: str = "memit-encore"):
-    """MEMIT's layer spreading with the norm-constrained update; the keys are kept in the delta (and in
-    the running cache) when earlier edits are preserved."""
-    keep = hparams.encore.preserve_earlier_edits
-    delta, info = spread_over_layers(model, tokenizer, requests, hparams, ctx, encore_right_factor(hparams), method,
-                                     keep_keys=keep)
-    if keep:
-        remember_keys(ctx, delta)
-    return delta, info
+class NormConstrainedSolve(LayerSolve):
+    """MEMIT's layer solve for ``memit-encore`` (the registry's solve hook, built from the ``encore``
+    section): the norm-constrained system; the keys are kept in the deltas and in the running Σ K_p K_pᵀ
+    when earlier edits are preserved (also rebuilt from a saved log's keys on resume)."""
 
+    def __init__(self, settings: ENCOREHParams):
+        self.keeps_keys = settings.preserve_earlier_edits
 
-def encore_step(base_step):
-    """The registry's step wrapper: ENCORE replaces MEMIT's layer update (its targets come from the same
-    optimiser, stopped by MPES through the target hooks)."""
-    return apply_memit_encore
+    def right_factor(self, hparams: MemitHParams):
+        return encore_right_factor(hparams)
+
+    def remember(self, ctx: EditContext, delta) -> None:
+        if not self.keeps_keys:
+            return
+        state = ctx.running_state(EarlierKeys)
+        for layer_delta in delta.layers:
+            if layer_delta.keys is not None:
+                state.remember(layer_delta.layer, layer_delta.keys)

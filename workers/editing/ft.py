@@ -1,4 +1,4 @@
-"""Constrained fine-tuning baselines: FT-L and FT-M, optionally with EAC's elastic net (Appendix E).
+"""Constrained fine-tuning baselines: FT-L and FT-M.
 
 One MLP output projection W (the same module the locate-then-edit methods rewrite) is fine-tuned
 through an additive D = W − W₀, Adam, at most ``num_steps`` steps, and after every step the box
@@ -6,8 +6,9 @@ constraint |D| ≤ ε element-wise (FT-L, Zhu et al. 2020 / ROME's baseline).
 - ``objective="prompt_last"`` (FT-L as in ROME's baseline code): every target token is scored from
   the distribution at the last prompt token.
 - ``objective="target"`` (FT-M): teacher-forced NLL of the target tokens given the prompt.
-With an ``eac`` section the loss gains λ‖D‖₁ + μ‖D‖²_F (Eq. 4 applied to the weight delta; FT has
-no target vector to score, so every α_i = 1).
+The loss gains the edit context's optimiser's ``weight_penalty`` of D where a constraint supplies one
+(FT has no target vector: the registry's optimiser hook, ``methods.Constraint.optimise``, reaches FT
+through this penalty alone).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from workers.editing.context import EditContext, StepInfo
+from workers.editing.context import EditContext
 from workers.editing.delta import LayerDelta, WeightDelta
 from workers.editing.hparams import FTHParams
 from workers.editing.errors import EditFailure
+from workers.editing.record import StepInfo
 from workers.editing.tokens import check_length, right_padded, target_token_ids
 from workers.hooks import patch_output
 from workers.models import arch_spec, edited_weight
@@ -56,7 +58,7 @@ def apply_ft(model, tokenizer, requests, hparams: FTHParams, ctx: EditContext, m
 
     addition = torch.zeros(weight.shape, dtype=torch.float32, device=device, requires_grad=True)
     optimiser = torch.optim.Adam([addition], lr=hparams.lr)
-    eac = hparams.eac
+    penalty = ctx.optimiser.weight_penalty()
     lm_head = model.get_output_embeddings()
 
     def objective() -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,9 +71,7 @@ def apply_ft(model, tokenizer, requests, hparams: FTHParams, ctx: EditContext, m
         per_request = torch.zeros(n_requests, device=device).index_add(0, rows, token_nll)
         counts = torch.zeros(n_requests, device=device).index_add(0, rows, torch.ones_like(token_nll))
         nll = (per_request / counts).mean()
-        total = nll
-        if eac is not None and eac.elastic_net:
-            total = total + eac.l1_weight * addition.abs().sum() + eac.l2_weight * addition.pow(2).sum()
+        total = nll if penalty is None else nll + penalty(addition)
         return total, nll
 
     loss, steps = math.inf, 0
@@ -92,7 +92,7 @@ def apply_ft(model, tokenizer, requests, hparams: FTHParams, ctx: EditContext, m
     info = StepInfo(loss=loss, delta_norm=float(addition.detach().norm()), steps=steps)
     info.seconds["targets"] = time.perf_counter() - start
     start = time.perf_counter()
-    layer_delta = LayerDelta(module, addition.detach().clone())
+    layer_delta = LayerDelta(module, addition.detach().clone(), layer=hparams.layer)
     layer_delta.apply(model)
     info.seconds["update"] = time.perf_counter() - start
     return WeightDelta([layer_delta], [r.case_id for r in requests], method), info

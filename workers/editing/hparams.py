@@ -6,7 +6,7 @@ ft-l, ft-m) and ``workers/hparams/<constraint>/<base>/<model>.yaml`` for the set
 ``<base>-<constraint>`` method adds: ``eac`` (every base), ``prune`` and ``rect`` (rome, memit,
 alphaedit). An EAC YAML's optional ``base:`` mapping sets fields of the base method for the EAC
 variant only (e.g. the paper's μ as ``weight_decay``). ``<model>`` is a key such as ``gpt2-xl``, ``llama3-8b``, ``llama2-13b``,
-``smollm2-135m`` or ``tiny`` (see ``model_key``). Overrides (for Ray Tune) use dotted names:
+``smollm2-135m`` or ``tiny`` (see ``hparams_key``). Overrides (for Ray Tune) use dotted names:
 ``{"layer": 6, "eac.gamma_percentile": 90, "rect.keep_fraction": 0.3}``.
 """
 
@@ -92,7 +92,10 @@ class EACHParams(Checked):
 
 
 def authors_eac_overrides(base: str) -> dict[str, Any]:
-    """Dotted overrides (``eac.*``) that make an EAC variant run as the authors' released code
+    """A reproduction aid, not read by a run: the tests check the authors' configuration through it
+    (tests/test_editing_reference.py), and a spec runs it by giving these overrides as ``hparams:``.
+
+    Dotted overrides (``eac.*``) that make an EAC variant run as the authors' released code
     (ROME and MEMIT with EAC): δ ⊙ mean ∇L, a top-k of the scores, an Adam update at every step; ROME warm-starts
     the retrain from the probe and never adds its elastic net to the loss, MEMIT retrains from zero.
     AlphaEdit, which the authors did not release with EAC, follows MEMIT. The paper-model YAMLs
@@ -227,19 +230,21 @@ class FTHParams(Checked):
 
 HPARAMS_DIR = Path(str(importlib.resources.files("workers") / "hparams"))
 
-MODEL_KEYS = {  # substring of the model name (lower case) -> hparams file key
+HPARAMS_KEYS = {  # substring of the model name (lower case) -> hparams file key
     "gpt2-xl": "gpt2-xl", "llama-3-8b": "llama3-8b", "llama3-8b": "llama3-8b", "llama-2-13b": "llama2-13b",
     "llama2-13b": "llama2-13b", "smollm2-135m": "smollm2-135m", "tiny-gpt2": "tiny", "tiny-llama": "tiny",
 }
 
 
-def model_key(model_or_name) -> str:
+def hparams_key(model_or_name) -> str:
+    """The key naming a model's hyper-parameter files (``gpt2-xl``, ``tiny``, ...), from its name. (Not
+    ``workers.evaluation.reference.model_key``, a fingerprint of one model's weights and vocabulary.)"""
     name = model_or_name if isinstance(model_or_name, str) else getattr(model_or_name.config, "eac_model_name", "")
     lowered = (name or "").lower()
-    for fragment, key in MODEL_KEYS.items():
+    for fragment, key in HPARAMS_KEYS.items():
         if fragment in lowered:
             return key
-    raise ValueError(f"no hyper-parameters are known for model {name!r}; known: {sorted(set(MODEL_KEYS.values()))}. "
+    raise ValueError(f"no hyper-parameters are known for model {name!r}; known: {sorted(set(HPARAMS_KEYS.values()))}. "
                      f"Pass hparams_path= / a YAML file of your own.")
 
 

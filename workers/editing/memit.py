@@ -20,12 +20,13 @@ from typing import Callable
 import torch
 
 from workers.data import EditRequest
-from workers.editing.context import EditContext, StepInfo
+from workers.editing.context import EditContext
 from workers.editing.delta import LayerDelta, WeightDelta
 from workers.editing.hparams import MemitHParams
 from workers.editing.keys import at_subject, template_weights
 from workers.editing.errors import EditFailure
-from workers.editing.targets import TargetBatch, TargetProblem, optimise_deltas
+from workers.editing.record import StepInfo
+from workers.editing.targets import TargetBatch, TargetProblem
 from workers.models import arch_spec
 
 # (ctx, layer, keys K (d_in × n, float64)) -> A (d_in × n, float64) such that ΔW = R Aᵀ
@@ -53,25 +54,24 @@ def solve(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
 
 
 def optimise_targets(model, tokenizer, requests: list[EditRequest], hparams, ctx: EditContext):
-    """z_i = z_init + δ_i at the output of the last edited layer. Without EAC all requests are
-    optimised together, in one batched forward per step (targets.TargetBatch: the same per-request
-    results as one at a time); EAC's two phases run per request."""
+    """z_i = z_init + δ_i at the output of the last edited layer, by the context's target optimiser.
+    One that batches optimises all requests together, in one batched forward per step
+    (targets.TargetBatch: the same per-request results as one at a time); otherwise one at a time."""
     templates = ctx.context_templates(hparams)
     layer, config = list(hparams.layers)[-1], hparams.target_config()
-    if hparams.eac is None:
+    optimiser = ctx.optimiser
+    if optimiser.batches:
         problem = TargetBatch(model, tokenizer, requests, layer, templates, init_from="residual", config=config)
-        results = optimise_deltas(problem, stop=ctx.target_hooks.new_stop())
-        ctx.target_hooks.finish(problem, results)  # a constraint's rewrite of z (none by default)
-        return [v + r.delta for v, r in zip(problem.v_inits, results)], results, [{} for _ in results]
-    results, extras, targets = [], [], []
+        results, reports = optimiser.optimise_batch(problem)
+        return [v + r.delta for v, r in zip(problem.v_inits, results)], results, reports
+    results, reports, targets = [], [], []
     for request in requests:
         problem = TargetProblem(model, tokenizer, request, layer, templates, init_from="residual", config=config)
-        result, extra = ctx.optimise(problem, hparams)
-        ctx.target_hooks.finish(problem, [result])
+        result, report = optimiser.optimise(problem)
         targets.append(problem.v_init + result.delta)
         results.append(result)
-        extras.append(extra)
-    return targets, results, extras
+        reports.append(report)
+    return targets, results, reports
 
 
 def spread_targets(model, tokenizer, requests: list[EditRequest], targets: list[torch.Tensor], hparams,
@@ -100,7 +100,8 @@ def spread_targets(model, tokenizer, requests: list[EditRequest], targets: list[
         start = time.perf_counter()
         residual = (target_z.to(current_z.device) - current_z) / (len(layers) - i)
         right = right_factor(ctx, layer, keys)
-        layer_delta = LayerDelta(module, residual.float(), right.float(), keys.float() if keep_keys else None)
+        layer_delta = LayerDelta(module, residual.float(), right.float(), keys.float() if keep_keys else None,
+                                 layer=layer)
         layer_delta.apply(model)
         layer_deltas.append(layer_delta)
         seconds["update"] += time.perf_counter() - start
@@ -111,14 +112,43 @@ def spread_over_layers(model, tokenizer, requests: list[EditRequest], hparams, c
                        right_factor: RightFactor, method: str, keep_keys: bool = False) -> tuple[WeightDelta, StepInfo]:
     info = StepInfo()
     start = time.perf_counter()
-    targets, results, extras = optimise_targets(model, tokenizer, requests, hparams, ctx)
+    targets, results, reports = optimise_targets(model, tokenizer, requests, hparams, ctx)
     info.seconds["targets"] = time.perf_counter() - start
     layer_deltas = spread_targets(model, tokenizer, requests, targets, hparams, ctx, right_factor, keep_keys,
                                   info.seconds)
-    info.absorb(results, extras)
+    info.absorb(results, reports)
     info.targets = targets
     return WeightDelta(layer_deltas, [r.case_id for r in requests], method), info
 
 
+class LayerSolve:
+    """How MEMIT solves each layer's least-squares update ΔW = R Aᵀ: its own (λC + KKᵀ)⁻¹ K by default.
+    A constraint may supply another (``methods.Constraint.solve``: ENCORE's norm-constrained system,
+    encore.py), which the Editor puts in the edit context (``ctx.layer_solve``); MEMIT reads it from
+    there and never knows which constraint it is."""
+
+    # Whether the deltas keep their keys K (for ``remember``, and through a saved log for a resume).
+    keeps_keys = False
+
+    def right_factor(self, hparams: MemitHParams) -> RightFactor:
+        return memit_right_factor(hparams)
+
+    def remember(self, ctx: EditContext, delta: WeightDelta) -> None:
+        """After a step, and for each delta of a replayed log: what the solve keeps of earlier edits
+        (a running state in ``ctx``); nothing by default."""
+
+
 def apply_memit(model, tokenizer, requests, hparams: MemitHParams, ctx: EditContext, method: str = "memit"):
-    return spread_over_layers(model, tokenizer, requests, hparams, ctx, memit_right_factor(hparams), method)
+    if ctx.layer_solve is None:
+        return spread_over_layers(model, tokenizer, requests, hparams, ctx, memit_right_factor(hparams), method)
+    solver = ctx.layer_solve
+    delta, info = spread_over_layers(model, tokenizer, requests, hparams, ctx, solver.right_factor(hparams), method,
+                                     keep_keys=solver.keeps_keys)
+    solver.remember(ctx, delta)
+    return delta, info
+
+
+def remember_solved(ctx: EditContext, delta: WeightDelta) -> None:
+    """MEMIT's ``on_resume``: replay a saved delta into the layer solve's running state, if it keeps one."""
+    if ctx.layer_solve is not None:
+        ctx.layer_solve.remember(ctx, delta)

@@ -17,19 +17,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 from workers.editing.alphaedit import apply_alphaedit, remember_keys
-from workers.editing.context import EditContext, StepInfo
+from workers.editing.context import EditContext
 from workers.editing.delta import WeightDelta, WeightSnapshot
-from workers.editing.encore import encore_hooks, encore_step
+from workers.editing.eac import AnchoredOptimiser
+from workers.editing.encore import MostProbableOptimiser, NormConstrainedSolve
 from workers.editing.ft import apply_ft
-from workers.editing.hparams import (HPARAMS_DIR, MODEL_KEYS, AlphaEditHParams, FTHParams, MemitHParams,
-                                     RomeHParams, base_changes, from_dict, model_key, read_yaml, sections,
+from workers.editing.hparams import (HPARAMS_DIR, HPARAMS_KEYS, AlphaEditHParams, FTHParams, MemitHParams,
+                                     RomeHParams, base_changes, from_dict, hparams_key, read_yaml, sections,
                                      with_overrides)
-from workers.editing.memit import apply_memit
-from workers.editing.nas import norm_anchor_hooks
+from workers.editing.memit import LayerSolve, apply_memit, remember_solved
+from workers.editing.nas import NormAnchoredOptimiser
 from workers.editing.prune import PruneRestraint
+from workers.editing.record import StepInfo
 from workers.editing.rect import RectSparsifier
 from workers.editing.rome import apply_rome
-from workers.editing.target_hooks import TargetHooks
+from workers.editing.targets import TargetOptimiser
 
 # (model, tokenizer, requests, hparams, ctx, method name) -> the step's delta, already applied, and its report
 EditStep = Callable[..., tuple[WeightDelta, StepInfo]]
@@ -54,22 +56,21 @@ class Method:
 @dataclass(frozen=True)
 class Constraint:
     """What ``<base>-<name>`` adds to a base method; its settings are the base hyper-parameters'
-    ``<name>`` section."""
+    ``<name>`` section. It wraps the base through hooks, each built by the Editor from those
+    settings; the base method never knows which constraint, if any, is around it."""
 
     bases: tuple[str, ...]  # the base methods it combines with
-    # Built per editor from (its settings, the base weights); rewrites each step's update after the
-    # base method wrote it. None: the constraint acts inside the target optimisation (EAC:
-    # EditContext.optimise), not on the weights.
+    # (its settings) -> the target optimiser the base runs instead of the plain one (the Editor puts it
+    # in the edit context, ``ctx.optimiser``): EAC's two phases around the shared loop, NAS's rescaling
+    # of the solved target, ENCORE's most-probable early stop. None: the plain one.
+    optimise: Callable[[Any], TargetOptimiser] | None = None
+    # (its settings, the base weights) -> a rewrite of each step's update after the base method wrote
+    # it (PRUNE, RECT). None: the weights are the base method's.
     rewrite: Callable[[Any, WeightSnapshot], WeightRewrite] | None = None
+    # (its settings) -> MEMIT's per-layer least-squares solve instead of its own (the Editor puts it in
+    # the edit context, ``ctx.layer_solve``): ENCORE's Frobenius-norm term. None: MEMIT's own.
+    solve: Callable[[Any], LayerSolve] | None = None
     sets_base_fields: bool = False  # its YAML's ``base:`` mapping may set base-method fields
-    # Built per editor from (its settings, the method's hyper-parameters, the edit context on the
-    # unedited model): a stopping rule and/or a rewrite of the solved targets (target_hooks.py). NAS
-    # rescales v*; ENCORE's MPES stops the optimisation.
-    targets: Callable[[Any, Any, EditContext], TargetHooks] | None = None
-    # Wraps the base's edit step (base step -> step): ENCORE's norm-constrained layer update.
-    step: Callable[[EditStep], EditStep] | None = None
-    # Replaces the base's on_resume where the wrapped step keeps running state (ENCORE's key cache).
-    on_resume: Callable[[EditContext, WeightDelta], None] | None = None
 
 
 def one_layer(hparams) -> list[int]:
@@ -94,18 +95,18 @@ def rome_second_moments(hparams: RomeHParams) -> bool:
 
 BASES: dict[str, Method] = {
     "rome": Method(RomeHParams, one_layer, apply_rome, rome_second_moments),
-    "memit": Method(MemitHParams, spread_layers, apply_memit, always),
+    "memit": Method(MemitHParams, spread_layers, apply_memit, always, on_resume=remember_solved),
     "alphaedit": Method(AlphaEditHParams, spread_layers, apply_alphaedit, always, on_resume=remember_keys),
     "ft-l": Method(FTHParams, one_layer, apply_ft, never, context_templates=False),
     "ft-m": Method(FTHParams, one_layer, apply_ft, never, context_templates=False),
 }
 LOCATE_THEN_EDIT = ("rome", "memit", "alphaedit")
 CONSTRAINTS: dict[str, Constraint] = {
-    "eac": Constraint(tuple(BASES), sets_base_fields=True),
+    "eac": Constraint(tuple(BASES), optimise=AnchoredOptimiser, sets_base_fields=True),
     "prune": Constraint(LOCATE_THEN_EDIT, rewrite=PruneRestraint),
     "rect": Constraint(LOCATE_THEN_EDIT, rewrite=RectSparsifier),
-    "nas": Constraint(LOCATE_THEN_EDIT, targets=norm_anchor_hooks),
-    "encore": Constraint(("memit",), targets=encore_hooks, step=encore_step, on_resume=remember_keys),
+    "nas": Constraint(LOCATE_THEN_EDIT, optimise=NormAnchoredOptimiser),
+    "encore": Constraint(("memit",), optimise=MostProbableOptimiser, solve=NormConstrainedSolve),
 }
 METHODS = tuple(BASES) + tuple(f"{base}-{name}" for name, constraint in CONSTRAINTS.items()
                                for base in constraint.bases)
@@ -141,7 +142,7 @@ def load_hparams(method: str, model=None, *, overrides: dict | None = None, path
         source = Path(path)
         values = read_yaml(source)
     else:
-        key = model if isinstance(model, str) and model in set(MODEL_KEYS.values()) else model_key(model)
+        key = model if isinstance(model, str) and model in set(HPARAMS_KEYS.values()) else hparams_key(model)
         source = HPARAMS_DIR / base / f"{key}.yaml"
         if not source.exists():
             raise ValueError(f"no {base} hyper-parameters for {key!r} ({source} is missing)")

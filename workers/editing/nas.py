@@ -15,11 +15,12 @@ bare prompt at the subject's last token (as the authors' code takes it). For ROM
 target (v_init = v0). For MEMIT and AlphaEdit the target z lives in the residual stream after the last
 edited layer: z = (z_init − v0) + v*, i.e. the pre-MLP residual plus the value vector, and only v* is
 rescaled (the authors' ``compute_z``: ``target = res_pre_mlp + v_star``). In both cases the rewrite is
-δ ← rescale(v0 + δ) − v0, applied to the optimiser's result before the base's update
-(target_hooks.py), so the edit log holds the update actually written and replays exactly.
+δ ← rescale(v0 + δ) − v0, applied by NAS's target optimiser (``NormAnchoredOptimiser``, the
+registry's optimiser hook) to the plain optimiser's result, before the base's update, so the edit
+log holds the update actually written and replays exactly.
 
 The reference r (computed once per editor, on the unedited model, before any edit; cached on disk by
-the base model's fingerprint and the settings): ``reference_edits`` rewrites sampled (seeded) from
+the base model's fingerprint and the settings; measured in the optimiser's ``prepare``): ``reference_edits`` rewrites sampled (seeded) from
 ``reference_dataset``, each solved on its bare prompt by the method's own target optimiser at the
 method's own layer, and the mean of their ‖v0 + δ‖ after dropping the largest ``trim_upper`` share.
 
@@ -45,8 +46,7 @@ from pathlib import Path
 import torch
 
 from workers.editing.hparams import NASHParams, RomeHParams
-from workers.editing.target_hooks import TargetHooks
-from workers.editing.targets import OptimisationResult, TargetBatch, optimise_deltas
+from workers.editing.targets import OptimisationResult, TargetBatch, TargetOptimiser, TargetProblem, optimise_deltas
 
 
 def rescaled_delta(v0: torch.Tensor, delta: torch.Tensor, reference: float,
@@ -78,29 +78,41 @@ def target_site(hparams) -> tuple[int, str]:
     return list(hparams.layers)[-1], "residual"
 
 
-class NormAnchor:
-    """The NAS hooks for one editor: the reference norm, and the rewrite of every solved target."""
+class NormAnchoredOptimiser(TargetOptimiser):
+    """The target optimiser of a ``<base>-nas`` method (the registry builds it from the ``nas`` section):
+    the plain optimisation, then every solved δ rewritten so that v0 + δ has the reference norm. The
+    reference is measured in ``prepare``, which the Editor calls on the unedited model."""
 
-    def __init__(self, settings: NASHParams, hparams, ctx):
+    def __init__(self, settings: NASHParams):
         self.settings = settings
-        self.reference = reference_norm(settings, hparams, ctx)
+        self.reference: float | None = None
 
-    def rewrite(self, problem: TargetBatch, results: list[OptimisationResult]) -> None:
+    def prepare(self, hparams, ctx) -> None:
+        self.reference = reference_norm(self.settings, hparams, ctx)
+
+    def optimise(self, problem: TargetProblem) -> tuple[OptimisationResult, dict]:
+        result, report = super().optimise(problem)
+        self.rescale(problem, [result])
+        return result, report
+
+    def optimise_batch(self, problem: TargetBatch) -> tuple[list[OptimisationResult], list[dict]]:
+        results, reports = super().optimise_batch(problem)
+        self.rescale(problem, results)
+        return results, reports
+
+    def rescale(self, problem: TargetBatch, results: list[OptimisationResult]) -> None:
+        """δ_r ← rescale(v0_r + δ_r) − v0_r in place, v0 = ``problem.mlp_inits`` (the MLP output, also
+        where the target is the residual z: z = (z_init − v0) + v*)."""
+        if self.reference is None:
+            raise RuntimeError("NAS's reference norm is measured in prepare(hparams, ctx), before any edit")
         for r, result in enumerate(results):
             result.delta = rescaled_delta(problem.mlp_inits[r], result.delta, self.reference,
                                           self.settings.skip_above)
 
-    def hooks(self) -> TargetHooks:
-        return TargetHooks(rewrite=self.rewrite)
-
-
-def norm_anchor_hooks(settings: NASHParams, hparams, ctx) -> TargetHooks:
-    return NormAnchor(settings, hparams, ctx).hooks()
-
 
 def reference_norm(settings: NASHParams, hparams, ctx) -> float:
     """r: the trimmed mean ‖v0 + δ‖ of reference rewrites solved on the model as it is now (the Editor
-    builds its hooks before any edit, so the unedited model). Cached under ``ctx.cache_dir/nas``."""
+    prepares the optimiser before any edit, so the unedited model). Cached under ``ctx.cache_dir/nas``."""
     layer, init_from = target_site(hparams)
     templates = ctx.context_templates(hparams) if settings.reference_prompts == "templates" else ["{}"]
     config = hparams.target_config()

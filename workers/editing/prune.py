@@ -74,13 +74,14 @@ class PruneRestraint:
         """Restrain the accumulated update of every matrix ``delta`` touched (already applied) and
         return the step's delta with the corrections appended (``before`` is not needed by PRUNE)."""
         layers = list(delta.layers)
+        numbers = {layer.module: layer.layer for layer in delta.layers}
         for module in delta.modules():
             weight = edited_weight(model, module)
             accumulated = weight.double() - self.base.original(module).to(weight.device).double()
             factors = restraining_correction(accumulated, self.sigma_max[module], self.alpha)
             if factors is None:
                 continue
-            correction = LayerDelta(module, *factors)
+            correction = LayerDelta(module, *factors, layer=numbers[module])
             correction.apply(model)
             layers.append(correction)
         return WeightDelta(layers, list(delta.case_ids), delta.method)

@@ -46,9 +46,9 @@ def merged(parts: list[LayerDelta]) -> LayerDelta:
     keys = [p.keys for p in parts if p.keys is not None]
     joined_keys = torch.cat(keys, dim=1) if keys else None
     if any(p.right is None for p in parts):
-        return LayerDelta(module, sum(p.dense() for p in parts), None, joined_keys)
+        return LayerDelta(module, sum(p.dense() for p in parts), None, joined_keys, layer=parts[0].layer)
     return LayerDelta(module, torch.cat([p.left for p in parts], dim=1), torch.cat([p.right for p in parts], dim=1),
-                      joined_keys)
+                      joined_keys, layer=parts[0].layer)
 
 
 class RectSparsifier:
@@ -65,7 +65,7 @@ class RectSparsifier:
             weight = edited_weight(model, module)
             previous = before.original(module)
             mask = relative_change_mask(full.dense().to(weight.device), previous, self.keep_fraction)
-            sparse = LayerDelta(module, full.left, full.right, full.keys, mask)
+            sparse = LayerDelta(module, full.left, full.right, full.keys, mask, full.layer)
             weight.copy_(previous)  # undo the full update, then write the kept part the one way replay does
             sparse.apply(model)
             layers.append(sparse)

@@ -25,11 +25,12 @@ import math
 import time
 
 from workers.data import EditRequest
-from workers.editing.context import EditContext, StepInfo
+from workers.editing.context import EditContext
 from workers.editing.delta import LayerDelta, WeightDelta
 from workers.editing.hparams import RomeHParams
 from workers.editing.keys import per_template_at_subject
 from workers.editing.errors import EditFailure
+from workers.editing.record import StepInfo
 from workers.editing.targets import TargetProblem
 from workers.models import arch_spec, edited_weight, get_module
 
@@ -37,7 +38,7 @@ from workers.models import arch_spec, edited_weight, get_module
 def apply_rome(model, tokenizer, requests: list[EditRequest], hparams: RomeHParams, ctx: EditContext,
                method: str = "rome") -> tuple[WeightDelta, StepInfo]:
     """Edit each request in turn (ROME is a single-fact method), apply in place, return the delta."""
-    deltas, results, extras = [], [], []
+    deltas, results, reports = [], [], []
     info = StepInfo()
     module = arch_spec(model).mlp_out_name(hparams.layer)
     templates = ctx.context_templates(hparams)
@@ -53,8 +54,7 @@ def apply_rome(model, tokenizer, requests: list[EditRequest], hparams: RomeHPara
         start = time.perf_counter()
         problem = TargetProblem(model, tokenizer, request, hparams.layer, templates, init_from="mlp",
                                 config=hparams.target_config())
-        result, extra = ctx.optimise(problem, hparams)
-        ctx.target_hooks.finish(problem, [result])  # a constraint's rewrite of v* (none by default)
+        result, report = ctx.optimiser.optimise(problem)
         v_star = problem.v_init + result.delta
         info.targets.append(v_star)
         info.seconds["targets"] = info.seconds.get("targets", 0.0) + time.perf_counter() - start
@@ -63,13 +63,13 @@ def apply_rome(model, tokenizer, requests: list[EditRequest], hparams: RomeHPara
         left, right = rank_one_update(edited_weight(model, module), k_star, v_star, residual_key,
                                       ctx.solve_second_moment(hparams.layer, k_star) if hparams.mom2_adjustment
                                       else k_star.double(), bias=get_module(model, module).bias)
-        layer_delta = LayerDelta(module, left, right)
+        layer_delta = LayerDelta(module, left, right, layer=hparams.layer)
         layer_delta.apply(model)
         deltas.append(layer_delta)
         results.append(result)
-        extras.append(extra)
+        reports.append(report)
         info.seconds["update"] = info.seconds.get("update", 0.0) + time.perf_counter() - start
-    info.absorb(results, extras)
+    info.absorb(results, reports)
     return WeightDelta(deltas, [r.case_id for r in requests], method), info
 
 

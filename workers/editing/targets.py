@@ -25,6 +25,10 @@ forward, each with its own δ. Rows never mix (attention and every other layer a
 the gradient of the summed loss with respect to δ_r is request r's own gradient, Adam acts element
 by element, and each request stops at its own step — the same as optimising them one at a time.
 Tokenisation of the request is in tokens.py; the settings (TargetConfig) in hparams.py.
+
+``TargetOptimiser`` is what a base method calls: the plain optimisation above, unless a constraint
+supplies another through the registry (``methods.Constraint.optimise``: EAC's two phases, eac.py; NAS's
+rescaling of the solved target, nas.py; ENCORE's most-probable early stop, encore.py, through ``stop``).
 """
 
 from __future__ import annotations
@@ -278,3 +282,34 @@ def optimise_deltas(problem: TargetBatch, *, num_steps: int | None = None, lr: f
     for result, row in zip(results, current(theta).detach()):
         result.delta = row.clone()
     return results
+
+
+class TargetOptimiser:
+    """How a base method finds its target δ: the plain optimisation (Eq. 9). The Editor hands the one
+    a constraint supplies (``methods.Constraint.optimise``) to the edit context instead, so a base
+    method never knows which it runs.
+
+    ``optimise`` returns the result and a report: measures of the step (``record.StepMeasures``
+    field -> value, averaged over a batch's requests; EAC: anchors, delta_norm_before).
+    """
+
+    # Whether ``optimise_batch`` runs a batch's requests together with each request's result as if
+    # alone (optimise_deltas). A constraint whose optimisation is per request says False, and the
+    # base method then calls ``optimise`` once per request.
+    batches = True
+
+    def prepare(self, hparams, ctx) -> None:
+        """Called once by the Editor with the method's hyper-parameters and the edit context, on the
+        unedited model, before any edit (NAS measures its reference norm there); nothing by default."""
+
+    def optimise(self, problem: TargetProblem) -> tuple[OptimisationResult, dict]:
+        return optimise_delta(problem), {}
+
+    def optimise_batch(self, problem: TargetBatch) -> tuple[list[OptimisationResult], list[dict]]:
+        results = optimise_deltas(problem)
+        return results, [{} for _ in results]
+
+    def weight_penalty(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """A penalty on a dense weight update, for a method that optimises the update itself (FT has
+        no target vector); None: no penalty."""
+        return None

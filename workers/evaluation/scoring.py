@@ -12,7 +12,8 @@ continuation is tokenised on its own and appended to the prompt's tokens: the mo
 scored on the prompt exactly as it would see it.
 
 Padding. Sequences are right-padded (the real tokens keep positions 0..n-1, and causal attention
-never lets them see the padding) and sorted by length so that a batch pads little. Only the
+never lets them see the padding), sorted by length, and a batch holds at most
+``batching.SCORING_MAX_PADDING`` of padding, so that little padding is computed. Only the
 positions that are scored go through the LM head, in chunks, so memory stays bounded by
 ``batch × length × hidden`` instead of ``batch × length × vocabulary``.
 """
@@ -24,7 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from workers.batching import right_padded_batches
+from workers.batching import SCORING_MAX_PADDING, right_padded_batches
 from workers.models import context_length, model_device
 
 # Rows of hidden states sent through the LM head at once (bounds the logits' memory).
@@ -136,7 +137,8 @@ def score_encoded(model, tokenizer, pairs: Sequence[EncodedPair], *, batch_size:
     results: list[ContinuationScore | None] = [None] * len(pairs)
     device = model_device(model)
     for rows_of, input_ids, attention_mask in right_padded_batches(
-            sequences, batch_size, _pad_id(tokenizer), device, progress=progress, desc=desc):
+            sequences, batch_size, _pad_id(tokenizer), device, max_padding=SCORING_MAX_PADDING, progress=progress,
+            desc=desc):
         hidden = final_hidden_states(model, input_ids, attention_mask)
         members = [(row, index) for row, sequence_index in enumerate(rows_of)
                    for index in inputs[sequences[sequence_index]]]
@@ -176,7 +178,8 @@ def map_last_positions(model, tokenizer, prompts: Sequence[str], read: Callable[
     check_fits(model, [len(s) for s in sequences], "prompt")
     outputs: list[torch.Tensor | None] = [None] * len(prompts)
     for indices, input_ids, attention_mask in right_padded_batches(
-            sequences, batch_size, _pad_id(tokenizer), model_device(model), progress=progress, desc=desc):
+            sequences, batch_size, _pad_id(tokenizer), model_device(model), max_padding=SCORING_MAX_PADDING,
+            progress=progress, desc=desc):
         hidden = final_hidden_states(model, input_ids, attention_mask)
         last = attention_mask.sum(dim=1) - 1
         values = read(hidden[torch.arange(len(indices), device=hidden.device), last])

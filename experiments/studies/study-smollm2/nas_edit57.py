@@ -3,7 +3,6 @@ study-smollm2 (seed 0), first 58 edits, ROME's default settings (the reference c
 Norm-Anchor Scaling (issue 34). Per edit: ‖W‖₁ relative to the base, ‖ΔW‖₁, and the solved ‖v*‖ before
 and after the rescaling. The data directory is EAC_DATA_DIR's; the NAS reference norm is cached under
 EAC_NAS_CACHE (default ~/.cache/eac). Output: stdout; the run is experiments/results/study-smollm2/nas_edit57.log."""
-import dataclasses
 import os
 import sys
 import time
@@ -25,20 +24,20 @@ cache = os.environ.get("EAC_NAS_CACHE", str(Path.home() / ".cache" / "eac"))
 started = time.time()
 editor = Editor(model, tokenizer, "rome-nas", load_hparams("rome-nas", model), cache_dir=cache,
                 data_root=settings.data_dir())
-hooks = editor.ctx.target_hooks
-anchor = hooks.rewrite.__self__
+anchor = editor.ctx.optimiser  # nas.NormAnchoredOptimiser
 print("reference norm", anchor.reference, "in", round(time.time() - started), "s", flush=True)
 norms = []
+rescale = anchor.rescale
 
 
-def rewrite(problem, results):  # the same rewrite, with the norms recorded
+def recorded(problem, results):  # the same rescaling, with the norms recorded
     before = [float((problem.mlp_inits[r].double() + res.delta.double()).norm()) for r, res in enumerate(results)]
-    anchor.rewrite(problem, results)
+    rescale(problem, results)
     after = [float((problem.mlp_inits[r].double() + res.delta.double()).norm()) for r, res in enumerate(results)]
     norms.append((before, after))
 
 
-editor.ctx.target_hooks = dataclasses.replace(hooks, rewrite=rewrite)
+anchor.rescale = recorded
 previous = 1.0
 
 
