@@ -15,6 +15,7 @@
 #   EAC_HEAD_IP       the head's address (default: `hostname --ip-address` on the first node, via srun)
 #   EAC_RAY_TMPDIR    Ray's temp dir on each node (default: Ray's own)
 #   EAC_RAY_WAIT      seconds to wait for all nodes to join (default 120)
+#   RAY_AUTH_TOKEN    Ray's token (default: a fresh one for the job, passed to every job step)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -39,6 +40,14 @@ cpus="${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}"
 gpus="${SLURM_GPUS_PER_TASK:-0}"
 tmp_args=()
 [ -n "${EAC_RAY_TMPDIR:-}" ] && tmp_args=(--temp-dir "$EAC_RAY_TMPDIR")
+
+# Ray's token authentication, one token per job: every job step inherits the environment (srun's
+# default --export=ALL), so the head, the workers and the driver share it and nobody else has it.
+export RAY_AUTH_MODE=token
+if [ -z "${RAY_AUTH_TOKEN:-}" ] && [ -z "${RAY_AUTH_TOKEN_PATH:-}" ]; then
+    RAY_AUTH_TOKEN="$("$venv/bin/python" -c 'import secrets; print(secrets.token_hex(32))')"
+    export RAY_AUTH_TOKEN
+fi
 
 steps=()
 cleanup() {
