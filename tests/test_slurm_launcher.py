@@ -1,17 +1,19 @@
 """Issue 32, item 4: cluster/slurm/eac-ray.sh inside a fake two-node Slurm allocation.
 
 The allocation is the SLURM_* variables and two shims on PATH: ``scontrol show hostnames`` expands
-the node list, ``srun -w NODE CMD`` runs CMD here (it stands in for the remote node, and gives each
-``ray start`` its own dashboard-agent port, as separate hosts would have). What runs is real: the
+the node list, ``srun -w NODE CMD`` runs CMD here (it stands in for the remote node: each ``ray start`` gets its own
+dashboard-agent port, as separate hosts would have, and the loopback address as its node address). What runs is real: the
 script starts a Ray head and a worker (two raylets on loopback), waits for both to join, then runs
 ``eac run --address`` with a tiny spec whose trajectory and evaluation go through that cluster.
 """
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -43,8 +45,9 @@ SRUN = textwrap.dedent("""\
         esac
     done
     echo "$node $*" >> "$SRUN_LOG"
-    if [ "$2" = "start" ]; then  # ray start: one agent port per fake host
+    if [ "$2" = "start" ]; then  # ray start: one agent port per fake host, every fake host on loopback
         port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+        [[ " $* " == *" --head "* ]] || set -- "$@" --node-ip-address=127.0.0.1
         exec "$@" --dashboard-agent-listen-port="$port"
     fi
     exec "$@"
@@ -71,10 +74,13 @@ def test_the_slurm_launcher_runs_a_spec_on_a_two_node_ray_cluster(tmp_path, data
         "resources": {"trajectory": {"num_cpus": 0.5}, "evaluation": {"num_cpus": 0.5, "actors": 1}},
     }))
     store = tmp_path / "store"
+    # Ray's sockets live under its temp dir, and a Unix socket path has at most 107 bytes: pytest's
+    # tmp_path is too deep for it (the head dies before it logs anything).
+    ray_tmp = tempfile.mkdtemp(prefix="eac-ray-", dir="/tmp")
     env = {**os.environ, "PATH": f"{shims}:{Path(sys.executable).parent}:{os.environ['PATH']}",
            "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_CPUS_PER_TASK": "1",
            "SRUN_LOG": str(tmp_path / "srun.log"), "EAC_HEAD_IP": "127.0.0.1", "EAC_RAY_PORT": str(free_port()),
-           "EAC_VENV": str(Path(sys.executable).parent.parent), "EAC_RAY_TMPDIR": str(tmp_path / "ray"),
+           "EAC_VENV": str(Path(sys.executable).parent.parent), "EAC_RAY_TMPDIR": ray_tmp,
            "EAC_DATA_DIR": str(data_root), "RAY_USAGE_STATS_ENABLED": "0"}
     done = subprocess.run([str(SCRIPT), "run", str(spec), "--store", str(store), "--progress", "lines"],
                           env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
@@ -82,14 +88,16 @@ def test_the_slurm_launcher_runs_a_spec_on_a_two_node_ray_cluster(tmp_path, data
     assert "2 node(s) up" in done.stdout
     # The head on the first node, the worker on the second, each through srun; then the driver joined.
     launched = (tmp_path / "srun.log").read_text().splitlines()
-    assert [line.split()[0] for line in launched if " start " in line] == ["node1", "node2"]
-    assert "--head" in launched[0] and "--head" not in launched[1]
+    starts = {line.split()[0]: line for line in launched if " start " in line}
+    assert sorted(starts) == ["node1", "node2"]
+    assert "--head" in starts["node1"] and "--head" not in starts["node2"]
     scored = sorted(path.stem.rsplit("-at-", 1)[1] for path in (store / "evaluations" / "slurm").glob("*.parquet"))
     assert scored == ["000000", "000002"]
     assert pq.read_table(next((store / "evaluations" / "slurm").glob("*-at-000002.parquet"))).num_rows > 0
     # The script stopped its job steps: no raylet of this cluster is left.
-    left = subprocess.run(["pgrep", "-f", str(tmp_path / "ray")], capture_output=True, text=True)
+    left = subprocess.run(["pgrep", "-f", ray_tmp], capture_output=True, text=True)
     assert not left.stdout.strip(), left.stdout
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_the_launcher_refuses_to_run_outside_an_allocation(tmp_path):

@@ -68,7 +68,7 @@ for node in "${nodes[@]:1}"; do
 done
 
 # Wait until every node has joined (Ray's example sleeps; this asks the head instead).
-"$venv/bin/python" - "$address" "${#nodes[@]}" "$wait_s" <<'PY'
+timeout "$((wait_s + 30))" "$venv/bin/python" - "$address" "${#nodes[@]}" "$wait_s" <<'PY'
 import sys, time
 import ray
 
