@@ -26,11 +26,17 @@ setup: $(VENV)/.installed
 
 # The lock is installed exactly: every package pinned and hash-checked, no resolution (--no-deps),
 # the project itself without build isolation (its build backend, setuptools, is in the lock too).
-$(VENV)/.installed: requirements.lock lock/torch-constraint.txt pyproject.toml
+# DeepSpeed (lock/deepspeed.lock, on top of the main lock) too: the sharded evaluator's `engine: deepspeed`
+# runs and is tested on CPU (DeepSpeed's CPU accelerator, gloo). It ships as a source archive whose
+# setup.py imports torch, hence no build isolation; DS_BUILD_OPS=0 compiles no op ahead of time (AutoTP
+# without kernel injection needs none, and workers/placement.py keeps the one DeepSpeed would compile
+# at first use, its shared-memory all-reduce, switched off on CPU).
+$(VENV)/.installed: requirements.lock lock/deepspeed.lock lock/torch-constraint.txt pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(PIP_PIN) $(UV_PIN)
 	$(PY) -m pip install -q $(TORCH_PIN)
 	$(UV) --require-hashes --no-deps -r requirements.lock
+	DS_BUILD_OPS=0 $(UV) --require-hashes --no-deps --no-build-isolation -r lock/deepspeed.lock
 	$(UV) --no-deps --no-build-isolation -e .
 	touch $@
 

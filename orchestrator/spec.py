@@ -633,7 +633,7 @@ class SpecValidator:
 
     def eval_engine(self, raw: dict, evaluation: ActorResources) -> tuple[str, int]:
         """``engine`` and ``ranks`` of ``resources.evaluation``: a sharded engine's ranks share the
-        replica's GPUs one each (``deepspeed`` needs them; ``tp`` also runs on CPU, with ``ranks``)."""
+        replica's GPUs one each, or run on CPU (num_gpus: 0) with ``ranks`` (gloo)."""
         where = "resources.evaluation."
         engine = raw.get("engine", "transformers")
         if engine not in ENGINES:
@@ -646,8 +646,6 @@ class SpecValidator:
         if gpus and (gpus != int(gpus) or gpus < 2):
             self.fail(where + "num_gpus", f"engine {engine!r} gives each rank one whole GPU: num_gpus must be a "
                                           f"whole number of at least 2, got {gpus:g}")
-        if engine == "deepspeed" and not gpus:
-            self.fail(where + "num_gpus", "engine 'deepspeed' needs GPUs, one per rank (num_gpus: 2 or more)")
         if not gpus and "ranks" not in raw:
             self.fail(where + "ranks", f"engine {engine!r} on CPU (num_gpus: 0) needs the number of ranks")
         ranks = self.integer(raw.get("ranks", int(gpus)), where + "ranks", minimum=2)

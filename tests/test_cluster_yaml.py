@@ -136,3 +136,9 @@ def test_the_deepspeed_lock_agrees_with_the_main_lock(cluster):
              if name.lower() in main and main[name.lower()] != pinned}
     assert not moved, f"lock/deepspeed.lock moves pins of requirements.lock: {moved}"
     assert any("lock/deepspeed.lock" in c and "--require-hashes" in c for c in cluster["worker_setup_commands"])
+    # make setup (and so CI) installs it too, hash-checked, and the suite runs on those pins.
+    makefile_line = next(line for line in (ROOT / "Makefile").read_text().splitlines() if "-r lock/deepspeed.lock" in line)
+    assert "--require-hashes" in makefile_line and "--no-deps" in makefile_line and "DS_BUILD_OPS=0" in makefile_line
+    for name, pinned in extra.items():
+        if name.lower() not in {"setuptools", "pip"}:
+            assert version(name) == pinned, f"{name}: installed {version(name)}, locked {pinned} (lock/deepspeed.lock)"

@@ -238,10 +238,21 @@ class EvalRank:
 
         # Ray shows each rank its own GPU only: it is device 0 of its process (what DeepSpeed reads).
         os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(ranks), "LOCAL_RANK": "0"})
+        if not use_accelerator:  # DeepSpeed picks its accelerator at import: the CPU one for a CPU rank
+            os.environ["DS_ACCELERATOR"] = "cpu"
         self.rank, self.ranks, self.use_accelerator = rank, ranks, use_accelerator
-        self.evaluator = CheckpointEvaluator(
-            cache_dir, data_root, use_accelerator=False, num_threads=num_threads,
-            scorer_factory=lambda: TensorParallelScorer(sharding, ranks, use_accelerator))
+        self.scorers: list[TensorParallelScorer] = []
+
+        def scorer() -> TensorParallelScorer:
+            self.scorers.append(TensorParallelScorer(sharding, ranks, use_accelerator))
+            return self.scorers[-1]
+
+        self.evaluator = CheckpointEvaluator(cache_dir, data_root, use_accelerator=False, num_threads=num_threads,
+                                             scorer_factory=scorer)
+
+    def sharded_layers(self) -> int:
+        """Tensor-parallel layers in this rank's sharded copy of its current base model (0: none yet)."""
+        return self.scorers[-1].parallel_layers() if self.scorers else 0
 
     def address(self) -> str:
         from workers.sharded import rendezvous_address

@@ -167,6 +167,12 @@ def plan_evaluation_group(engine: str, ranks: int, num_gpus: float, cluster_gpus
         return EvaluationGroupPlan()
     if engine == "tp":
         return EvaluationGroupPlan(ranks, 1.0 if num_gpus > 0 else 0.0, "torch")
+    if num_gpus == 0:  # ranks on CPU: DeepSpeed's CPU accelerator, collectives over gloo
+        if not deepspeed_installed:
+            return EvaluationGroupPlan(ranks, 0.0, "torch", reason=(
+                "DeepSpeed is not installed (pip install 'eac[deepspeed]'): the CPU evaluation ranks shard "
+                "with PyTorch tensor parallelism instead"))
+        return EvaluationGroupPlan(ranks, 0.0, "deepspeed")
     if num_gpus < ranks or cluster_gpus < ranks:
         missing = "DeepSpeed is not installed" if not deepspeed_installed else "DeepSpeed needs GPUs"
         return EvaluationGroupPlan(reason=(
@@ -242,13 +248,33 @@ def deepspeed_inference_config(placement: Placement, dtype: torch.dtype) -> dict
 
 def shard_for_inference(model, placement: Placement):
     """``deepspeed.init_inference`` on this process's rank of the group; the model's weights must be
-    final (see the module docstring). Returns the sharded module, called like the model."""
+    final (see the module docstring). Returns the sharded module, called like the model.
+
+    On a CPU rank (the model on the CPU: DeepSpeed's CPU accelerator, ``DS_ACCELERATOR=cpu``) the
+    row-parallel sums go through the group's gloo ``all_reduce``: DeepSpeed's shared-memory all-reduce
+    kernel is switched off, because it is compiled at first use (minutes, and a compiler on every node)
+    and, unless ``LOCAL_SIZE`` names the world size, runs without its shared buffers and crashes the
+    rank (DeepSpeed 0.19.8: SIGSEGV in ``inference_all_reduce_``)."""
     import deepspeed  # only here: CPU machines and editing never need it
 
+    on_cpu = next(model.parameters()).device.type == "cpu" and not torch.accelerator.is_available()
+    if on_cpu:
+        disable_shared_memory_all_reduce()
     # DeepSpeed's communication layer wraps the torch.distributed group when one is already
     # initialised (an evaluation group's rank joined it): it starts one only where none is.
     deepspeed.init_distributed()
-    torch.accelerator.set_device_index(int(os.environ.get("LOCAL_RANK", "0")))
+    if not on_cpu:
+        torch.accelerator.set_device_index(int(os.environ.get("LOCAL_RANK", "0")))
     dtype = next(model.parameters()).dtype
     engine = deepspeed.init_inference(model, **deepspeed_inference_config(placement, dtype))
     return engine.module
+
+
+def disable_shared_memory_all_reduce() -> None:
+    """Mark DeepSpeed's CPU shared-memory communication op as not buildable, before its communication
+    backend starts (it reads the table once, at ``init_distributed``): collectives then go through
+    ``torch.distributed`` (gloo)."""
+    from deepspeed import ops
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False

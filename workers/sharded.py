@@ -13,11 +13,11 @@ them); rank 0 returns the rows.
 Two shardings, behind the same group code (``workers.placement.plan_evaluation_group`` picks one):
 
 - ``deepspeed``: ``deepspeed.init_inference`` with AutoTP over the group (``placement.shard_for_inference``),
-  on GPUs where DeepSpeed is installed;
+  wherever DeepSpeed is installed: NCCL on GPUs, DeepSpeed's CPU accelerator and gloo on CPU (tested here);
 - ``torch``: PyTorch's own tensor parallelism (``torch.distributed.tensor.parallel``) with the model's
   published plan (``config.base_model_tp_plan``: Megatron-style column-parallel q/k/v, gate and up
   projections, row-parallel o and down projections, so each decoder block needs two all-reduces),
-  over a device mesh of the group — NCCL on GPUs; gloo on CPU, which is how the group is tested here.
+  over a device mesh of the group — NCCL on GPUs; gloo on CPU (tested here too).
 
 Round-off: a row-parallel projection sums the ranks' partial products in another order than one
 matrix product does, so scores differ from the unsharded ones in the last bits (float32: about 1e-6
@@ -125,3 +125,14 @@ class TensorParallelScorer:
 
     def edited(self, model):
         return self.shard(model)
+
+    def parallel_layers(self) -> int:
+        """Modules of the sharded base that the sharding replaced: DeepSpeed's AutoTP layers
+        (``deepspeed.module_inject``) or modules holding PyTorch DTensor weights."""
+        if self.sharded_base is None:
+            return 0
+        if self.sharding == "deepspeed":
+            return sum(type(m).__module__.startswith("deepspeed.") for m in self.sharded_base.modules())
+        from torch.distributed.tensor import DTensor
+
+        return sum(isinstance(getattr(m, "weight", None), DTensor) for m in self.sharded_base.modules())

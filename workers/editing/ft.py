@@ -62,8 +62,10 @@ def apply_ft(model, tokenizer, requests, hparams: FTHParams, ctx: EditContext, m
     lm_head = model.get_output_embeddings()
 
     def objective() -> tuple[torch.Tensor, torch.Tensor]:
-        # W_eff k = W₀ k + D k: the projection's output gains its input times D.
-        with patch_output(model, module, lambda out, k: out + F.linear(k, addition).to(out.dtype), with_input=True):
+        # W_eff k = W₀ k + D k: the projection's output gains its input times D. D is float32 whatever the
+        # model's dtype (Adam's state and the written update), so D k is too, cast to the output's dtype once.
+        with patch_output(model, module, lambda out, k: out + F.linear(k.float(), addition).to(out.dtype),
+                          with_input=True):
             hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         logprobs = F.log_softmax(lm_head(hidden[rows, positions]).float(), dim=-1)
         token_nll = -logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)

@@ -108,7 +108,9 @@ def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Te
 def log_softmax_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """float32 log-probabilities over the vocabulary for rows of final hidden states (M, hidden)."""
     head = model.get_output_embeddings()
-    return torch.cat([torch.log_softmax(head(chunk).float(), dim=-1)
+    # Each chunk goes in as one (1, rows, hidden) batch: DeepSpeed's AutoTP head (LmHeadLinearAllreduce,
+    # in a sharded evaluator) slices its input as (batch, sequence, hidden) and rejects rows alone.
+    return torch.cat([torch.log_softmax(head(chunk.unsqueeze(0)).squeeze(0).float(), dim=-1)
                       for chunk in hidden.split(LM_HEAD_CHUNK)]) if len(hidden) else hidden.new_zeros((0, 0))
 
 
