@@ -18,6 +18,7 @@ from orchestrator import driver as driver_module
 from orchestrator.driver import Driver
 from orchestrator.spec import load_spec
 from orchestrator.store import Store
+from log_tampering import reheadered
 from read_only import read_only
 from workers.editing.delta import EditLog
 
@@ -181,23 +182,6 @@ def log_header_lies(rng, valid):
 
 def log_other_requests(rng, valid):
     return None  # built in the test: a well-formed log bound to other requests
-
-
-def reheadered(valid, tensors=None, metadata=None) -> bytes:
-    """The log with its tensors or metadata changed under its original header (digest included)."""
-    from safetensors.torch import load, save
-
-    from workers.editing.delta import safetensors_metadata
-
-    header = safetensors_metadata(valid, "log")
-    loaded = load(valid)
-    if tensors:
-        tensors(loaded)
-    if metadata:
-        values = json.loads(header["metadata"])
-        metadata(values)
-        header = {**header, "metadata": json.dumps(values)}
-    return save(loaded, metadata=header)
 
 
 def log_tensors_changed(rng, valid):

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from log_tampering import reheadered
 from orchestrator import cli
 from workers.actors import CheckpointEvaluator
 from workers.data import EditRequest
@@ -38,16 +39,7 @@ def bound_log(model, requests, steps=2, seed=0) -> EditLog:
 
 def rewrite(path, tensors=None, metadata=None):
     """The saved log with its tensors and/or metadata changed and its header (digest too) kept."""
-    data = path.read_bytes()
-    header = safetensors_metadata(data, path)
-    loaded = load_tensors(data)
-    if tensors:
-        tensors(loaded)
-    if metadata:
-        values = json.loads(header["metadata"])
-        metadata(values)
-        header = {**header, "metadata": json.dumps(values)}
-    path.write_bytes(save_tensors(loaded, metadata=header))
+    path.write_bytes(reheadered(path.read_bytes(), tensors, metadata, str(path)))
 
 
 @pytest.fixture(scope="module")
