@@ -7,11 +7,13 @@ import json
 
 from safetensors.torch import load, save
 
-from workers.editing.delta import safetensors_metadata
+from workers.editing.delta import content_digest, safetensors_metadata
 
 
 def reheadered(saved: bytes, tensors=None, metadata=None, name: str = "log") -> bytes:
-    """``saved`` with ``tensors(dict)`` and/or ``metadata(dict)`` applied in place, and the old header kept."""
+    """``saved`` with ``tensors(dict)`` and/or ``metadata(dict)`` applied in place, and the old header kept.
+    Asserts that the result really is tampered: its content no longer matches the digest it keeps (a
+    change that alters nothing would let a reader's refusal test pass for the wrong reason)."""
     header = safetensors_metadata(saved, name)
     loaded = load(saved)
     if tensors:
@@ -20,4 +22,6 @@ def reheadered(saved: bytes, tensors=None, metadata=None, name: str = "log") -> 
         values = json.loads(header["metadata"])
         metadata(values)
         header = {**header, "metadata": json.dumps(values)}
+    assert content_digest(loaded, header.get("edits", ""), header.get("metadata", "{}")) != header["digest"], (
+        f"{name}: the tampering left the log's content unchanged")
     return save(loaded, metadata=header)
