@@ -33,7 +33,7 @@ from orchestrator.spec import TUNE_GROUP
 from orchestrator.status import status_text
 from orchestrator.store import Store
 from workers.editing.methods import split_method
-from workers.evaluation.intervals import proportion_interval
+from workers.evaluation.intervals import percentiles, proportion_interval
 from workers.evaluation.metrics import BINARY_SCORES, CHANCE_LEVELS, LOG_SCALE_METRICS, TASK_METRICS
 from workers.evaluation.tasks import TASKS
 
@@ -339,7 +339,7 @@ def paired_perplexity(examples: pd.DataFrame | None) -> pd.DataFrame:
             if isinstance(paired, str):
                 continue
             log_ratio = (paired.arm.sum() - paired.base.sum()) / paired.weight.sum()
-            low, high = compare.percentiles(compare.cluster_bootstrap([paired])) if n_edits else (0.0, 0.0)
+            low, high = percentiles(compare.cluster_bootstrap([paired])) if n_edits else (0.0, 0.0)
             rows.append({"trajectory_id": tid, "n_edits": int(n_edits), "value": math.exp(log_ratio),
                          "ci_low": math.exp(low), "ci_high": math.exp(high)})
     return pd.DataFrame(rows, columns=columns)

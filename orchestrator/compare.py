@@ -36,11 +36,9 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.store import Store
+from workers.evaluation.intervals import RESAMPLES, SEED, percentiles
 from workers.evaluation.tasks import PERPLEXITY_TASK
 
-RESAMPLES = 2000
-LEVEL = 0.95
-SEED = 0
 PERPLEXITY = (PERPLEXITY_TASK, "perplexity")  # compared as the paired per-window log ratio
 # Per base arm, the metrics the report's table shows (the full set goes to compare.csv).
 HEADLINE_METRICS = (("edit/counterfact", "efficacy"), ("edit/toolkit", "reliability"),
@@ -64,12 +62,6 @@ class Paired:
     base: np.ndarray
     arm: np.ndarray
     weight: np.ndarray
-
-
-def percentiles(statistics: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
-    tail = 100 * (1 - level) / 2
-    low, high = np.percentile(statistics, [tail, 100 - tail])
-    return float(low), float(high)
 
 
 def cluster_bootstrap(seeds: list[Paired], *, resamples: int = RESAMPLES, seed: int = SEED) -> np.ndarray:

@@ -26,7 +26,8 @@ def _resample_indices(n: int, resamples: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
 
 
-def _percentiles(statistics: np.ndarray, level: float) -> tuple[float, float]:
+def percentiles(statistics: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+    """The central ``level`` percentile interval of bootstrap statistics."""
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(statistics, [tail, 100 - tail])
     return float(low), float(high)
@@ -38,7 +39,7 @@ def mean_interval(values: Sequence[float], *, resamples: int = RESAMPLES, level:
     data = np.asarray(values, dtype=np.float64)
     if not len(data):
         return math.nan, math.nan
-    return _percentiles(data[_resample_indices(len(data), resamples, seed)].mean(axis=1), level)
+    return percentiles(data[_resample_indices(len(data), resamples, seed)].mean(axis=1), level)
 
 
 def ratio_interval(numerators: Sequence[float], denominators: Sequence[float], *, transform=None,
@@ -54,7 +55,7 @@ def ratio_interval(numerators: Sequence[float], denominators: Sequence[float], *
         return math.nan, math.nan
     index = _resample_indices(len(top), resamples, seed)
     ratios = top[index].sum(axis=1) / bottom[index].sum(axis=1)
-    return _percentiles(transform(ratios) if transform is not None else ratios, level)
+    return percentiles(transform(ratios) if transform is not None else ratios, level)
 
 
 def proportion_interval(value: float, n: int, *, level: float = LEVEL) -> tuple[float, float]:
