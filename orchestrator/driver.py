@@ -50,7 +50,7 @@ from workers.models import load_tokenizer
 from workers.editing.delta import EditLog, check_binding, log_binding, saved_log_metadata, saved_log_steps
 from workers.editing.methods import split_method
 from workers.evaluation.text_metrics import first_line
-from workers.sampling import seeded_sample
+from workers.sampling import seeded_disjoint_sample, seeded_sample
 from workers.placement import EvaluationGroupPlan, deepspeed_installed, plan_evaluation_group
 
 CLUSTER_CHECK_SECONDS = 60.0  # with no event for this long, check that the cluster still has a live node
@@ -59,9 +59,12 @@ CLUSTER_CHECK_SECONDS = 60.0  # with no event for this long, check that the clus
 
 def select_requests(pool: list[EditRequest], n_edits: int, selection: str, seed: int) -> list[EditRequest]:
     """``first``: the data set's first ``n_edits`` requests; ``random``: a sample seeded by ``seed``,
-    in data-set order."""
+    in data-set order; ``disjoint``: the same, but sharing no request with the samples of seeds
+    ``0 … seed − 1`` (seed 0's is ``random``'s), for a study replicated over fact samples."""
     if selection == "first":
         return pool[:n_edits]
+    if selection == "disjoint":
+        return [pool[i] for i in seeded_disjoint_sample(len(pool), n_edits, seed)]
     return [pool[i] for i in seeded_sample(len(pool), n_edits, seed)]
 
 
@@ -142,6 +145,10 @@ def plan_trajectories(spec: ExperimentSpec, store: Store, *, data_root: str | Pa
         if spec.n_edits > len(pools[dataset]):
             raise SpecError(spec.source, "n_edits", f"{spec.n_edits} edits asked for, but {dataset} "
                                                     f"holds {len(pools[dataset])} requests")
+        if spec.selection == "disjoint" and (max(spec.seeds) + 1) * spec.n_edits > len(pools[dataset]):
+            raise SpecError(spec.source, "seeds", f"disjoint samples of {spec.n_edits} edits for seeds up to "
+                                                  f"{max(spec.seeds)} need {(max(spec.seeds) + 1) * spec.n_edits} "
+                                                  f"requests, but {dataset} holds {len(pools[dataset])}")
     plan, tokenizers = [], {}
     for one in spec.trajectories():
         requests = select_requests(pools[one.dataset], one.n_edits, one.selection, one.seed)

@@ -61,7 +61,7 @@ from workers.sampling import seeded_order
 from workers.fields import FieldError, is_finite_number, is_number
 from workers.placement import ENGINES
 
-SELECTIONS = ("random", "first")
+SELECTIONS = ("random", "first", "disjoint")
 DTYPES = ("float32", "float16", "bfloat16")
 GROUPS = ("ablation", "anchor-selection")  # the ``group`` a spec's method variant may name
 TUNE_GROUP = "tune"  # the ``group`` of Tune trial trajectories in the store (kept out of the paper figures)

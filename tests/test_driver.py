@@ -169,6 +169,9 @@ def test_killed_actor_resumes_on_rerun_with_no_row_lost_or_duplicated(uninterrup
     ({"n_edits": -4}, "n_edits"),
     ({"datasets": ["counterfact", "edits/missing.json"]}, "datasets[1]"),
     ({"n_edits": 3, "checkpoints": [0, 3], "datasets": ["two.json"]}, "n_edits"),  # more edits than requests
+    # two disjoint samples of one request each fit in two requests, three do not
+    ({"n_edits": 1, "checkpoints": [0, 1], "datasets": ["two.json"], "selection": "disjoint", "seeds": [0, 2]},
+     "seeds"),
 ])
 def test_bad_spec_fails_before_any_actor_starts(tmp_path, data_root, monkeypatch, capsys, change, field):
     (tmp_path / "edits").mkdir()

@@ -32,3 +32,19 @@ def test_the_edit_sample_is_the_old_shuffle():
     (trajectory,) = spec.trajectories()
     assert {c: trajectory.evaluated_requests(c) for c in (5, 10, 20)} == {
         5: [1, 2, 3, 4], 10: [1, 4, 8, 9], 20: [4, 8, 9, 13]}
+
+
+def test_disjoint_samples_share_no_request_and_seed_0_is_randoms():
+    from workers.sampling import seeded_disjoint_sample
+    samples = [seeded_disjoint_sample(1000, 300, seed) for seed in range(3)]
+    assert samples[0] == seeded_sample(1000, 300, 0)  # the committed study's sample stays seed 0's
+    assert all(len(set(s)) == 300 and s == sorted(s) for s in samples)
+    assert not set(samples[0]) & set(samples[1]) and not set(samples[0]) & set(samples[2])
+    assert not set(samples[1]) & set(samples[2])
+    # independent draws would overlap: at 300 of 1000, two random samples share ~90 records
+    assert set(seeded_sample(1000, 300, 1)) & set(samples[0])
+    assert select_requests(list(range(1000)), 300, "disjoint", 2) == samples[2]
+    assert seeded_disjoint_sample(1000, 300, 2) == samples[2]  # deterministic
+    import pytest
+    with pytest.raises(ValueError, match="4 disjoint samples of 300 need 1200"):
+        seeded_disjoint_sample(1000, 300, 3)

@@ -22,3 +22,22 @@ def seeded_order(size: int, seed: int | str) -> list[int]:
     order = list(range(size))
     random.Random(seed).shuffle(order)
     return order
+
+
+def seeded_disjoint_sample(size: int, count: int, seed: int) -> list[int]:
+    """``count`` indices of ``range(size)`` that share none with those of seeds ``0 … seed − 1`` drawn
+    the same way, in ascending order: seed 0 draws ``seeded_sample(size, count, 0)``, and seed ``s``
+    draws ``seeded_sample`` (seeded ``s``) among the indices the earlier seeds left. So a study
+    replicated over seeds edits disjoint fact samples, and its seed 0 edits what ``random`` selection's
+    seed 0 edits. Raises ``ValueError`` where the earlier seeds leave fewer than ``count``."""
+    if (seed + 1) * count > size:
+        raise ValueError(f"{seed + 1} disjoint samples of {count} need {(seed + 1) * count} records; "
+                         f"there are {size}")
+    left = list(range(size))
+    for earlier in range(seed + 1):
+        drawn = [left[i] for i in seeded_sample(len(left), count, earlier)]
+        if earlier == seed:
+            return drawn
+        taken = set(drawn)
+        left = [i for i in left if i not in taken]
+    raise AssertionError("unreachable")
