@@ -272,7 +272,9 @@ def init_loopback_ray(**options) -> None:
     reap_leftovers()
     private_token()
     with loopback_node(), handlers_kept():
-        ray.init(**options)
+        # "local": a new instance. With no address, ray.init joins the last cluster started on this
+        # machine (a `ray start`, another run's launcher, a test's), whose shutdown then kills our actors.
+        ray.init(address="local", **options)
     address = ray.util.get_node_ip_address()
     if address not in LOOPBACK:
         ray.shutdown()

@@ -73,3 +73,30 @@ def test_only_host_port_addresses_on_loopback_join_as_a_loopback_node():
     assert all(is_loopback_address(a) for a in ("127.0.0.1:6379", "localhost:6379", "[::1]:6379"))
     # A routable cluster keeps its own network settings; `auto` and Ray Client addresses are Ray's to resolve.
     assert not any(is_loopback_address(a) for a in ("10.0.0.5:6379", "auto", "ray://127.0.0.1:10001", "127.0.0.1"))
+
+
+BESIDE = textwrap.dedent("""
+    import ray
+    from ray.cluster_utils import Cluster
+    from orchestrator.cluster import connect
+
+    other = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        assert connect()  # no --address: a local instance of its own, never the cluster already running
+        mine = ray.get_runtime_context().gcs_address
+        ray.shutdown()
+    finally:
+        other.shutdown()
+    print(mine, other.address)
+""")
+
+
+def test_without_address_a_run_starts_its_own_instance_beside_a_running_cluster(tmp_path):
+    # Ray's ray.init() with no address joins the last cluster started on the machine (`ray start`, a
+    # Slurm launcher's, a test's): two `eac run`s, or a run beside another user's cluster, then shared
+    # one instance, and the other's shutdown killed this run's actors.
+    done = subprocess.run([sys.executable, "-c", BESIDE], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    mine, other = done.stdout.split()[-2:]
+    assert mine != other
