@@ -21,6 +21,12 @@ marginal intervals overlap. For every arm against a base arm, at each checkpoint
   spread (standard deviation of the per-seed differences) is reported beside it. Seeds pair by seed
   value (the same seed draws the same facts).
 
+**Edit strength** is paired the same way, from the ``edits`` table: at a checkpoint of n edits, the
+first n edit steps of the two arms are the same facts in the same order, so per step the arm's ‖δ‖ (the
+optimised target's change, ``delta_norm``), final target loss (``loss``) and ‖ΔW‖_F (``dw_fro``) are
+compared with the base's (task ``edit/strength``; its "examples" are edit steps, ``example_id`` the step's
+index). A constraint that keeps general abilities by making weaker edits shows here beside the gain.
+
 Two arms that were not scored on the same examples (different facts, task samples or windows) are
 not paired: the row says so and carries no interval. Every statistic is a ratio of sums over
 examples (a mean: values over ones), so one vectorised bootstrap serves them all.
@@ -40,11 +46,13 @@ from workers.evaluation.intervals import RESAMPLES, SEED, percentiles
 from workers.evaluation.tasks import PERPLEXITY_TASK
 
 PERPLEXITY = (PERPLEXITY_TASK, "perplexity")  # compared as the paired per-window log ratio
+STRENGTH_TASK = "edit/strength"  # per edit step, from the edits table
+STRENGTH_METRICS = ("delta_norm", "loss", "dw_fro")
 # Per base arm, the metrics the report's table shows (the full set goes to compare.csv).
 HEADLINE_METRICS = (("edit/counterfact", "efficacy"), ("edit/toolkit", "reliability"),
                     ("edit/generative", "reliability"), ("edit/toolkit", "generalisation"),
                     ("edit/toolkit", "locality"), ("edit/counterfact", "neighbourhood"), PERPLEXITY,
-                    ("drift", "kl_mean"))
+                    ("drift", "kl_mean"), (STRENGTH_TASK, "delta_norm"), (STRENGTH_TASK, "loss"))
 COLUMNS = ["model", "dataset", "base", "arm", "n_edits", "task", "metric", "statistic", "seeds", "n_examples",
            "base_value", "arm_value", "estimate", "ci_low", "ci_high", "seed_sd", "mcnemar_b", "mcnemar_c",
            "mcnemar_p", "marginal_overlap", "note"]
@@ -149,6 +157,20 @@ def compare_metric(seeds: dict[int, tuple[pd.DataFrame, pd.DataFrame]], task: st
     return row
 
 
+def strength_examples(edits: pd.DataFrame, n_edits: int) -> dict[tuple[str, str], pd.DataFrame]:
+    """One trajectory's edit steps up to checkpoint ``n_edits`` as example rows of ``edit/strength``:
+    ``example_id`` the step's index, ``value`` its ``delta_norm``, ``loss`` or ``dw_fro``. A step without
+    the value (a skipped step) is left out, so an arm that skipped a step the base made is not paired."""
+    steps = edits[edits["edit_index"] < n_edits]
+    out = {}
+    for metric in STRENGTH_METRICS:
+        kept = steps[steps[metric].notna()]
+        if len(kept):
+            out[(STRENGTH_TASK, metric)] = pd.DataFrame({"example_id": kept["edit_index"].astype(int).astype(str),
+                                                         "value": kept[metric].astype(float)})
+    return out
+
+
 def _arms(trajectories: pd.DataFrame) -> pd.DataFrame:
     return trajectories.assign(arm=trajectories["variant"].fillna(trajectories["method"]))
 
@@ -185,6 +207,11 @@ def compare_arms(store: Store, experiment: str, base: str, arms: list[str] | Non
     for (tid, n_edits, task, metric), part in examples.groupby(["trajectory_id", "n_edits", "task", "metric"],
                                                                sort=False):
         scored.setdefault(tid, {}).setdefault(int(n_edits), {})[(task, metric)] = part
+    edits = store.frame("edits", experiment)
+    for tid, steps in (edits.groupby("trajectory_id", sort=False) if len(edits) else ()):
+        for n_edits, metrics in scored.get(tid, {}).items():
+            if n_edits > 0:
+                metrics.update(strength_examples(steps, n_edits))
     rows = []
     for (model, dataset), setting in trajectories.groupby(["model", "dataset"], sort=True):
         base_runs = setting[setting["arm"] == base]

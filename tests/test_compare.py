@@ -185,3 +185,25 @@ def test_the_report_pairs_each_constrained_arm_with_its_base_and_draws_the_trade
     assert (tmp_path / "report" / EXPERIMENT / "tradeoff.png").exists()
     assert "**Identically 0** — not drawn: Open-domain QA (NQ) exact_match" in text
     assert "perplexity divided by its own unedited perplexity" in text
+
+
+def test_edit_strength_is_paired_step_by_step_from_the_edits_table(store):
+    # Issue 31: a constraint that keeps abilities by making weaker edits must show it. The arm's ‖δ‖ is
+    # the base's halved step by step; steps past the checkpoint are not counted.
+    rng = np.random.default_rng(3)
+    base_norms = rng.uniform(50, 150, 12)
+    for tid, method, norms in (("b", "memit", base_norms), ("a", "memit-eac", base_norms / 2)):
+        trajectory(store, tid, method)
+        store.put_edits(EXPERIMENT, tid, [{"edit_index": i, "case_id": str(i), "n_requests": 1, "method": method,
+                                           "dw_l1": 1.0, "dw_fro": float(n) / 10, "relative_l1": {}, "skipped": False,
+                                           "seconds_total": 1.0, "seconds": {}, "loss": 0.1, "delta_norm": float(n),
+                                           "steps": 5} for i, n in enumerate(norms)])
+        scores(store, tid, 10, "nli", "accuracy_all", [1, 0, 1])
+    frame = compare_arms(store, EXPERIMENT, "memit")
+    row = one(frame, "edit/strength", "delta_norm")
+    assert row["n_examples"] == 10  # the first 10 steps: the checkpoint's
+    assert row["base_value"] == pytest.approx(base_norms[:10].mean())
+    assert row["estimate"] == pytest.approx(-base_norms[:10].mean() / 2)
+    assert row["ci_high"] < 0
+    assert one(frame, "edit/strength", "dw_fro")["estimate"] == pytest.approx(-base_norms[:10].mean() / 20)
+    assert one(frame, "edit/strength", "loss")["estimate"] == pytest.approx(0.0)
