@@ -5,12 +5,13 @@ For each arm, N sequential single edits of a seeded CounterFact-val sample (seed
 edits seed 0's, the single-edit check seed 1's), from the unedited model: per edit the optimised target's
 ‖δ‖ and final loss (the `edits` table's delta_norm and loss) and whether the greedy continuation of the edit
 prompt begins with the new object right after the edit. Arms: the bases, their EAC arms with the searched
-settings, and the bases with a smaller `clamp_norm_factor` (MEMIT's own bound on ‖δ‖, a fraction of the
-unedited target's norm: 0.75 by default on this model), so that the one whose mean ‖δ‖ matches EAC's can be
-read off and its final loss compared.
+settings, and the bases with their own knobs turned down: a smaller `clamp_norm_factor` (MEMIT's bound on
+‖δ‖, a fraction of the unedited target's norm: 0.75 by default on this model) or fewer optimisation steps
+(`num_steps`, 25 by default), so that the settings whose mean ‖δ‖ and final loss match EAC's can be read off.
 
     .venv/bin/python experiments/studies/replicated/calibrate_strength.py [N] [ARM ...]
-        ARM: a method, or METHOD@clamp=X (e.g. memit@clamp=0.4)
+        ARM: a method, or METHOD@FIELD=X[,FIELD=Y] with FIELD a hyper-parameter of the method, or `clamp`
+        (clamp_norm_factor) or `steps` (num_steps): e.g. memit@clamp=0.4, memit@steps=6
 Its run: experiments/results/replicated/calibrate_strength.log
 """
 import os
@@ -47,9 +48,13 @@ def interval(values: list[float]) -> str:
 
 for arm in arms:
     method, _, setting = arm.partition("@")
-    overrides = {"clamp_norm_factor": float(setting.split("=")[1])} if setting else None
+    overrides = {}
+    for assignment in filter(None, setting.split(",")):
+        field, value = assignment.split("=")
+        field = {"clamp": "clamp_norm_factor", "steps": "num_steps"}.get(field, field)
+        overrides[field] = int(value) if value.isdigit() else float(value)
     started = time.time()
-    editor = Editor(model, tokenizer, method, load_hparams(method, model, overrides=overrides), cache_dir=cache,
+    editor = Editor(model, tokenizer, method, load_hparams(method, model, overrides=overrides or None), cache_dir=cache,
                     data_root=settings.data_dir())
     norms, losses, hits = [], [], []
     for fact in facts:
