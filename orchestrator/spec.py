@@ -58,7 +58,7 @@ from workers.evaluation import EvalConfig
 from workers.evaluation.prompts import check_statistics_text
 from workers.evaluation.tasks import TASKS
 from workers.sampling import seeded_order
-from workers.fields import FieldError, is_finite_number, is_number
+from workers.fields import FieldError, identity, is_finite_number, is_number
 from workers.placement import ENGINES
 
 SELECTIONS = ("random", "first", "disjoint")
@@ -183,8 +183,9 @@ class TrajectorySpec:
 
     @functools.cached_property
     def resolved_hparams(self) -> dict:
-        """``hparams`` as plain JSON data (tuples as lists): what the id and the edit log's binding hash."""
-        return json.loads(json.dumps(dataclasses.asdict(self.hparams)))
+        """``hparams`` as plain JSON data (tuples as lists): what the id and the edit log's binding hash
+        (``workers.fields.identity``: a setting added later counts only where it is set)."""
+        return json.loads(json.dumps(identity(self.hparams)))
 
     @functools.cached_property
     def trajectory_id(self) -> str:

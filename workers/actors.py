@@ -33,6 +33,7 @@ from workers.data import EditRequest
 from workers.editing import EditLog, Editor
 from workers.editing.delta import check_binding, check_requests, log_binding, log_prefix
 from workers.faults import fault_point
+from workers.fields import identity
 from workers.models import load_model, weights_fingerprint
 from workers.placement import EvaluationGroupPlan
 
@@ -114,7 +115,7 @@ class TrajectoryRunner:
         # base weights, before any edit; the log binding reuses the editor's fingerprint (one hash).
         self.editor = Editor(self.model, self.tokenizer, task.method, task.hparams, cache_dir=task.cache_dir,
                              data_root=task.data_root)
-        self.binding = log_binding(task.requests, dataclasses.asdict(task.hparams), self.editor.ctx.base_fingerprint)
+        self.binding = log_binding(task.requests, identity(task.hparams), self.editor.ctx.base_fingerprint)
 
     def run(self, start_step: int = 0) -> Iterator[EditEvent | CheckpointEvent]:
         task = self.task

@@ -11,6 +11,7 @@ converted: what a trajectory's id hashes stays what the YAML said.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -60,6 +61,26 @@ def bounded(default, *, minimum: float | None = None, maximum: float | None = No
             below: float | None = None):
     """A dataclass field with a default and a range (``Range``)."""
     return dataclasses.field(default=default, metadata={"range": Range(minimum, maximum, above, below)})
+
+
+def added_later(default, **bounds):
+    """A setting added after results were stored under ids that hash their settings (``identity``): it
+    is hashed only while it holds another value than ``default``, so the work stored before it existed
+    keeps its trajectory id and its edit logs' binding, and asking for the new value makes new work.
+    ``bounds`` as for ``bounded``."""
+    return dataclasses.field(default=default, metadata={"range": Range(**bounds), "hashed_when_set": True})
+
+
+def identity(settings) -> dict:
+    """A settings dataclass as trajectory ids and edit-log bindings hash it: every field, nested
+    settings as mappings (like ``dataclasses.asdict``), less each ``added_later`` field at its default."""
+    values = {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if f.metadata.get("hashed_when_set") and value == f.default:
+            continue
+        values[f.name] = identity(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    return values
 
 
 class FieldError(ValueError):

@@ -417,16 +417,19 @@ def saved_log_steps(location: str | Path) -> int:
 
 class applied:
     """``with applied(model, log): ...`` — the model holds base + log inside the block, and exactly
-    its previous weights afterwards (restored from a snapshot, bit for bit)."""
+    its previous weights afterwards (restored from a snapshot, bit for bit). ``rewrite(model, snapshot)``,
+    if given, then rewrites the log's matrices in place (``snapshot``: what they held before the log)."""
 
-    def __init__(self, model, log: EditLog):
-        self.model, self.log = model, log
+    def __init__(self, model, log: EditLog, rewrite=None):
+        self.model, self.log, self.rewrite = model, log, rewrite
 
     def __enter__(self):
         self.log.check_modules(self.model)
         self.snapshot = WeightSnapshot(self.model, self.log.modules())
         try:
             self.log.replay(self.model)
+            if self.rewrite is not None:
+                self.rewrite(self.model, self.snapshot)
         except BaseException:
             self.snapshot.restore(self.model)
             raise

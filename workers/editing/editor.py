@@ -13,7 +13,6 @@ as skipped with its reason, and the trajectory goes on
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from workers.editing.delta import EditLog, WeightDelta, WeightSnapshot
 from workers.editing.errors import EditFailure
 from workers.editing.methods import BASES, CONSTRAINTS, split_method
 from workers.editing.record import EditRecord
+from workers.fields import identity
 from workers.models import arch_spec, edited_weight
 
 
@@ -63,7 +63,8 @@ class Editor:
         self._restrain = (constraint.rewrite(settings, self.base) if constraint is not None and constraint.rewrite
                           else None)
         self._base_l1 = {m: float(self.base.original(m).double().abs().sum()) for m in self.modules}
-        self.log = EditLog(metadata={"method": method, "hparams": dataclasses.asdict(hparams)})
+        # What made the log, as its binding hashes it: the evaluators read the constraint's settings here.
+        self.log = EditLog(metadata={"method": method, "hparams": identity(hparams)})
         self.records: list[EditRecord] = []
 
     # ---- editing -------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from workers.fields import Checked, FieldError, bounded
+from workers.fields import Checked, FieldError, added_later, bounded
 from workers.yaml_files import read_yaml_file
 
 # Every class here is ``Checked``: its fields' types (the annotations) and ranges (``bounded``) are
@@ -113,10 +113,15 @@ def authors_eac_overrides(base: str) -> dict[str, Any]:
 @dataclass(frozen=True)
 class PruneHParams(Checked):
     """PRUNE (Ma et al., ICLR 2025): log-compress the accumulated update's singular values above
-    σ_max(W₀) after every edit step. See workers/editing/prune.py."""
+    σ_max(W₀). See workers/editing/prune.py."""
 
     # The base of F's logarithm (authors' code: e, 1.5 or 1.2); above 1, or the logarithm does not grow.
     alpha: float = bounded(math.e, above=1)
+    # When F is applied. "step": after every edit step, each later edit made on the restrained weights
+    # (this toolkit's sequential variant, the study's ROME-PRUNE / MEMIT-PRUNE). "evaluation": the paper's
+    # and its code's — the edits run unrestrained and every checkpoint is scored with W₀ + F(ΔW) of
+    # the accumulated update, while the trajectory goes on from the unrestrained weights.
+    apply: Literal["step", "evaluation"] = added_later("step")
 
 
 @dataclass(frozen=True)

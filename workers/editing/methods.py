@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from workers.editing.alphaedit import apply_alphaedit, remember_keys
 from workers.editing.context import EditContext
-from workers.editing.delta import WeightDelta, WeightSnapshot
+from workers.editing.delta import EditLog, WeightDelta, WeightSnapshot, applied
 from workers.editing.eac import AnchoredOptimiser
 from workers.editing.encore import MostProbableOptimiser, NormConstrainedSolve
 from workers.editing.ft import apply_ft
@@ -27,7 +27,7 @@ from workers.editing.hparams import (HPARAMS_DIR, HPARAMS_KEYS, AlphaEditHParams
                                      with_overrides)
 from workers.editing.memit import LayerSolve, apply_memit, remember_solved
 from workers.editing.nas import NormAnchoredOptimiser
-from workers.editing.prune import PruneRestraint
+from workers.editing.prune import restrain_at_checkpoint, restrain_each_step
 from workers.editing.record import StepInfo
 from workers.editing.rect import RectSparsifier
 from workers.editing.rome import apply_rome
@@ -37,6 +37,9 @@ from workers.editing.targets import TargetOptimiser
 EditStep = Callable[..., tuple[WeightDelta, StepInfo]]
 # (model, the step's applied delta, the weights before the step) -> the delta that replaces it, applied
 WeightRewrite = Callable[[Any, WeightDelta, WeightSnapshot], WeightDelta]
+# (model holding base + an edit log, the base weights of the matrices the log touched) -> None: rewrites
+# those matrices in place into the weights a checkpoint is scored with
+CheckpointRewrite = Callable[[Any, WeightSnapshot], None]
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,14 @@ class Constraint:
     # of the solved target, ENCORE's most-probable early stop. None: the plain one.
     optimise: Callable[[Any], TargetOptimiser] | None = None
     # (its settings, the base weights) -> a rewrite of each step's update after the base method wrote
-    # it (PRUNE, RECT). None: the weights are the base method's.
-    rewrite: Callable[[Any, WeightSnapshot], WeightRewrite] | None = None
+    # it (PRUNE per step, RECT), or None for settings that leave the steps alone. None: the weights are
+    # the base method's.
+    rewrite: Callable[[Any, WeightSnapshot], WeightRewrite | None] | None = None
+    # (its settings) -> what a checkpoint is scored with instead of base + the log as replayed (PRUNE as
+    # its paper applies it: the accumulated update restrained at evaluation), or None for settings that
+    # score the replayed weights. Built by ``scored_weights`` from the settings the log records, so the
+    # evaluators never name a constraint. None: every checkpoint is scored as replayed.
+    checkpoint: Callable[[Any], CheckpointRewrite | None] | None = None
     # (its settings) -> MEMIT's per-layer least-squares solve instead of its own (the Editor puts it in
     # the edit context, ``ctx.layer_solve``): ENCORE's Frobenius-norm term. None: MEMIT's own.
     solve: Callable[[Any], LayerSolve] | None = None
@@ -103,7 +112,7 @@ BASES: dict[str, Method] = {
 LOCATE_THEN_EDIT = ("rome", "memit", "alphaedit")
 CONSTRAINTS: dict[str, Constraint] = {
     "eac": Constraint(tuple(BASES), optimise=AnchoredOptimiser, sets_base_fields=True),
-    "prune": Constraint(LOCATE_THEN_EDIT, rewrite=PruneRestraint),
+    "prune": Constraint(LOCATE_THEN_EDIT, rewrite=restrain_each_step, checkpoint=restrain_at_checkpoint),
     "rect": Constraint(LOCATE_THEN_EDIT, rewrite=RectSparsifier),
     "nas": Constraint(LOCATE_THEN_EDIT, optimise=NormAnchoredOptimiser),
     "encore": Constraint(("memit",), optimise=MostProbableOptimiser, solve=NormConstrainedSolve),
@@ -161,3 +170,28 @@ def load_hparams(method: str, model=None, *, overrides: dict | None = None, path
         if other != constraint:
             values.pop(other, None)
     return with_overrides(from_dict(cls, values, str(source)), overrides)
+
+
+def checkpoint_rewrite(log: EditLog) -> CheckpointRewrite | None:
+    """What the constraint of the method that made ``log`` does to the weights a checkpoint is scored
+    with (its ``checkpoint`` hook), built from the settings the log records (``Editor``: the method and
+    its hyper-parameters, in the log's metadata); None: base + the log as replayed. A log that records
+    no method (one made by hand, or an older release's without one) is scored as replayed."""
+    method = log.metadata.get("method")
+    if method is None:
+        return None
+    base, name = split_method(str(method))
+    constraint = CONSTRAINTS.get(name)
+    if constraint is None or constraint.checkpoint is None:
+        return None
+    recorded = (log.metadata.get("hparams") or {}).get(name)
+    if not isinstance(recorded, dict):
+        raise ValueError(f"an edit log of {method} records no '{name}' settings (metadata 'hparams.{name}')")
+    return constraint.checkpoint(from_dict(sections(BASES[base].hparams)[name], recorded, f"the edit log's {name} settings"))
+
+
+def scored_weights(model, log: EditLog) -> applied:
+    """``with scored_weights(model, log):`` — inside the block ``model`` (holding the base weights) holds
+    what a checkpoint of ``log`` is scored with: base + the log replayed, then rewritten by the
+    ``checkpoint`` hook of the log's constraint, if any; afterwards exactly its previous weights."""
+    return applied(model, log, checkpoint_rewrite(log))

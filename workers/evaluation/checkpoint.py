@@ -5,8 +5,10 @@ The evaluation actors call::
     evaluate_checkpoint(model, tokenizer, edit_log, requests, config, *, reference=None, tasks=None,
                         base_key=None, data_root=None) -> list[MetricRow]
 
-- ``model`` holds the *base* (unedited) weights. Inside, ``applied(model, edit_log)`` replays the log
-  and restores the model bit for bit on exit (also on error), so the caller's model is unchanged.
+- ``model`` holds the *base* (unedited) weights. Inside, ``scored_weights(model, edit_log)`` replays the
+  log — and, where the log's method scores its checkpoints otherwise (PRUNE applied at evaluation, the
+  paper's), rewrites the replayed weights by its constraint's ``checkpoint`` hook — and restores the
+  model bit for bit on exit (also on error), so the caller's model is unchanged.
 - ``edit_log``: the trajectory's edits so far (``None`` or empty: the base model itself).
 - ``requests``: every request edited so far; the editing metrics are computed over all of them.
 - ``config``: an ``EvalConfig`` (YAML-loadable).
@@ -55,7 +57,8 @@ from typing import Sequence
 import torch
 
 from workers.data import EditRequest
-from workers.editing.delta import EditLog, applied
+from workers.editing.delta import EditLog
+from workers.editing.methods import scored_weights
 from workers.evaluation.config import EvalConfig, Example, MetricRow
 from workers.evaluation.deviation import last_token_states, pca_view, snapshot_deviations
 from workers.evaluation.edit_metrics import edit_metric_rows, unedited_locality_argmax
@@ -169,7 +172,7 @@ def evaluate_checkpoint(model, tokenizer, edit_log: EditLog | None, requests: Se
                                              "last_token_states", last_token_states, config,
                                              suite.format.add_special_tokens)
 
-    context = applied(model, log)
+    context = scored_weights(model, log)  # base + log, and what the log's constraint does at a checkpoint
     with context:
         edited = scorer.edited(model) if len(log) else unedited
         rows = edit_metric_rows(edited, tokenizer, requests, families=config.edit_metrics,
