@@ -335,3 +335,61 @@ def test_a_run_that_finds_its_work_done_once_it_holds_the_lock_leaves_every_file
     result = driver.run()
     assert [t.status for t in result.trajectories] == ["completed", "completed"]
     assert store_bytes(root) == expected
+
+
+def test_prune_at_evaluation_scores_the_restrained_sum_and_resumes_unrestrained(local_ray, data_root, tmp_path):
+    """Issue 31 item 4, end to end: MEMIT-PRUNE as its paper applies it beside MEMIT, killed after its
+    checkpoint at 2 edits and resumed. Its log is MEMIT's, delta for delta (edited unrestrained, also
+    after the resume); each checkpoint's deviation rows measure W₀ + F(ΔW) of that log's sum."""
+    import numpy as np
+    import torch
+
+    from workers.editing import EditLog
+    from workers.models import edited_weight, load_model
+
+    variant = {"name": "memit-prune-eval", "method": "memit-prune", "hparams": {"prune.apply": "evaluation"}}
+    spec = write_spec(tmp_path, methods=["memit", variant],
+                      evaluation={"tasks": {"wikitext": 1}, "perplexity_window": 32, "perplexity_stride": 32,
+                                  "edit_metrics": ["toolkit"], "drift_examples": 0})
+    killed, resumed = [], []
+
+    def kill_after_checkpoint_2(kind, trajectory, event):
+        if kind == "edit" and trajectory.spec.variant.name == "memit-prune-eval" and event.step == 2 and not killed:
+            killed.append(trajectory.trajectory_id)
+            ray.kill(trajectory.actor)
+
+    assert run(spec, tmp_path / "store", observer=kill_after_checkpoint_2).exit_code == 1 and killed
+    second = run(spec, tmp_path / "store", observer=lambda kind, t, event: resumed.append(
+        (t.spec.variant.name, event.step)) if kind == "edit" else None)
+    assert second.exit_code == 0 and resumed == [("memit-prune-eval", 2), ("memit-prune-eval", 3)]
+
+    store = Store(tmp_path / "store")
+    ids = {t.spec.variant.name: t.trajectory_id for t in second.trajectories}
+    logs = {name: EditLog.load(store.log_path("mini-demo", tid)) for name, tid in ids.items()}
+    assert len(logs["memit"]) == len(logs["memit-prune-eval"]) == 4
+    for theirs, mine in zip(logs["memit"], logs["memit-prune-eval"]):
+        assert [(a.module, a.left.tolist(), a.right.tolist()) for a in theirs.layers] == \
+            [(b.module, b.left.tolist(), b.right.tolist()) for b in mine.layers]
+
+    evaluations = store.frame("evaluations")
+    scored = evaluations[evaluations["metric"] == "update_spectral_relative"].set_index(
+        ["trajectory_id", "n_edits", "task"])["value"]
+    model, _ = load_model("tiny-gpt2")
+    modules = logs["memit"].modules()
+    w0 = {m: edited_weight(model, m).double().numpy().copy() for m in modules}
+    alpha = second.trajectories[1].spec.hparams.prune.alpha
+    restrained = []
+    for steps in (2, 4):
+        logs["memit"][:steps].replay(model)
+        for module in modules:
+            u, sigma, vh = np.linalg.svd(edited_weight(model, module).double().numpy() - w0[module])
+            bound = np.linalg.norm(w0[module], ord=2)
+            mapped = np.where(sigma > bound, np.log(sigma / bound) / np.log(alpha) + bound, sigma)
+            task = f"deviation/{module}"
+            assert scored[ids["memit"], steps, task] == pytest.approx(sigma[0] / bound, rel=1e-5)
+            assert scored[ids["memit-prune-eval"], steps, task] == pytest.approx(mapped.max() / bound, rel=1e-5)
+            restrained.append(sigma[0] > bound)
+        with torch.no_grad():
+            for module in modules:
+                edited_weight(model, module).copy_(torch.from_numpy(w0[module]))
+    assert any(restrained), "MEMIT's sum reaches the bound here, so the two arms' scored weights differ"
