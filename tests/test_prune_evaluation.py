@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.test_editing import REQUESTS, moments
-from workers.editing import Editor, EditLog, load_hparams
+from workers.editing import Editor, EditLog, applied, load_hparams
 from workers.editing.hparams import with_overrides
 from workers.editing.methods import checkpoint_rewrite, scored_weights
 from workers.evaluation import EvalConfig, evaluate_checkpoint
@@ -72,6 +72,8 @@ def test_a_checkpoint_is_scored_with_the_restrained_accumulated_update(edited, t
     for steps in range(1, len(REQUESTS) + 1):  # every checkpoint, each from the log's first steps
         expected = {m: paper_restraint(w0.numpy(), (run["steps"][steps - 1][m] - w0).numpy(), alpha)
                     for m, w0 in run["base"].items()}
+        with applied(model, log[:steps]):  # the log replays the trajectory's unrestrained weights exactly
+            assert all(torch.equal(edited_weight(model, m), run["steps"][steps - 1][m]) for m in expected)
         with scored_weights(model, log[:steps]):
             for module, weight in expected.items():
                 assert np.allclose(edited_weight(model, module).numpy(), weight, rtol=0, atol=1e-12), module

@@ -105,8 +105,8 @@ def shard_with_torch(model, ranks: int, use_accelerator: bool):
 class TensorParallelScorer:
     """The modules a rank runs its forward passes on: ``base`` (a sharded copy of the unedited model,
     kept for the replica's life) and ``edited`` (a sharded copy of the model as it is now, i.e. inside
-    ``applied(model, log)``; dropped after the checkpoint). The model itself stays whole and unsharded:
-    edit logs are applied to it and deviations measured on it."""
+    ``methods.scored_weights(model, log)``; dropped after the checkpoint). The model itself stays whole
+    and unsharded: edit logs are applied to it and deviations measured on it."""
 
     def __init__(self, sharding: str, ranks: int, use_accelerator: bool):
         self.sharding, self.ranks, self.use_accelerator = sharding, ranks, use_accelerator

@@ -184,10 +184,12 @@ def checkpoint_rewrite(log: EditLog) -> CheckpointRewrite | None:
     constraint = CONSTRAINTS.get(name)
     if constraint is None or constraint.checkpoint is None:
         return None
-    recorded = (log.metadata.get("hparams") or {}).get(name)
+    hparams = log.metadata.get("hparams")
+    recorded = hparams.get(name) if isinstance(hparams, dict) else None
     if not isinstance(recorded, dict):
         raise ValueError(f"an edit log of {method} records no '{name}' settings (metadata 'hparams.{name}')")
-    return constraint.checkpoint(from_dict(sections(BASES[base].hparams)[name], recorded, f"the edit log's {name} settings"))
+    settings = from_dict(sections(BASES[base].hparams)[name], recorded, f"the edit log's {name} settings")
+    return constraint.checkpoint(settings)
 
 
 def scored_weights(model, log: EditLog) -> applied:
