@@ -34,6 +34,8 @@ def edited(tmp_path_factory):
     statistics, same seeds): the weights after every step, the logs, the base weights."""
     cache = tmp_path_factory.mktemp("cache")
     runs = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 64-wide matrices gain nothing from a second thread, and lose much on a busy machine
     for method, overrides in (("memit", None), ("memit-prune", EVALUATION)):
         model, tokenizer = load_model("tiny-gpt2", dtype=torch.float64)
         hparams = with_overrides(load_hparams(method, model), overrides)
@@ -45,6 +47,7 @@ def edited(tmp_path_factory):
         editor.apply(REQUESTS, on_edit=lambda record: steps.append(
             {m: edited_weight(model, m).clone() for m in editor.modules}))
         runs[method] = dict(model=model, tokenizer=tokenizer, editor=editor, hparams=hparams, base=base, steps=steps)
+    torch.set_num_threads(threads)
     return runs
 
 
