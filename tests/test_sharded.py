@@ -45,7 +45,7 @@ GENERATED = {("edit/generative", "reliability"), ("edit/generative", "generalisa
 
 @pytest.fixture(scope="module")
 def two_cpu_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield
     ray.shutdown()
 

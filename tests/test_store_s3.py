@@ -45,7 +45,7 @@ def s3():
 
 @pytest.fixture(scope="module")
 def local_ray(s3):
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield
     ray.shutdown()
 
