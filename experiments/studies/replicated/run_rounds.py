@@ -21,9 +21,10 @@ import yaml
 from orchestrator.spec import load_spec
 
 SPEC = Path(__file__).resolve().parents[3] / "experiments" / "configs" / "replicated-smollm2.yaml"
-PLAN = ["memit,memit-eac,memit-eac-paper:0", "memit-matched:0",
-        "memit,memit-eac,memit-eac-paper,memit-matched:1", "memit,memit-eac,memit-eac-paper,memit-matched:2",
-        "alphaedit,alphaedit-eac,alphaedit-matched:0,1,2", "rome-mean-key,rome-mean-key-eac:0,1,2"]
+MEMIT_ARMS = "memit,memit-eac,memit-eac-paper,memit-matched,memit-norm-matched"
+PLAN = [f"{MEMIT_ARMS}:0", f"{MEMIT_ARMS}:1", f"{MEMIT_ARMS}:2", "alphaedit,alphaedit-eac:0,1,2",
+        "rome-mean-key,rome-mean-key-eac:0,1,2", "memit-prune,memit-prune-eval:0,1,2",
+        "rome,rome-prune,rome-prune-eval:0,1,2"]
 
 
 def variant_name(method) -> str:
