@@ -98,7 +98,9 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=10)
     parser.add_argument("--cache-dir", default=None, help="statistics/templates cache shared by the arms")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the numbers the README gives)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     requests = load_counterfact("edit")[: args.n]
     dtypes = args.dtypes.split(",")

@@ -44,7 +44,7 @@ from orchestrator.store import TABLES, Store, edit_row, split_examples
 from workers import settings
 from orchestrator.cluster import CONNECT_TIMEOUT_SECONDS, connect, shutdown
 from workers.actors import (CheckpointEvent, EditEvent, EvalActor, EvalGroup, Replica, TrajectoryActor,
-                            TrajectoryTask, kill_evaluator)
+                            TrajectoryTask, evaluator_started, kill_evaluator)
 from workers.data import EditRequest, check_lengths, edit_dataset_file, load_edit_dataset
 from workers.models import load_tokenizer
 from workers.editing.delta import EditLog, check_binding, log_binding, saved_log_metadata, saved_log_steps
@@ -341,7 +341,7 @@ class Driver:
                         running[trajectory.generator] = trajectory
                 if self.grow_evaluators:
                     self._grow(pool, min(len(queue) + len(running), parallel))
-                waitables = list(running) + list(pool.pending)
+                waitables = list(running) + list(pool.pending) + list(pool.starting)
                 ready, _ = ray.wait(waitables, num_returns=1, timeout=1.0)
                 quiet_since = quiet_since if not ready else time.monotonic()
                 if time.monotonic() - quiet_since > CLUSTER_CHECK_SECONDS:
@@ -349,7 +349,9 @@ class Driver:
                     if not any(node.get("Alive") for node in ray.nodes()):
                         raise RuntimeError("the Ray cluster has no live node left (was it stopped?)")
                 for obj in ready:
-                    if obj in pool.pending:
+                    if obj in pool.starting:
+                        pool.started(obj)
+                    elif obj in pool.pending:
                         trajectory, checkpoint, rows, error = pool.collect(obj)
                         self._scored(trajectory, checkpoint, rows, error)
                     else:
@@ -453,7 +455,9 @@ class Driver:
 
     def _scored(self, trajectory: Trajectory, checkpoint: int, rows: list[dict] | None, error: str | None) -> None:
         spec = trajectory.spec
-        if rows is None and error is None:  # handed to a fresh evaluation actor
+        if rows is None and error is None:  # its evaluator died (with its node?): scored again by another
+            self.progress.message(f"{spec.label}: the evaluation at {checkpoint} edits was lost with its "
+                                  "evaluator; it is scored again")
             return
         if error is not None:
             if not trajectory.finished:
@@ -497,6 +501,10 @@ class EvalPool:
         self.actors = [self._new_actor() for _ in range(resources.eval_actors)]
         self.held = [resources.evaluation] * len(self.actors)  # what each actor asked Ray for
         self.busy = [False] * len(self.actors)
+        # A replacement is given work once it is up (or when no other evaluator is): one that the
+        # cluster cannot place (its node's GPUs gone with the node) must not hold a checkpoint for ever.
+        self.ready = [True] * len(self.actors)
+        self.starting: dict[object, tuple[int, object]] = {}  # readiness ref -> (slot, replacement)
         self.waiting: list[tuple[Trajectory, int, int]] = []  # (trajectory, checkpoint, try), in order
         # ref -> (trajectory, checkpoint, actor slot, the evaluator it went to, try)
         self.pending: dict[object, tuple[Trajectory, int, int, object, int]] = {}
@@ -530,6 +538,7 @@ class EvalPool:
             self.actors.append(self._new_actor(res))
             self.held.append(res)
             self.busy.append(False)
+            self.ready.append(True)
         self._dispatch()
         return count
 
@@ -547,12 +556,21 @@ class EvalPool:
         self._dispatch()
 
     def _dispatch(self) -> None:
-        """Give the waiting checkpoints, in order, to the free evaluators."""
+        """Give the waiting checkpoints, in order, to the free evaluators that are up (to a replacement
+        still starting only when no evaluator is up)."""
+        any_ready = any(self.ready)
         for index in range(len(self.actors)):
             if not self.waiting:
                 return
-            if not self.busy[index]:
+            if not self.busy[index] and (self.ready[index] or not any_ready):
                 self._send(index, *self.waiting.pop(0))
+
+    def started(self, ref) -> None:
+        """A replacement evaluator is up (or failed to start: its next evaluation says so): it takes work."""
+        index, evaluator = self.starting.pop(ref)
+        if self.actors[index] is evaluator:
+            self.ready[index] = True
+            self._dispatch()
 
     def _send(self, index: int, trajectory: Trajectory, checkpoint: int, attempt: int) -> None:
         spec, task = trajectory.spec, trajectory.task
@@ -575,6 +593,8 @@ class EvalPool:
             if self.actors[index] is evaluator:
                 kill_evaluator(evaluator)
                 self.actors[index] = self._new_actor(self.held[index])
+                self.ready[index] = False
+                self.starting[evaluator_started(self.actors[index])] = (index, self.actors[index])
             if attempt < self.spec.max_restarts:  # an evaluation only reads: running it again is safe
                 self.waiting.insert(0, (trajectory, checkpoint, attempt + 1))
                 return trajectory, checkpoint, None, None

@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
+from urllib.parse import urlsplit
 
 import ray
 import torch
@@ -197,7 +198,8 @@ class CheckpointEvaluator:
             check_binding(saved.metadata, {"base_fingerprint": fingerprint}, log_path)
             check_requests(saved.metadata, requests, log_path)
             log = log_prefix(saved, steps)
-        fault_point("scoring", trajectory_id=Path(log_path).stem if log_path else None, steps=steps)
+        # The log's name is its trajectory's id, also in a store URI (s3://bucket/.../<id>.safetensors?options).
+        fault_point("scoring", trajectory_id=Path(urlsplit(log_path).path).stem if log_path else None, steps=steps)
         rows = evaluate_checkpoint(base, tokenizer, log, list(requests), config, reference=self.reference,
                                    tasks=self._suites[digest], base_key=base_key, data_root=self.data_root,
                                    scorer=scorer)
@@ -314,6 +316,13 @@ class EvalGroup:
         for rank in self.ranks:
             ray.kill(rank)
         remove_placement_group(self.placement_group)
+
+
+def evaluator_started(evaluator):
+    """A reference that resolves once an ``EvalActor`` (or every rank of an ``EvalGroup``) is up."""
+    if isinstance(evaluator, EvalGroup):
+        return evaluator.joined[0]  # rank 0 has joined the group: every rank has started
+    return evaluator.__ray_ready__.remote()
 
 
 def kill_evaluator(evaluator) -> None:
