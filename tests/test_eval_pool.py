@@ -15,11 +15,22 @@ SPEC = {"experiment": "pool", "models": ["tiny-gpt2"], "methods": ["rome", "rome
         "resources": {"trajectory": {"num_cpus": 0.75}, "evaluation": {"num_cpus": 0.5, "actors": 1}}}
 
 
+class Started:
+    """``actor.__ray_ready__``: the reference that an actor is up."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def remote(self):
+        return ("started", self.actor)
+
+
 class FakeActor:
     """An evaluator that records what it was given; its results are ready when the test says so."""
 
     def __init__(self, options):
         self.options, self.calls, self.evaluate = options, [], self
+        self.__ray_ready__ = Started(self)
 
     def remote(self, *args):
         self.calls.append(args)
@@ -121,3 +132,25 @@ def test_an_evaluation_on_a_dead_evaluator_goes_to_its_replacement_first(actors,
     assert pool.collect(next(iter(pool.pending)))[2:] == (None, None)  # handed on, not failed
     assert len(actors) == 2 and in_flight(pool) == [(0, 0)] and actors[1].calls  # the replacement has it
     assert [c for _, c, _ in pool.waiting] == [2]
+
+
+def test_a_replacement_still_starting_takes_no_work_while_another_evaluator_is_up(actors, monkeypatch):
+    """A node lost with its evaluator: the replacement asks for what the node had (its GPU), which no
+    node left may hold. Sending it the lost evaluation (as the first free slot) held that checkpoint,
+    and the run, for ever (tests/test_multinode.py); it waits in the pool for an evaluator that is up."""
+    _, pool, trajectories = plan(resources={"trajectory": {"num_cpus": 0.75},
+                                            "evaluation": {"num_cpus": 0.5, "actors": 2}})
+    for checkpoint in (0, 2, 4):
+        pool.submit(trajectories[0], checkpoint)
+    assert in_flight(pool) == [(0, 0), (1, 2)]
+    lost = next(ref for ref, (_, checkpoint, *_) in pool.pending.items() if checkpoint == 0)
+
+    def dead(ref):
+        raise ray.exceptions.RayActorError()
+
+    monkeypatch.setattr(driver_module.ray, "get", dead)
+    assert pool.collect(lost)[2:] == (None, None)  # handed on, not failed
+    assert len(actors) == 3 and not actors[2].calls  # the replacement, still starting, has nothing
+    assert in_flight(pool) == [(1, 2)] and [c for _, c, _ in pool.waiting] == [0, 4]
+    pool.started(next(iter(pool.starting)))  # it is up: it takes the first waiting checkpoint
+    assert in_flight(pool) == [(0, 0), (1, 2)] and actors[2].calls and [c for _, c, _ in pool.waiting] == [4]

@@ -211,6 +211,7 @@ def test_one_dead_evaluator_is_replaced_once_whatever_it_had_queued(monkeypatch)
     class Actor:
         def __init__(self):
             self.alive, self.evaluate = True, self
+            self.__ray_ready__ = type("Started", (), {"remote": staticmethod(lambda: ("started", self))})
 
         def remote(self, *args):
             return (self, len(calls.append(self) or calls))
