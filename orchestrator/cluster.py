@@ -21,12 +21,25 @@ import time
 from pathlib import Path
 
 import ray
+from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR  # set by Ray's job supervisor
 
 # Settings that actors on other machines of a cluster must see as the driver does; an object store's
 # endpoint and region too (its credentials stay out of the job's runtime_env, which the dashboard
 # shows: nodes take theirs from their own environment or instance role).
 FORWARDED_ENVIRONMENT = ("EAC_OFFLINE", "HF_HUB_OFFLINE", "EAC_CACHE_DIR", "EAC_DATA_DIR", "AWS_ENDPOINT_URL",
                          "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+
+
+def forwarded_environment() -> dict[str, str]:
+    """The ``FORWARDED_ENVIRONMENT`` settings this process has, less those that the runtime environment
+    of the Ray job it runs in already gives every process of the job (``ray job submit --runtime-env-json``
+    or ``JobSubmissionClient.submit_job(runtime_env=...)``): Ray refuses a driver whose ``ray.init`` sets
+    one of those again (ValueError: Failed to merge the Job's runtime env ... because of a conflict)."""
+    job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
+    given = (job.get("runtime_env") or {}).get("env_vars") or {}
+    return {name: os.environ[name] for name in FORWARDED_ENVIRONMENT if name in os.environ and name not in given}
 
 
 LOOPBACK = ("127.0.0.1", "::1")
@@ -308,8 +321,7 @@ def connect(address: str | None = None, timeout: float = CONNECT_TIMEOUT_SECONDS
     up after ``timeout`` seconds (``ClusterError``)."""
     if ray.is_initialized():
         return False
-    env = {name: os.environ[name] for name in FORWARDED_ENVIRONMENT if name in os.environ}
-    options = dict(runtime_env={"env_vars": env}, logging_level="WARNING")
+    options = dict(runtime_env={"env_vars": forwarded_environment()}, logging_level="WARNING")
     if address:  # the user's explicit choice: the cluster's own network settings apply, loopback's if it is one
         resolved = join_address(address, timeout)
         with loopback_node() if is_loopback_address(resolved) else contextlib.nullcontext(), handlers_kept():

@@ -276,3 +276,12 @@ def test_cli_precomputes_into_the_cache(data_root, tmp_path, capsys, monkeypatch
     out = capsys.readouterr().out
     assert "layer 1" in out and "layer 2" in out
     assert len(list((tmp_path / "stats").glob("layer*-300tok-*.safetensors"))) == 2
+
+
+def test_no_progress_bar_where_stderr_is_not_a_terminal(tiny_gpt2, corpus, capsys):
+    """An actor's output goes to a log file (and to `ray job logs`): a bar there is one line per redraw."""
+    model, tokenizer = tiny_gpt2
+    config = StatsConfig(corpus=corpus, token_budget=120, max_length=MAX_LENGTH, batch_size=4)
+    second_moments(model, tokenizer, [0], config=config)  # progress asked for, as the editor does
+    captured = capsys.readouterr()
+    assert "second moments" not in captured.err + captured.out

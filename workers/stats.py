@@ -313,7 +313,8 @@ def accumulate_second_moments(model, sequences: Sequence[Sequence[int]], layers:
     total = sum(len(s) for s in sequences)
     counted = 0
     description = f"second moments, layer{'s' if len(layers) > 1 else ''} {','.join(map(str, layers))}"
-    with tqdm(total=total, unit="tok", unit_scale=True, desc=description, disable=not progress) as bar:
+    # Bars on a terminal only: in an actor (a log file, `ray job logs`) each redraw would be one more line.
+    with tqdm(total=total, unit="tok", unit_scale=True, desc=description, disable=None if progress else True) as bar:
         for _, ids, mask in right_padded_batches(sequences, batch_size, pad_id, device):
             with Trace(model, names.values(), inputs=True, outputs=False, stop_after=names[max(layers)]) as trace:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
