@@ -63,6 +63,10 @@ def cluster(s3, data_root, tmp_path_factory):  # noqa: F811
     ray_tmp = tempfile.mkdtemp(prefix="eac-ray-", dir="/tmp")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(FAULTS_ENV, str(plan))  # every node's processes inherit it (and the S3 credentials)
+        # The cluster's address file (ray_current_cluster) in our temp dir, not /tmp/ray: there, any
+        # `ray.init()` on the machine without an address would join this cluster.
+        patch.setenv("RAY_TMPDIR", ray_tmp)
+        (Path(ray_tmp) / "ray").mkdir()
         with loopback_node():
             nodes = Cluster(initialize_head=True, head_node_args={
                 "num_cpus": 0, "temp_dir": ray_tmp, "include_dashboard": False, "_system_config": HEALTH_CHECK})
