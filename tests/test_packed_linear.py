@@ -96,3 +96,21 @@ def test_target_optimisation_is_the_same_run_with_packed_layers(name):
     # The layers run are those above the edited one and the LM head.
     upper = upper_linear_names(model, 1)
     assert not any(".0." in n or ".1." in n for n in upper) and any(".2." in n for n in upper)
+
+
+def test_scoring_compute_dtype_is_checked_and_leaves_the_default_digest_unchanged():
+    from workers.evaluation.config import EvalConfig
+    from workers.fields import FieldError
+
+    # The digest of the default settings, as computed before the field existed (reference caches stay valid).
+    assert EvalConfig().digest() == "6e2aeafa629cae68"
+    assert EvalConfig(compute_dtype="bfloat16").digest() != EvalConfig().digest()
+    assert EvalConfig(compute_dtype="bfloat16").products_dtype == torch.bfloat16
+    assert EvalConfig().products_dtype is None  # the model's own dtype
+    with pytest.raises(FieldError, match="compute_dtype"):
+        EvalConfig.from_dict({"compute_dtype": "float16"})
+
+
+def test_a_compute_dtype_needs_packed_layers():
+    with pytest.raises(ValueError, match="packed"):
+        LinearCompute(packed=False, dtype=torch.bfloat16)

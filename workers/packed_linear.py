@@ -69,7 +69,8 @@ class _PackedProduct(torch.autograd.Function):
 class PackedLinear(torch.nn.Module):
     """Stands in for one linear layer: the same y = x Wᵀ + b on oneDNN with W packed once."""
 
-    def __init__(self, module: torch.nn.Module, compute_dtype: torch.dtype | None = None, rows_hint: int = 64):
+    def __init__(self, module: torch.nn.Module, compute_dtype: torch.dtype | None = None, rows_hint: int = 64,
+                 gradients: bool = True):
         super().__init__()
         if isinstance(module, torch.nn.Linear):
             weight = module.weight  # (out, in)
@@ -83,13 +84,16 @@ class PackedLinear(torch.nn.Module):
         self.compute_dtype = compute_dtype or weight.dtype
         weight = weight.detach().to(self.compute_dtype)
         self.packed = _pack(weight, rows_hint)
-        self.packed_transposed = _pack(weight.t(), rows_hint)
+        # Wᵀ packed only where a gradient will flow back through the layer (a second copy of the weights).
+        self.packed_transposed = _pack(weight.t(), rows_hint) if gradients else None
         bias = getattr(module, "bias", None)
         self.bias = None if bias is None else bias.detach().to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.compute_dtype).contiguous()
-        if x.requires_grad:
+        if x.requires_grad and torch.is_grad_enabled():
+            if self.packed_transposed is None:
+                raise RuntimeError("this PackedLinear was packed without gradients (gradients=False)")
             y = _PackedProduct.apply(x, self.packed, self.packed_transposed, self.bias)
         else:
             y = _product(x, self.packed, self.bias)
@@ -99,11 +103,12 @@ class PackedLinear(torch.nn.Module):
 class PackedLinears:
     """The named linear modules of ``model``, packed once; ``swapped()`` runs the model with them."""
 
-    def __init__(self, model, names, compute_dtype: torch.dtype | None = None, rows_hint: int = 64):
+    def __init__(self, model, names, compute_dtype: torch.dtype | None = None, rows_hint: int = 64,
+                 gradients: bool = True):
         modules = {name: model.get_submodule(name) for name in names}
         self.model = model
         self.available = all(onednn_available(m.weight, compute_dtype) for m in modules.values())
-        self.replacements = ({name: PackedLinear(m, compute_dtype, rows_hint) for name, m in modules.items()}
+        self.replacements = ({name: PackedLinear(m, compute_dtype, rows_hint, gradients) for name, m in modules.items()}
                              if self.available else {})
 
     def swapped(self):
@@ -114,12 +119,13 @@ def linear_names(model, under: list[str]) -> list[str]:
     """Names of the linear layers (nn.Linear, Conv1D) inside the named submodules of ``model``."""
     kinds = (torch.nn.Linear,) + ((Conv1D,) if Conv1D else ())
     names = []
-    for prefix in under:
+    for prefix in under:  # "" is the whole model
         module = model.get_submodule(prefix)
         if isinstance(module, kinds):
             names.append(prefix)
             continue
-        names += [f"{prefix}.{name}" for name, child in module.named_modules() if name and isinstance(child, kinds)]
+        names += [f"{prefix}.{name}".lstrip(".") for name, child in module.named_modules()
+                  if name and isinstance(child, kinds)]
     return names
 
 
@@ -138,11 +144,12 @@ class LinearCompute:
         if self.dtype not in (None, *PACKABLE_DTYPES):
             raise ValueError(f"compute dtype must be float32 or bfloat16, got {self.dtype}")
 
-    def pack(self, model, names) -> PackedLinears | None:
-        """The named layers packed (None: not packed, or oneDNN cannot run them here)."""
+    def pack(self, model, names, gradients: bool = True) -> PackedLinears | None:
+        """The named layers packed (None: not packed, or oneDNN cannot run them here); ``gradients``:
+        whether gradients will flow back through them."""
         if not self.packed:
             return None
-        packed = PackedLinears(model, names, self.dtype)
+        packed = PackedLinears(model, names, self.dtype, gradients=gradients)
         return packed if packed.available else None
 
 
