@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (an evaluator uses one per CPU)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--arms", default="old,packed,bf16")
+    parser.add_argument("--cache-dir", help="the edits' statistics and templates cached there (e.g. ~/.cache/eac)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     base, tokenizer = load_model(args.model)
     edited = copy.deepcopy(base)
     requests = load_counterfact("edit")[: math.ceil(args.edits_so_far / args.scale)]
-    editor = Editor(edited, tokenizer, "rome", load_hparams("rome", edited))
+    editor = Editor(edited, tokenizer, "rome", load_hparams("rome", edited), cache_dir=args.cache_dir)
     log = editor.apply(requests[: args.edits])
     del edited, editor
     config = scaled_config(read_yaml_file(STUDY), args.scale)

@@ -110,12 +110,13 @@ class Arm:
                 "phases": {k: v / n for k, v in self.phases.items()}, "case_ids": list(self.case_ids)}
 
 
-def make_arm(model, tokenizer, method: str, path: str) -> Arm:
+def make_arm(model, tokenizer, method: str, path: str, cache_dir: str | None = None) -> Arm:
     """An arm on a private copy of ``model``: statistics and templates are prepared at construction."""
     model = copy.deepcopy(model)
     overrides = {"prefix_reuse": False} if path == "old" else None
     hparams = load_hparams(method, model, overrides=overrides)
-    editor = Editor(model, tokenizer, method, hparams, compute=LinearCompute(packed=path != "unpacked"))
+    editor = Editor(model, tokenizer, method, hparams, compute=LinearCompute(packed=path != "unpacked"),
+                    cache_dir=cache_dir)
     base, _ = split_method(method)
     layer = hparams.layer if hasattr(hparams, "layer") else list(hparams.layers)[-1]
     spec = arch_spec(model)
@@ -125,9 +126,9 @@ def make_arm(model, tokenizer, method: str, path: str) -> Arm:
 
 
 def measure_group(model, tokenizer, methods: list[str], requests, n: int,
-                  paths: tuple[str, ...] = ("new", "old")) -> list[dict]:
+                  paths: tuple[str, ...] = ("new", "old"), cache_dir: str | None = None) -> list[dict]:
     """Rows for ``methods`` (one base method and its constrained variants), their arms interleaved."""
-    arms = [make_arm(model, tokenizer, method, path) for method in methods
+    arms = [make_arm(model, tokenizer, method, path, cache_dir) for method in methods
             for path in (paths if hasattr(load_hparams(method, model), "prefix_reuse") else ("",))]
     for arm in arms:  # warm-up, not counted
         arm.editor.edit_step([requests[0]])
@@ -176,6 +177,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--paths", default="new,old", help="of new, unpacked, old (see the docstring)")
+    parser.add_argument("--cache-dir", help="statistics and context templates cached there (e.g. ~/.cache/eac)")
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.n < 1:
@@ -186,7 +188,8 @@ def main() -> None:
     requests = load_counterfact("edit")[: args.n + 1]
     rows = []
     for group in groups_of(args.methods.split(",")):
-        for row in measure_group(model, tokenizer, group, requests, args.n, tuple(args.paths.split(","))):
+        for row in measure_group(model, tokenizer, group, requests, args.n, tuple(args.paths.split(",")),
+                                 args.cache_dir):
             rows.append(row)
             label = "new" if "old_seconds_per_edit" in row else "   "
             print(f"{row['method']:14s} {label} {row['seconds_per_edit']:7.2f} s/edit  naive {row['naive_seconds']:7.2f} s  "
