@@ -3,7 +3,7 @@ many times (the target optimisation's steps, a checkpoint's scoring batches).
 
 Why: on this project's CPU (AMD EPYC, AVX-512) PyTorch's float32 ``linear``/``mm`` goes to MKL, which
 runs its AVX2 kernels on non-Intel CPUs, and repacks the weight at every call; oneDNN with the weight
-reordered once into its blocked layout runs the model's shapes about 2.2× faster on one thread
+reordered once into its blocked layout runs the model's shapes 1.5–3.0× faster on one thread
 (``benchmarks/packed_linear.py``). The result is the same product in float32 with another summation
 order: equal to the plain path within float32 round-off, not bit for bit.
 
