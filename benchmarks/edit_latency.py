@@ -6,8 +6,10 @@ cost of the same edits is measured in the same run: for each edit, (optimisation
 (one full forward + backward of its rewriting batch through the whole model, logits at every
 position, δ injected by a hook — what the naive ROME loop does each step), timed on that batch.
 
-Locate-then-edit methods run with the target optimiser's prefix reuse (the default, ``new``) and
-without it (``prefix_reuse: false``, the cached-hidden-state path, ``old``), on the same edits. The
+Locate-then-edit methods run with the target optimiser's prefix reuse and packed oneDNN linear layers
+(the default, ``new``), with prefix reuse on PyTorch's own linear layers (``unpacked``: the default
+before packed_linear.py) and without prefix reuse (``prefix_reuse: false``, the cached-hidden-state
+path, ``old``), on the same edits (``--paths`` picks among them). The
 arms of one base method (ROME, ROME-EAC, each new and old) are **interleaved**: each arm edits its own
 copy of the model, and every request is edited by every arm before the next request, so a change in
 the machine's load during the run falls on all of them alike and the ratios between them
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -36,6 +39,7 @@ from workers.editing.methods import split_method
 from workers.editing.targets import TargetProblem
 from workers.hooks import add_to_output
 from workers.models import arch_spec, load_model
+from workers.packed_linear import LinearCompute
 
 
 def naive_step_seconds(model, problem: TargetProblem, layer_module: str, repeats: int = 2) -> float:
@@ -61,7 +65,7 @@ class Arm:
     """One method on one path, editing its own copy of the model."""
 
     method: str
-    path: str  # "new" (prefix reuse), "old" (prefix_reuse: false) or "" (no target optimiser)
+    path: str  # "new" (prefix reuse, packed), "unpacked", "old" (prefix_reuse: false) or "" (no target optimiser)
     model: torch.nn.Module
     editor: Editor
     layer: int
@@ -106,12 +110,13 @@ class Arm:
                 "phases": {k: v / n for k, v in self.phases.items()}, "case_ids": list(self.case_ids)}
 
 
-def make_arm(model, tokenizer, method: str, path: str) -> Arm:
+def make_arm(model, tokenizer, method: str, path: str, cache_dir: str | None = None) -> Arm:
     """An arm on a private copy of ``model``: statistics and templates are prepared at construction."""
     model = copy.deepcopy(model)
     overrides = {"prefix_reuse": False} if path == "old" else None
     hparams = load_hparams(method, model, overrides=overrides)
-    editor = Editor(model, tokenizer, method, hparams)
+    editor = Editor(model, tokenizer, method, hparams, compute=LinearCompute(packed=path != "unpacked"),
+                    cache_dir=cache_dir)
     base, _ = split_method(method)
     layer = hparams.layer if hasattr(hparams, "layer") else list(hparams.layers)[-1]
     spec = arch_spec(model)
@@ -120,10 +125,11 @@ def make_arm(model, tokenizer, method: str, path: str) -> Arm:
     return Arm(method, path, model, editor, layer, injected, templates)
 
 
-def measure_group(model, tokenizer, methods: list[str], requests, n: int) -> list[dict]:
+def measure_group(model, tokenizer, methods: list[str], requests, n: int,
+                  paths: tuple[str, ...] = ("new", "old"), cache_dir: str | None = None) -> list[dict]:
     """Rows for ``methods`` (one base method and its constrained variants), their arms interleaved."""
-    arms = [make_arm(model, tokenizer, method, path) for method in methods
-            for path in (("new", "old") if hasattr(load_hparams(method, model), "prefix_reuse") else ("",))]
+    arms = [make_arm(model, tokenizer, method, path, cache_dir) for method in methods
+            for path in (paths if hasattr(load_hparams(method, model), "prefix_reuse") else ("",))]
     for arm in arms:  # warm-up, not counted
         arm.editor.edit_step([requests[0]])
     for request in requests[1: n + 1]:
@@ -134,6 +140,11 @@ def measure_group(model, tokenizer, methods: list[str], requests, n: int) -> lis
     for method in methods:
         own = {arm.path: arm.summary() for arm in arms if arm.method == method}
         row = {"method": method, **own.get("new", own.get(""))}
+        if "unpacked" in own:
+            unpacked = own["unpacked"]
+            row.update(unpacked_seconds_per_edit=unpacked["seconds_per_edit"], unpacked_ratio=unpacked["ratio"],
+                       unpacked_phases=unpacked["phases"], unpacked_steps=unpacked["mean_steps"],
+                       new_over_unpacked=row["seconds_per_edit"] / unpacked["seconds_per_edit"])
         if "old" in own:
             old = own["old"]
             row.update(old_seconds_per_edit=old["seconds_per_edit"], old_ratio=old["ratio"], old_phases=old["phases"],
@@ -165,35 +176,47 @@ def main() -> None:
     parser.add_argument("--methods", default="rome,rome-eac,memit,memit-eac,alphaedit,alphaedit-eac,ft-l,ft-m")
     parser.add_argument("-n", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--paths", default="new,old", help="of new, unpacked, old (see the docstring)")
+    parser.add_argument("--cache-dir", help="statistics and context templates cached there (e.g. ~/.cache/eac)")
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.n < 1:
         parser.error("-n must be at least 1")
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     model, tokenizer = load_model(args.model)
     requests = load_counterfact("edit")[: args.n + 1]
     rows = []
     for group in groups_of(args.methods.split(",")):
-        for row in measure_group(model, tokenizer, group, requests, args.n):
+        for row in measure_group(model, tokenizer, group, requests, args.n, tuple(args.paths.split(",")),
+                                 args.cache_dir):
             rows.append(row)
             label = "new" if "old_seconds_per_edit" in row else "   "
             print(f"{row['method']:14s} {label} {row['seconds_per_edit']:7.2f} s/edit  naive {row['naive_seconds']:7.2f} s  "
                   f"ratio {row['ratio']:.2f}  ({row['mean_steps']:.1f} steps)  phases: {phase_text(row['phases'])}",
                   flush=True)
+            if "unpacked_seconds_per_edit" in row:
+                print(f"{'':14s} unp {row['unpacked_seconds_per_edit']:7.2f} s/edit  ratio {row['unpacked_ratio']:.2f}  "
+                      f"({row['unpacked_steps']:.1f} steps)  phases: {phase_text(row['unpacked_phases'])}  "
+                      f"new/unpacked {row['new_over_unpacked']:.2f}", flush=True)
             if "old_seconds_per_edit" in row:
                 print(f"{'':14s} old {row['old_seconds_per_edit']:7.2f} s/edit  ratio {row['old_ratio']:.2f}  "
                       f"({row['old_steps']:.1f} steps)  phases: {phase_text(row['old_phases'])}  "
                       f"new/old {row['new_over_old']:.2f}", flush=True)
-    print(f"\n{'method':14s} {'s/edit':>8s} {'naive s':>8s} {'ratio':>6s} {'old s':>8s} {'old/nv':>6s} "
-          f"{'new/old':>7s} {'EAC/base':>9s}")
+    print(f"\n{'method':14s} {'s/edit':>8s} {'naive s':>8s} {'ratio':>6s} {'unp/nv':>6s} {'new/unp':>7s} "
+          f"{'old s':>8s} {'old/nv':>6s} {'new/old':>7s} {'EAC/base':>9s}")
     for row in rows:
         overhead = f"{row['eac_over_base']:.2f}" if row["eac_over_base"] is not None else ""
         print(f"{row['method']:14s} {row['seconds_per_edit']:8.2f} {row['naive_seconds']:8.2f} {row['ratio']:6.2f} "
+              f"{row.get('unpacked_ratio', float('nan')):6.2f} {row.get('new_over_unpacked', float('nan')):7.2f} "
               f"{row.get('old_seconds_per_edit', float('nan')):8.2f} {row.get('old_ratio', float('nan')):6.2f} "
               f"{row.get('new_over_old', float('nan')):7.2f} {overhead:>9s}")
+    load_after = os.getloadavg()[0]
+    print(f"{args.threads} thread(s); load average before {load_before:.1f}, after {load_after:.1f}")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump(rows, handle, indent=1)
+            json.dump({"threads": args.threads, "load_average": [load_before, load_after], "rows": rows}, handle,
+                      indent=1)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ caches, configuration, deviation analysis, and evaluate_checkpoint leaving the m
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -521,3 +522,22 @@ def test_scores_of_long_unequal_texts_are_the_same_bucketed_or_not(fixture, requ
     for a, b in zip(bucketed, plain):
         torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
         assert torch.equal(a.argmax_ids, b.argmax_ids)
+
+
+def test_checkpoint_scoring_products_follow_the_compute_setting(tiny_llama):
+    """Packed float32 layers score as PyTorch's own within round-off; compute_dtype bfloat16 reaches them."""
+    from workers.packed_linear import LinearCompute
+
+    model, tokenizer = tiny_llama
+    log = rank_one_log(model)
+    config = tiny_config(tasks={"wikitext": 3}, edit_metrics=("toolkit",), drift_examples=0, deviation_norms=False)
+    suite = TaskSuite.build(tokenizer, config, TASK_EXAMPLES, wikitext=WIKITEXT)
+
+    def perplexity(cfg, compute=None):
+        rows = evaluate_checkpoint(model, tokenizer, log, REQUESTS, cfg, tasks=suite, compute=compute)
+        return {(r.task, r.metric): r.value for r in rows}[("wikitext", "perplexity")]
+
+    plain = perplexity(config, LinearCompute(packed=False))
+    assert perplexity(config) == pytest.approx(plain, rel=1e-5)
+    bf16 = perplexity(dataclasses.replace(config, compute_dtype="bfloat16"))
+    assert bf16 != pytest.approx(plain, rel=1e-5) and bf16 == pytest.approx(plain, rel=0.05)

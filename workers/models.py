@@ -115,6 +115,14 @@ def get_module(model, name: str) -> torch.nn.Module:
         raise LookupError(f"model has no module {name!r}") from exc
 
 
+def submodule_name(model, module: torch.nn.Module) -> str:
+    """The name under which ``module`` is found in ``model`` (its first, for a shared module)."""
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name
+    raise LookupError(f"{type(module).__name__} is not a submodule of the model")
+
+
 def edited_weight(model, module_name: str) -> torch.Tensor:
     """A named projection's weight as an (out_features, in_features) view that shares storage (GPT-2's
     Conv1D stores the transpose). In-place changes to it change the model, whatever the layout."""

@@ -28,11 +28,13 @@ from workers.editing.methods import BASES, CONSTRAINTS, split_method
 from workers.editing.record import EditRecord
 from workers.fields import identity
 from workers.models import arch_spec, edited_weight
+from workers.packed_linear import LinearCompute
 
 
 class Editor:
     def __init__(self, model, tokenizer, method: str, hparams, *, cache_dir: str | Path | None = None,
-                 data_root=None, second_moments: dict[int, torch.Tensor] | None = None, on_error: str = "skip"):
+                 data_root=None, second_moments: dict[int, torch.Tensor] | None = None, on_error: str = "skip",
+                 compute: LinearCompute = LinearCompute()):
         base_name, constraint_name = split_method(method)
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
@@ -50,7 +52,7 @@ class Editor:
         # The constraint's hooks (methods.Constraint), built from its settings.
         optimiser = constraint.optimise(settings) if constraint is not None and constraint.optimise else None
         self.ctx = EditContext(model, tokenizer, cache_dir=cache_dir, data_root=data_root, second_moments=second_moments,
-                               optimiser=optimiser)
+                               optimiser=optimiser, compute=compute)
         # Statistics of the unedited model, computed (or loaded) once, before any edit.
         if base.second_moments(hparams):
             self.ctx.prepare_second_moments(self.layers, hparams)

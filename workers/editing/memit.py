@@ -61,12 +61,14 @@ def optimise_targets(model, tokenizer, requests: list[EditRequest], hparams, ctx
     layer, config = list(hparams.layers)[-1], hparams.target_config()
     optimiser = ctx.optimiser
     if optimiser.batches:
-        problem = TargetBatch(model, tokenizer, requests, layer, templates, init_from="residual", config=config)
+        problem = TargetBatch(model, tokenizer, requests, layer, templates, init_from="residual", config=config,
+                              compute=ctx.compute)
         results, reports = optimiser.optimise_batch(problem)
         return [v + r.delta for v, r in zip(problem.v_inits, results)], results, reports
     results, reports, targets = [], [], []
     for request in requests:
-        problem = TargetProblem(model, tokenizer, request, layer, templates, init_from="residual", config=config)
+        problem = TargetProblem(model, tokenizer, request, layer, templates, init_from="residual", config=config,
+                                compute=ctx.compute)
         result, report = optimiser.optimise(problem)
         targets.append(problem.v_init + result.delta)
         results.append(result)

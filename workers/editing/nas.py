@@ -142,7 +142,7 @@ def reference_norms(settings: NASHParams, ctx, layer: int, init_from: str, templ
     norms: list[float] = []
     for start in range(0, len(sample), settings.reference_batch):
         problem = TargetBatch(ctx.model, ctx.tokenizer, sample[start:start + settings.reference_batch], layer,
-                              templates, init_from=init_from, config=config)
+                              templates, init_from=init_from, config=config, compute=ctx.compute)
         for r, result in enumerate(optimise_deltas(problem)):
             norms.append(float((problem.mlp_inits[r].double() + result.delta.double()).norm()))
     return norms

@@ -53,7 +53,7 @@ def apply_rome(model, tokenizer, requests: list[EditRequest], hparams: RomeHPara
 
         start = time.perf_counter()
         problem = TargetProblem(model, tokenizer, request, hparams.layer, templates, init_from="mlp",
-                                config=hparams.target_config())
+                                config=hparams.target_config(), compute=ctx.compute)
         result, report = ctx.optimiser.optimise(problem)
         v_star = problem.v_init + result.delta
         info.targets.append(v_star)

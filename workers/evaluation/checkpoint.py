@@ -49,6 +49,7 @@ An empty log is the base model: its task rows and next-token distributions are t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from pathlib import Path
@@ -68,6 +69,7 @@ from workers.evaluation.scoring import next_token_logprobs
 from workers.evaluation.suite import TaskSuite
 from workers.evaluation.tasks import TASKS, drift_prompts, drift_rows, example_ids, general_task_rows
 from workers.models import context_length
+from workers.packed_linear import LinearCompute, linear_names, swapped
 
 class SameModel:
     """The default scorer: the forward passes run on the model itself."""
@@ -141,9 +143,14 @@ def retention_rows(edited: Sequence[MetricRow], unedited: Sequence[MetricRow]) -
 def evaluate_checkpoint(model, tokenizer, edit_log: EditLog | None, requests: Sequence[EditRequest],
                         config: EvalConfig, *, reference: ReferenceCache | None = None,
                         tasks: TaskSuite | None = None, base_key: str | None = None,
-                        data_root: str | Path | None = None, scorer=None) -> list[MetricRow]:
-    """Score base model + ``edit_log`` (see the module docstring); ``model`` is left as it was."""
+                        data_root: str | Path | None = None, scorer=None,
+                        compute: LinearCompute | None = None) -> list[MetricRow]:
+    """Score base model + ``edit_log`` (see the module docstring); ``model`` is left as it was.
+    ``compute``: how the passes on ``model`` itself compute their linear layers (default: packed,
+    in ``config.compute_dtype``); a scorer's own copies are left to it."""
+    own_passes = scorer is None
     scorer = scorer if scorer is not None else SameModel()
+    compute = compute if compute is not None else LinearCompute(dtype=config.products_dtype)
     reference = reference if reference is not None else ReferenceCache()
     suite = tasks if tasks is not None else TaskSuite.load(tokenizer, config, data_root,
                                                            context_length=context_length(model))
@@ -151,18 +158,58 @@ def evaluate_checkpoint(model, tokenizer, edit_log: EditLog | None, requests: Se
     log = edit_log if edit_log is not None else EditLog()
     batching = dict(batch_size=config.batch_size, progress=config.progress)
 
+    def packed(weights):
+        """The passes on ``weights`` (the model, base or edited) with its linear layers packed once."""
+        return swapped(compute.pack(weights, linear_names(weights, [""]), gradients=False) if own_passes else None)
+
     # The unedited model's predictions, while the model holds the base weights.
     unedited = scorer.base(model)
+    with packed(unedited):
+        locality_reference, unedited_rows, unedited_logprobs, unedited_states = _unedited_passes(
+            unedited, tokenizer, requests, config, suite, reference, base_key, batching)
+    prompts_for_drift = drift_prompts(suite, config)
+
+    context = scored_weights(model, log)  # base + log, and what the log's constraint does at a checkpoint
+    with context:
+        edited = scorer.edited(model) if len(log) else unedited
+        with packed(edited) if len(log) else contextlib.nullcontext():
+            rows = edit_metric_rows(edited, tokenizer, requests, families=config.edit_metrics,
+                                    locality_reference=locality_reference,
+                                    generative_max_new_tokens=config.generative_max_new_tokens, **batching)
+            edited_rows = general_task_rows(edited, tokenizer, suite, config) if len(log) else unedited_rows
+            rows += edited_rows + retention_rows(edited_rows, unedited_rows)
+            if prompts_for_drift:
+                edited_logprobs = ({task: next_token_logprobs(edited, tokenizer, prompts,
+                                                              add_special_tokens=suite.format.add_special_tokens,
+                                                              **batching)
+                                    for task, prompts in prompts_for_drift.items()} if len(log)
+                                   else unedited_logprobs)
+                rows += drift_rows(edited_logprobs, unedited_logprobs,
+                                   {task: example_ids(suite, task) for task in prompts_for_drift})
+            edited_states = (last_token_states(edited, tokenizer, suite.pca_prompts,
+                                               add_special_tokens=suite.format.add_special_tokens, **batching)
+                             if unedited_states is not None else None)
+        if config.deviation_norms:  # reads the model's own weight matrices: outside the packed passes
+            for deviation in snapshot_deviations(model, context.snapshot):
+                rows += deviation.rows()
+        if unedited_states is not None:
+            rows += pca_view(unedited_states, edited_states, folds=config.pca_folds, seed=config.seed).rows()
+    return rows
+
+
+def _unedited_passes(unedited, tokenizer, requests, config: EvalConfig, suite: TaskSuite,
+                     reference: ReferenceCache, base_key: str, batching: dict):
+    """The unedited model's predictions (from ``reference`` where cached): locality argmax tokens,
+    task rows, next-token log-probabilities of the drift prompts, last-token states for the PCA view."""
     locality_reference = None
     if "toolkit" in config.edit_metrics and requests:
         locality_reference = unedited_locality_argmax(unedited, tokenizer, requests, reference, base_key,
                                                       **batching)
     unedited_rows = reference_task_rows(unedited, tokenizer, suite, config, reference, base_key)
-    prompts_for_drift = drift_prompts(suite, config)
     unedited_logprobs = {task: _cached_per_prompt(unedited, tokenizer, prompts, reference, base_key,
                                                   "next_token_logprobs", next_token_logprobs, config,
                                                   suite.format.add_special_tokens)
-                         for task, prompts in prompts_for_drift.items()}
+                         for task, prompts in drift_prompts(suite, config).items()}
     unedited_states = None
     if config.pca_examples and not suite.pca_prompts:
         raise ValueError(f"pca_examples is {config.pca_examples} but the TaskSuite holds no PCA prompts; build it "
@@ -171,27 +218,4 @@ def evaluate_checkpoint(model, tokenizer, edit_log: EditLog | None, requests: Se
         unedited_states = _cached_per_prompt(unedited, tokenizer, suite.pca_prompts, reference, base_key,
                                              "last_token_states", last_token_states, config,
                                              suite.format.add_special_tokens)
-
-    context = scored_weights(model, log)  # base + log, and what the log's constraint does at a checkpoint
-    with context:
-        edited = scorer.edited(model) if len(log) else unedited
-        rows = edit_metric_rows(edited, tokenizer, requests, families=config.edit_metrics,
-                                locality_reference=locality_reference,
-                                generative_max_new_tokens=config.generative_max_new_tokens, **batching)
-        edited_rows = general_task_rows(edited, tokenizer, suite, config) if len(log) else unedited_rows
-        rows += edited_rows + retention_rows(edited_rows, unedited_rows)
-        if prompts_for_drift:
-            edited_logprobs = {task: next_token_logprobs(edited, tokenizer, prompts,
-                                                         add_special_tokens=suite.format.add_special_tokens,
-                                                         **batching)
-                               for task, prompts in prompts_for_drift.items()} if len(log) else unedited_logprobs
-            rows += drift_rows(edited_logprobs, unedited_logprobs,
-                               {task: example_ids(suite, task) for task in prompts_for_drift})
-        if config.deviation_norms:
-            for deviation in snapshot_deviations(model, context.snapshot):
-                rows += deviation.rows()
-        if unedited_states is not None:
-            edited_states = last_token_states(edited, tokenizer, suite.pca_prompts,
-                                              add_special_tokens=suite.format.add_special_tokens, **batching)
-            rows += pca_view(unedited_states, edited_states, folds=config.pca_folds, seed=config.seed).rows()
-    return rows
+    return locality_reference, unedited_rows, unedited_logprobs, unedited_states

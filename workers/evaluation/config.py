@@ -16,6 +16,7 @@ from workers.fields import FieldError, bounded, check_fields
 EDIT_METRIC_FAMILIES = ("toolkit", "counterfact", "generative")
 PROMPT_FORMATS = ("raw", "chat")
 SAMPLE_ORDERS = ("seeded", "first")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,9 @@ class EvalConfig:
     pca_examples: int = bounded(0, minimum=0)
     pca_folds: int = bounded(5, minimum=2)
     progress: bool = True
+    # The dtype of the scoring passes' matrix products (packed_linear.py): "bfloat16" runs them in bf16
+    # (AVX512-BF16) with everything else in the model's dtype; "float32" (default): the model's own dtype.
+    compute_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         self.edit_metrics = tuple(self.edit_metrics)
@@ -210,8 +214,17 @@ class EvalConfig:
             fail("pca_task", f"expected one of {prompt_tasks}, got {self.pca_task!r}")
         if self.pca_examples and self.pca_examples < 2 * self.pca_folds:
             fail("pca_examples", f"need at least 2 * pca_folds = {2 * self.pca_folds} prompts")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            fail("compute_dtype", f"expected one of {list(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
         if self.generative_max_new_tokens is not None and self.generative_max_new_tokens < 1:
             fail("generative_max_new_tokens", "expected a positive count or null")
+
+    @property
+    def products_dtype(self):
+        """``compute_dtype`` as the packed layers take it: None (the model's own) or torch.bfloat16."""
+        import torch
+
+        return torch.bfloat16 if self.compute_dtype == "bfloat16" else None
 
     def count(self, task: str) -> int:
         return self.tasks.get(task, 0)
@@ -223,6 +236,8 @@ class EvalConfig:
         for ignored in ("batch_size", "progress", "edit_metrics", "generative_max_new_tokens",
                         "deviation_norms", "pca_folds", "allow_statistics_text"):
             fields.pop(ignored)
+        if fields["compute_dtype"] == "float32":  # the default: digests from before the field stay valid
+            fields.pop("compute_dtype")
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod
