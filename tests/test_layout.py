@@ -111,9 +111,16 @@ def test_no_module_of_the_orchestrator_imports_the_experiments_except_the_cli():
     assert offenders == {}
 
 
+# Private names of other projects that the product uses knowingly, each with its reason. PyTorch's
+# oneDNN linear ops are public only through torch.compile; torch is pinned by the lock, and
+# packed_linear checks they exist (``available``) and runs the plain layers otherwise.
+KNOWN_PRIVATE = {("workers/packed_linear.py", "torch.ops.mkldnn._reorder_linear_weight"),
+                 ("workers/packed_linear.py", "torch.ops.mkldnn._linear_pointwise")}
+
+
 def test_no_private_name_is_used_outside_its_module():
     uses = set().union(*(private_uses(path) for package in PACKAGES for path in sources(package)))
-    assert uses == set()
+    assert uses - KNOWN_PRIVATE == set()
 
 
 # ---- the task registry: adding a general task is one record ------------------------------------
