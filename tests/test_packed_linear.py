@@ -114,3 +114,24 @@ def test_scoring_compute_dtype_is_checked_and_leaves_the_default_digest_unchange
 def test_a_compute_dtype_needs_packed_layers():
     with pytest.raises(ValueError, match="packed"):
         LinearCompute(packed=False, dtype=torch.bfloat16)
+
+
+@needs_onednn
+def test_an_edit_context_packs_unchanged_layers_once_and_again_after_a_write():
+    from workers.packed_linear import PackCache
+
+    model, _ = load_model("tiny-llama")
+    cache = PackCache(LinearCompute())
+    names = upper_linear_names(model, 0)
+    first = cache.pack(model, names)
+    assert first is not None and cache.pack(model, names) is first  # unchanged weights: the same packing
+    name = names[0]
+    weight = model.get_submodule(name).weight
+    x = torch.randn(3, weight.shape[1])
+    with torch.no_grad():
+        weight.t().add_(0.5)  # an in-place write through a view, as an edit or a revert makes
+    second = cache.pack(model, names)
+    assert second is not first  # the stale packing is not handed out again
+    torch.testing.assert_close(second.replacements[name](x), torch.nn.functional.linear(x, weight, None
+                               if model.get_submodule(name).bias is None else model.get_submodule(name).bias),
+                               rtol=1e-5, atol=1e-5)

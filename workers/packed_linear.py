@@ -153,6 +153,34 @@ class LinearCompute:
         return packed if packed.available else None
 
 
+def weight_versions(model, names) -> tuple:
+    """What identifies the named layers' current weights: each weight's storage and its in-place version
+    counter (PyTorch bumps it at every in-place write through the tensor or a view of it: an edit, a
+    revert, a replayed log)."""
+    return tuple((w.data_ptr(), w._version) for w in (model.get_submodule(name).weight for name in names))
+
+
+class PackCache:
+    """``LinearCompute.pack`` that keeps what it packed and hands it out again while the packed layers'
+    weights are unchanged. The target optimisation packs the layers above the edited one and the LM
+    head, which an editing trajectory never writes: packed once per Editor instead of once per edit
+    step (~0.7 CPU-s a step on the default model, against ~5 CPU-s for a MEMIT edit). Keyed on the
+    layers' names, ``gradients`` and ``weight_versions``; holds one packing per key (for the default
+    model's upper layers, W and Wᵀ: ~1.1 GB while the Editor lives)."""
+
+    def __init__(self, compute: LinearCompute):
+        self.compute = compute
+        self._kept: dict[tuple, tuple[tuple, PackedLinears | None]] = {}
+
+    def pack(self, model, names, gradients: bool = True) -> PackedLinears | None:
+        names = tuple(names)
+        key, versions = (names, gradients), weight_versions(model, names)
+        kept = self._kept.get(key)
+        if kept is None or kept[0] != versions:
+            self._kept[key] = kept = (versions, self.compute.pack(model, names, gradients))
+        return kept[1]
+
+
 def swapped(packed: PackedLinears | None):
     """``packed.swapped()``, or nothing to do for None."""
     return packed.swapped() if packed is not None else contextlib.nullcontext()

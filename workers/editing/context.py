@@ -21,7 +21,7 @@ from workers.editing.errors import EditFailure
 from workers.editing.targets import TargetOptimiser
 from workers.editing.templates import ContextTemplates
 from workers.models import weights_fingerprint
-from workers.packed_linear import LinearCompute
+from workers.packed_linear import LinearCompute, PackCache
 
 if TYPE_CHECKING:
     from workers.editing.memit import LayerSolve
@@ -46,8 +46,9 @@ class EditContext:
     def __init__(self, model, tokenizer, *, cache_dir: str | Path | None = None, data_root=None,
                  second_moments: dict[int, torch.Tensor] | None = None, optimiser: TargetOptimiser | None = None, compute: LinearCompute = LinearCompute()):
         self.model, self.tokenizer = model, tokenizer
-        # How the target optimisation's passes compute their linear layers (packed_linear.py).
-        self.compute = compute
+        # How the target optimisation's passes compute their linear layers (packed_linear.py); what they
+        # pack is kept across edit steps while the packed weights stay unchanged.
+        self.compute = PackCache(compute)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.data_root = data_root
         self.optimiser = optimiser if optimiser is not None else TargetOptimiser()

@@ -47,7 +47,7 @@ from workers.editing.prefix import FullRun, SuffixRun, select_rows
 from workers.editing.tokens import (aligned_on_lookup, check_length, rewriting_prompts, right_padded,
                                     target_token_ids)
 from workers.models import arch_spec, model_device, submodule_name
-from workers.packed_linear import LinearCompute, linear_names, swapped
+from workers.packed_linear import LinearCompute, PackCache, linear_names, swapped
 
 
 @dataclass
@@ -78,7 +78,7 @@ class TargetBatch:
 
     def __init__(self, model, tokenizer, requests: Sequence[EditRequest], layer: int,
                  context_templates: Sequence[str], *, init_from: str, config: TargetConfig,
-                 compute: LinearCompute = LinearCompute()):
+                 compute: LinearCompute | PackCache = LinearCompute()):
         if init_from not in ("mlp", "residual"):
             raise ValueError(f"init_from must be 'mlp' or 'residual', got {init_from!r}")
         if not requests:
@@ -131,7 +131,8 @@ class TargetBatch:
         lm_head = model.get_output_embeddings()
         self.kl_reference = F.log_softmax(lm_head(setup.final[self.kl_rows, self.kl_cols]).float(), dim=-1).detach()
         # Every step runs the same frozen weights of the layers above ``layer`` and of the LM head: packed
-        # once for oneDNN (packed_linear.py; same products within float32 round-off, ~2x faster here).
+        # once for oneDNN (packed_linear.py; same products within float32 round-off, ~2x faster here),
+        # or taken from the edit context's PackCache where an earlier step packed them.
         self.linears = compute.pack(model, upper_linear_names(model, layer))
 
     def losses(self, deltas: torch.Tensor, requests: Sequence[int] | None = None) -> LossParts:
@@ -188,7 +189,7 @@ class TargetProblem(TargetBatch):
     """One request: ``v_init`` (hidden,) and ``loss(δ)`` with scalar parts."""
 
     def __init__(self, model, tokenizer, request: EditRequest, layer: int, context_templates: Sequence[str],
-                 *, init_from: str, config: TargetConfig, compute: LinearCompute = LinearCompute()):
+                 *, init_from: str, config: TargetConfig, compute: LinearCompute | PackCache = LinearCompute()):
         super().__init__(model, tokenizer, [request], layer, context_templates, init_from=init_from, config=config,
                          compute=compute)
         self.v_init = self.v_inits[0]
