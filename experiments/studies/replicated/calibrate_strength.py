@@ -24,6 +24,7 @@ import torch
 from workers import settings
 from workers.data import load_edit_dataset
 from workers.editing import Editor, load_hparams
+from workers.evaluation.intervals import mean_interval
 from workers.generation import begins_with, greedy_continuations
 from workers.models import load_model
 from workers.sampling import seeded_sample
@@ -39,11 +40,9 @@ cache = os.environ.get("EAC_CACHE_DIR", str(Path.home() / ".cache" / "eac"))
 
 
 def interval(values: list[float]) -> str:
-    """Mean with a 95% percentile bootstrap interval (2,000 resamples, seeded)."""
-    import random
-    draw = random.Random(0)
-    means = sorted(statistics.fmean(draw.choices(values, k=len(values))) for _ in range(2000))
-    return f"{statistics.fmean(values):.1f} [{means[49]:.1f}, {means[1949]:.1f}]"
+    """Mean with its 95% percentile-bootstrap interval (the project's: workers.evaluation.intervals)."""
+    low, high = mean_interval(values)
+    return f"{statistics.fmean(values):.1f} [{low:.1f}, {high:.1f}]"
 
 
 for arm in arms:
