@@ -242,7 +242,8 @@ def cmd_compare(args) -> int:
             raise StoreError(f"{store.uri}: no such store")
         if args.experiment not in store.experiments():
             raise CompareError(f"{store.uri}: no experiment {args.experiment!r}; the store holds {store.experiments()}")
-        frame = compare_arms(store, args.experiment, args.base, args.arm or None, args.at)
+        frame = compare_arms(store, args.experiment, args.base, args.arm or None, args.at,
+                             complete_only=args.complete_only)
     except (OSError, StoreError, CompareError) as exc:
         print(f"eac compare: {one_line(exc)}", file=sys.stderr)
         return 1
@@ -463,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--base", required=True, help="the base arm (a variant, e.g. rome)")
     compare.add_argument("--arm", action="append", help="an arm to compare with the base (repeatable; default: all)")
     compare.add_argument("--at", type=int, help="only this checkpoint (number of edits)")
+    compare.add_argument("--complete-only", action="store_true",
+                         help="pair only finished trajectories (while a study runs: keeps the later checkpoints)")
     compare.add_argument("--out", help="directory for compare.csv (default: STORE/report/EXPERIMENT)")
     compare.set_defaults(func=cmd_compare)
 

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from orchestrator.status import Status
 from orchestrator.store import Store
 from workers.evaluation.intervals import RESAMPLES, SEED, percentiles
 from workers.evaluation.tasks import PERPLEXITY_TASK
@@ -187,16 +188,25 @@ def _marginal_overlap(evaluations: pd.DataFrame, base_ids, arm_ids, n_edits: int
 
 
 def compare_arms(store: Store, experiment: str, base: str, arms: list[str] | None = None, at: int | None = None,
-                 *, metrics: tuple[tuple[str, str], ...] | None = None, resamples: int = RESAMPLES) -> pd.DataFrame:
+                 *, metrics: tuple[tuple[str, str], ...] | None = None, resamples: int = RESAMPLES,
+                 complete_only: bool = False) -> pd.DataFrame:
     """Every arm (default: all others of the experiment) against ``base``, per model and data set, at each
     shared checkpoint after the first edit (or only ``at``), for every metric with examples (or
-    ``metrics``). One row per (model, data set, arm, checkpoint, metric); columns ``COLUMNS``."""
+    ``metrics``). One row per (model, data set, arm, checkpoint, metric); columns ``COLUMNS``.
+
+    ``complete_only`` pairs only finished trajectories: while a study runs, a seed still editing would
+    otherwise cut every shared checkpoint back to the ones it has reached."""
     trajectories = _arms(store.frame("trajectories", experiment))
     known = sorted(set(trajectories["arm"]))
     wanted = arms or [a for a in known if a != base]
     unknown = [a for a in [base, *wanted] if a not in known]
     if unknown:
         raise CompareError(f"experiment {experiment!r} has no arm(s) {unknown}; its arms: {known}")
+    if complete_only:
+        trajectories = trajectories[trajectories["status"] == Status.COMPLETED]
+        unfinished = [a for a in [base, *wanted] if a not in set(trajectories["arm"])]
+        if unfinished:
+            raise CompareError(f"experiment {experiment!r}: arm(s) {unfinished} have no complete trajectory yet")
     examples = store.frame("examples", experiment)
     if not len(examples):
         raise CompareError(f"experiment {experiment!r} has no examples table (a store written before per-example "

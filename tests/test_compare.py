@@ -207,3 +207,24 @@ def test_edit_strength_is_paired_step_by_step_from_the_edits_table(store):
     assert row["ci_high"] < 0
     assert one(frame, "edit/strength", "dw_fro")["estimate"] == pytest.approx(-base_norms[:10].mean() / 20)
     assert one(frame, "edit/strength", "loss")["estimate"] == pytest.approx(0.0)
+
+
+def test_complete_only_pairs_finished_trajectories_and_keeps_their_later_checkpoints(store):
+    # Seed 0 finished (scored at 5 and 10); seed 1 is still editing (scored at 5 only). Pairing every
+    # trajectory cuts the shared checkpoints back to 5; pairing the finished ones keeps 10.
+    rng = np.random.default_rng(3)
+    for seed in (0, 1):
+        trajectory(store, f"b{seed}", "rome", seed)
+        trajectory(store, f"a{seed}", "rome-eac", seed)
+        for n_edits in ((5, 10) if seed == 0 else (5,)):
+            values = rng.integers(0, 2, 40)
+            scores(store, f"b{seed}", n_edits, "nli", "accuracy_all", values)
+            scores(store, f"a{seed}", n_edits, "nli", "accuracy_all", values)
+    store.put_trajectory({**store.trajectory(EXPERIMENT, "a1"), "status": "running", "edits_done": 6})
+    everything = compare_arms(store, EXPERIMENT, "rome")
+    assert sorted(everything["n_edits"]) == [5] and set(everything["seeds"]) == {2}
+    finished = compare_arms(store, EXPERIMENT, "rome", complete_only=True)
+    assert sorted(finished["n_edits"]) == [5, 10] and set(finished["seeds"]) == {1}
+    with pytest.raises(CompareError, match="no complete trajectory"):
+        store.put_trajectory({**store.trajectory(EXPERIMENT, "a0"), "status": "running", "edits_done": 6})
+        compare_arms(store, EXPERIMENT, "rome", complete_only=True)
