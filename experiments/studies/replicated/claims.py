@@ -35,7 +35,8 @@ EXPERIMENT = "replicated-smollm2"
 # (base, arm): in the order the README reads them.
 PAIRS = [("memit", "memit-eac"), ("memit", "memit-eac-paper"), ("memit", "memit-matched"),
          ("memit", "memit-norm-matched"), ("memit-matched", "memit-eac"), ("memit-norm-matched", "memit-eac"),
-         ("alphaedit", "alphaedit-eac"), ("alphaedit", "alphaedit-matched"), ("alphaedit-matched", "alphaedit-eac"),
+         ("alphaedit", "alphaedit-eac"), ("alphaedit", "alphaedit-matched"), ("alphaedit", "alphaedit-norm-matched"),
+         ("alphaedit-matched", "alphaedit-eac"), ("alphaedit-norm-matched", "alphaedit-eac"),
          ("rome-mean-key", "rome-mean-key-eac"), ("memit", "memit-prune"), ("memit", "memit-prune-eval"),
          ("rome", "rome-prune"), ("rome", "rome-prune-eval")]
 PAIRED_METRICS = HEADLINE_METRICS + (("known", "recall"),)

@@ -21,8 +21,13 @@ import yaml
 from orchestrator.spec import load_spec
 
 SPEC = Path(__file__).resolve().parents[3] / "experiments" / "configs" / "replicated-smollm2.yaml"
-MEMIT_ARMS = "memit,memit-eac,memit-eac-paper,memit-matched,memit-norm-matched"
-PLAN = [f"{MEMIT_ARMS}:0", f"{MEMIT_ARMS}:1", f"{MEMIT_ARMS}:2", "alphaedit,alphaedit-eac:0,1,2",
+# A whole seed of whole arms per round, so that a budget cut leaves complete pairs: MEMIT, MEMIT-EAC and
+# the two matched-strength MEMIT arms first, seed by seed; then the paper-settings arm; then AlphaEdit's
+# four arms seed by seed; then priorities 3-4.
+MEMIT_ARMS = "memit,memit-eac,memit-matched,memit-norm-matched"
+ALPHAEDIT_ARMS = "alphaedit,alphaedit-eac,alphaedit-matched,alphaedit-norm-matched"
+PLAN = [f"{MEMIT_ARMS}:0", f"{MEMIT_ARMS}:1", f"{MEMIT_ARMS}:2", "memit-eac-paper:0,1,2",
+        f"{ALPHAEDIT_ARMS}:0", f"{ALPHAEDIT_ARMS}:1", f"{ALPHAEDIT_ARMS}:2",
         "rome-mean-key,rome-mean-key-eac:0,1,2", "memit-prune,memit-prune-eval:0,1,2",
         "rome,rome-prune,rome-prune-eval:0,1,2"]
 
