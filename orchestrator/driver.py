@@ -6,8 +6,9 @@
 1. **Plan**, before any actor starts: every edit data set is loaded once and each trajectory's
    requests are picked (the first ``n_edits``, or a sample seeded by the trajectory's seed); its
    hyper-parameters are resolved; the store is read. A completed trajectory is skipped. An
-   interrupted one resumes from the last checkpoint reached by both its saved edit log and its stored
-   edit rows; checkpoints up to there that were never scored are scored from the saved log.
+   interrupted one resumes from the last step reached by both its saved edit log and its stored edit
+   rows (a checkpoint, or one of the saves every ``save_every`` steps); checkpoints up to there that were
+   never scored are scored from the saved log.
 2. **Run**: an evaluation pool (``EvalActor`` × ``resources.evaluation.actors``) and as many
    ``TrajectoryActor``s at once as the cluster holds. Each trajectory streams one ``EditEvent`` per
    step (buffered) and a ``CheckpointEvent`` per checkpoint: the buffered rows are written, and the
@@ -43,7 +44,7 @@ from orchestrator.status import Status, status_text
 from orchestrator.store import TABLES, Store, edit_row, split_examples
 from workers import settings
 from orchestrator.cluster import CONNECT_TIMEOUT_SECONDS, connect, shutdown
-from workers.actors import (CheckpointEvent, EditEvent, EvalActor, EvalGroup, Replica, TrajectoryActor,
+from workers.actors import (CheckpointEvent, EditEvent, EvalActor, EvalGroup, Replica, SaveEvent, TrajectoryActor,
                             TrajectoryTask, evaluator_started, kill_evaluator)
 from workers.data import EditRequest, check_lengths, edit_dataset_file, load_edit_dataset
 from workers.models import load_tokenizer
@@ -160,7 +161,8 @@ def plan_trajectories(spec: ExperimentSpec, store: Store, *, data_root: str | Pa
             one.trajectory_id, Replica(one.model, one.dtype, res.num_gpus > 0, max(1, int(res.num_cpus))),
             one.method, one.hparams, tuple(requests),
             one.batch_size, one.edit_checkpoints(), one.seed,
-            str(store.log_path(one.experiment, one.trajectory_id)), cache_dir, data_root)
+            str(store.log_path(one.experiment, one.trajectory_id)), cache_dir, data_root,
+            save_every=math.ceil(spec.save_every / one.batch_size) if spec.save_every else 0)
         trajectory = Trajectory(one, task, json.dumps(one.resolved_hparams, sort_keys=True))
         read_progress(store, trajectory)
         if not trajectory.finished and saved_log_metadata(task.log_path) is not None:
@@ -190,9 +192,10 @@ def read_progress(store: Store, trajectory: Trajectory) -> None:
         trajectory.status, trajectory.reason, trajectory.editing_done = Status.COMPLETED, None, True
         trajectory.start_step = trajectory.steps_done = trajectory.task.n_steps
         return
+    # Where both the saved log and the stored edit rows reach (the rows are written after each save of
+    # the log, at a checkpoint or every ``save_every`` steps): a checkpoint, or a save in between.
     reachable = min(edited, saved_log_steps(trajectory.task.log_path))
-    starts = [s for s in (steps_for(c, spec.batch_size) for c in spec.edit_checkpoints()) if s <= reachable]
-    trajectory.start_step = trajectory.steps_done = max(starts, default=0)
+    trajectory.start_step = trajectory.steps_done = reachable
     trajectory.editing_done = trajectory.start_step >= trajectory.task.n_steps
     trajectory.buffer = []
 
@@ -442,15 +445,17 @@ class Driver:
             trajectory.buffer.append(edit_row(event.record))
             trajectory.steps_done = event.step + 1
             self.progress.edited(trajectory.trajectory_id, trajectory.steps_done)
-        elif isinstance(event, CheckpointEvent):
+        elif isinstance(event, (CheckpointEvent, SaveEvent)):  # the log is saved: store the steps so far
             spec = trajectory.spec
             if trajectory.buffer:
                 self.store.put_edits(spec.experiment, spec.trajectory_id, trajectory.buffer)
                 trajectory.buffer = []
             write_status(self.store, trajectory, Status.RUNNING)
-            if event.requests_done not in trajectory.evaluated and not pool.has(trajectory, event.requests_done):
+            if (isinstance(event, CheckpointEvent) and event.requests_done not in trajectory.evaluated
+                    and not pool.has(trajectory, event.requests_done)):
                 pool.submit(trajectory, event.requests_done)
-        self.observer("checkpoint" if isinstance(event, CheckpointEvent) else "edit", trajectory, event)
+        kind = {EditEvent: "edit", CheckpointEvent: "checkpoint", SaveEvent: "save"}[type(event)]
+        self.observer(kind, trajectory, event)
         return "running"
 
     def _scored(self, trajectory: Trajectory, checkpoint: int, rows: list[dict] | None, error: str | None) -> None:

@@ -246,6 +246,11 @@ class ExperimentSpec:
     # Every (model, variant)'s typed hyper-parameters, resolved once when the spec is validated (or a
     # variant added by ``with_methods``); trajectories take theirs from here.
     resolved: tuple[ResolvedHParams, ...] = ()
+    # Also save the edit log every this many edit steps, between checkpoints (None: at checkpoints only),
+    # so that an interrupted trajectory loses at most these steps. How a run is kept, not what it
+    # computes: a resumed trajectory makes exactly the edits an uninterrupted one makes, so it is not in
+    # the trajectories' ids.
+    save_every: int | None = None
 
     def hparams_of(self, model: str, variant: MethodVariant):
         """The typed hyper-parameters ``variant`` runs with on ``model``, as resolved with the spec."""
@@ -314,7 +319,7 @@ def model_fingerprint(model: str) -> str:
 # Loading and validation
 
 TOP_LEVEL = {"experiment", "models", "methods", "datasets", "seeds", "n_edits", "batch_size", "checkpoints",
-             "selection", "evaluation", "resources", "hparams", "store", "max_restarts", "dtype"}
+             "selection", "evaluation", "resources", "hparams", "store", "max_restarts", "dtype", "save_every"}
 
 
 def load_spec(path: str | Path, *, check_models: bool = True, check_data: bool = True,
@@ -406,6 +411,9 @@ def spec_from_dict(raw: Any, *, source: str | Path = "<dict>", base_dir: str | P
     if not isinstance(store, str) or not store.strip():
         raise SpecError(source, "store", "expected a directory path")
     max_restarts = v.integer(raw.get("max_restarts", 1), "max_restarts", minimum=0)
+    save_every = raw.get("save_every")
+    if save_every is not None:
+        save_every = v.integer(save_every, "save_every", minimum=1)
     dtype = raw.get("dtype", "float32")
     if dtype not in DTYPES:
         raise SpecError(source, "dtype", f"{dtype!r} is not one of {list(DTYPES)}")
@@ -428,7 +436,8 @@ def spec_from_dict(raw: Any, *, source: str | Path = "<dict>", base_dir: str | P
             v.file_present(root, relpath, f"evaluation.tasks.{task}")
     return ExperimentSpec(experiment, tuple(models), methods, datasets, seeds, n_edits, batch_size, checkpoints,
                           selection, evaluation, resources, store, max_restarts, dtype, source=str(source),
-                          data_root=None if data_root is None else str(data_root), resolved=tuple(resolved))
+                          data_root=None if data_root is None else str(data_root), resolved=tuple(resolved),
+                          save_every=save_every)
 
 
 def resolve_hparams(model: str, variant: MethodVariant):

@@ -164,9 +164,41 @@ def test_killed_actor_resumes_on_rerun_with_no_row_lost_or_duplicated(uninterrup
         assert_frame_equal(uninterrupted_tables[name], resumed_tables[name], check_exact=True)
 
 
+def test_save_every_resumes_between_checkpoints_and_keeps_the_trajectory_ids(uninterrupted, tmp_path):
+    # The same spec saving its log every 3 edits besides the checkpoints (2, 4): killed after the save
+    # at 3 edits, it resumes from step 3 (checkpoints only: from 2), and the tables equal the
+    # uninterrupted run's, ids included -- how often the log is saved changes no result.
+    directory, _ = uninterrupted
+    spec = write_spec(tmp_path, save_every=3)
+    assert load_spec(spec).save_every == 3
+    killed, saves = [], []
+
+    def kill_rome_at_its_last_step(kind, trajectory, event):
+        if kind == "save":
+            saves.append(event.steps_done)
+        if kind == "edit" and trajectory.spec.method == "rome" and event.step == 3 and not killed:
+            killed.append(trajectory.trajectory_id)
+            ray.kill(trajectory.actor)
+
+    first = run(spec, tmp_path / "store", observer=kill_rome_at_its_last_step)
+    assert killed and first.exit_code == 1 and 3 in saves
+    store = Store(tmp_path / "store")
+    assert store.edit_steps_done("mini-demo", killed[0]) == 3  # the rows up to the save were stored
+    assert saved_log_steps(store.log_path("mini-demo", killed[0])) == 3
+
+    resumed = []
+    second = run(spec, tmp_path / "store",
+                 observer=lambda kind, t, event: resumed.append(event.step) if kind == "edit" else None)
+    assert second.exit_code == 0 and resumed == [3]
+    uninterrupted_tables, resumed_tables = tables(directory / "store"), tables(tmp_path / "store")
+    for name in uninterrupted_tables:
+        assert_frame_equal(uninterrupted_tables[name], resumed_tables[name], check_exact=True)
+
+
 @pytest.mark.parametrize("change, field", [
     ({"methods": ["rome", "rome-eca"]}, "methods[1].method"),
     ({"n_edits": -4}, "n_edits"),
+    ({"save_every": 0}, "save_every"),
     ({"datasets": ["counterfact", "edits/missing.json"]}, "datasets[1]"),
     ({"n_edits": 3, "checkpoints": [0, 3], "datasets": ["two.json"]}, "n_edits"),  # more edits than requests
     # two disjoint samples of one request each fit in two requests, three do not

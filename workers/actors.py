@@ -3,7 +3,8 @@ classes that are usable and testable without it:
 
 - ``TrajectoryRunner`` holds one model replica and one editor. ``run(start_step)`` applies a
   trajectory's requests in order and yields one ``EditEvent`` per edit step; at every checkpoint it
-  saves the edit log (safetensors, atomically) and yields a ``CheckpointEvent``. A fresh runner given
+  saves the edit log (safetensors, atomically) and yields a ``CheckpointEvent`` (every ``save_every``
+  steps between checkpoints it saves the log too and yields a ``SaveEvent``). A fresh runner given
   ``start_step`` replays the saved log's first steps onto the base model and goes on from there —
   that is how a trajectory whose actor died resumes.
 - ``CheckpointEvaluator`` holds a base model and scores "base + the log's first steps" with
@@ -68,6 +69,7 @@ class TrajectoryTask:
     log_path: str
     cache_dir: str
     data_root: str
+    save_every: int = 0  # edit steps between saves of the log besides the checkpoints' (0: none)
 
     @property
     def n_steps(self) -> int:
@@ -88,6 +90,13 @@ class CheckpointEvent:
     requests_done: int
     steps_done: int
     log_path: str
+
+
+@dataclass(frozen=True)
+class SaveEvent:
+    """The log was saved after ``steps_done`` steps between checkpoints: the steps so far can be stored."""
+
+    steps_done: int
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -118,7 +127,7 @@ class TrajectoryRunner:
                              data_root=task.data_root)
         self.binding = log_binding(task.requests, identity(task.hparams), self.editor.ctx.base_fingerprint)
 
-    def run(self, start_step: int = 0) -> Iterator[EditEvent | CheckpointEvent]:
+    def run(self, start_step: int = 0) -> Iterator[EditEvent | CheckpointEvent | SaveEvent]:
         task = self.task
         delta_steps: list[int] = []
         if start_step:
@@ -139,13 +148,21 @@ class TrajectoryRunner:
             done = task.requests_after(step + 1)
             if done in task.checkpoints:
                 fault_point("checkpoint-save", trajectory_id=task.trajectory_id, step=step)
-                log = self.editor.log
-                log.metadata.update({"trajectory_id": task.trajectory_id, "steps_done": step + 1,
-                                     "requests_done": done, "delta_steps": list(delta_steps),
-                                     "binding": self.binding})
-                log.save(task.log_path)
+                self._save(step + 1, done, delta_steps)
                 fault_point("checkpoint-event", trajectory_id=task.trajectory_id, step=step)
                 yield CheckpointEvent(done, step + 1, task.log_path)
+            elif task.save_every and (step + 1) % task.save_every == 0 and step + 1 < task.n_steps:
+                self._save(step + 1, done, delta_steps)
+                yield SaveEvent(step + 1)
+
+    def _save(self, steps_done: int, requests_done: int, delta_steps: list[int]) -> None:
+        """The edit log so far, with what a resumed run checks it against (atomically: a crash mid-save
+        leaves the previous save)."""
+        log = self.editor.log
+        log.metadata.update({"trajectory_id": self.task.trajectory_id, "steps_done": steps_done,
+                             "requests_done": requests_done, "delta_steps": list(delta_steps),
+                             "binding": self.binding})
+        log.save(self.task.log_path)
 
 
 class CheckpointEvaluator:
