@@ -34,6 +34,7 @@ examples (a mean: values over ones), so one vectorised bootstrap serves them all
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,19 +270,33 @@ def compare_arms(store: Store, experiment: str, base: str, arms: list[str] | Non
 
 
 def constraint_pairs(trajectories: pd.DataFrame) -> list[tuple[str, str]]:
-    """(base arm, arm) for every arm that is a base method with a constraint (``rome-eac`` → ``rome``)
-    whose base method is an arm of the experiment, not tagged with a group."""
+    """(base arm, arm) for every arm that is a base method with a constraint, not tagged with a group,
+    paired with the arm that runs its base method with the same overrides, the constraint's own aside:
+    ``rome-eac`` → ``rome``; ``{rome-eac, residual_key: mean}`` → ``{rome, residual_key: mean}``, not plain
+    ``rome``; ``{memit-prune, prune.apply: evaluation}`` → ``memit``. An arm with no such base is left out."""
     from workers.editing.methods import split_method
 
     trajectories = _arms(trajectories)
-    main = trajectories[trajectories["group"].isna()]
-    arms = set(main["arm"])
+    main = trajectories[trajectories["group"].isna()].drop_duplicates("arm")
+    overrides = {arm: _overrides(config) for arm, config in zip(main["arm"], main["config"])}
     pairs = set()
     for arm, method in zip(main["arm"], main["method"]):
         base, constraint = split_method(method)
-        if constraint and base in arms and arm != base:
-            pairs.add((base, arm))
+        if not constraint:
+            continue
+        own = {k: v for k, v in overrides[arm].items() if k != constraint and not k.startswith(constraint + ".")}
+        candidates = sorted(b for b, m in zip(main["arm"], main["method"]) if m == base and overrides[b] == own)
+        if candidates:
+            pairs.add((base if base in candidates else candidates[0], arm))
     return sorted(pairs)
+
+
+def _overrides(config) -> dict:
+    """A trajectory's hyper-parameter overrides as written in its spec (its ``config`` JSON)."""
+    try:
+        return dict(json.loads(config).get("hparams") or {})
+    except (TypeError, ValueError, AttributeError):
+        return {}
 
 
 def decided(row) -> bool | None:

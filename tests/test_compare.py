@@ -228,3 +228,29 @@ def test_complete_only_pairs_finished_trajectories_and_keeps_their_later_checkpo
     with pytest.raises(CompareError, match="no complete trajectory"):
         store.put_trajectory({**store.trajectory(EXPERIMENT, "a0"), "status": "running", "edits_done": 6})
         compare_arms(store, EXPERIMENT, "rome", complete_only=True)
+
+
+def test_a_constrained_variant_pairs_with_the_base_that_has_its_other_overrides():
+    import json as json_module
+
+    import pandas as pd
+
+    from orchestrator.compare import constraint_pairs
+
+    def arm(variant, method, hparams, group=None):
+        return {"variant": variant, "method": method, "group": group,
+                "config": json_module.dumps({"hparams": hparams})}
+
+    trajectories = pd.DataFrame([
+        arm("rome", "rome", {}), arm("rome-eac", "rome-eac", {}),
+        arm("rome-mean-key", "rome", {"residual_key": "mean"}),
+        arm("rome-mean-key-eac", "rome-eac", {"residual_key": "mean"}),
+        arm("memit", "memit", {}), arm("memit-matched", "memit", {"num_steps": 10}),
+        arm("memit-eac-paper", "memit-eac", {"eac.gamma_percentile": 95, "eac.retrain_steps": 15}),
+        arm("memit-prune-eval", "memit-prune", {"prune.apply": "evaluation"}),
+        arm("alphaedit-eac", "alphaedit-eac", {"num_steps": 10}),  # no AlphaEdit arm with 10 steps
+        arm("rome-eac-random", "rome-eac", {"eac.score": "random"}, group="anchor-selection"),
+    ])
+    assert constraint_pairs(trajectories) == [
+        ("memit", "memit-eac-paper"), ("memit", "memit-prune-eval"), ("rome", "rome-eac"),
+        ("rome-mean-key", "rome-mean-key-eac")]
