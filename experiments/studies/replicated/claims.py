@@ -102,7 +102,8 @@ def main() -> None:
     pd.set_option("display.max_columns", 30)
     print("1. Coverage\n" + text)
     print("\n2. Marginals per arm and checkpoint (mean over complete seeds; the seeds' range in brackets)")
-    print(marginals(store, args.experiment, trajectories, complete).to_string(index=False))
+    table = marginals(store, args.experiment, trajectories, complete)
+    print(table.to_string(index=False) if len(table) else "no complete trajectory yet")
     print("\n3. Paired comparisons, pooled over the seeds both arms completed")
     for base, arm in PAIRS:
         if not (complete.get(base) and complete.get(arm)):
