@@ -220,9 +220,9 @@ def compare_arms(store: Store, experiment: str, base: str, arms: list[str] | Non
         scored.setdefault(tid, {}).setdefault(int(n_edits), {})[(task, metric)] = part
     edits = store.frame("edits", experiment)
     for tid, steps in (edits.groupby("trajectory_id", sort=False) if len(edits) else ()):
-        for n_edits, metrics in scored.get(tid, {}).items():
+        for n_edits, at_checkpoint in scored.get(tid, {}).items():
             if n_edits > 0:
-                metrics.update(strength_examples(steps, n_edits))
+                at_checkpoint.update(strength_examples(steps, n_edits))
     rows = []
     for (model, dataset), setting in trajectories.groupby(["model", "dataset"], sort=True):
         base_runs = setting[setting["arm"] == base]

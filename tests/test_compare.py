@@ -207,6 +207,9 @@ def test_edit_strength_is_paired_step_by_step_from_the_edits_table(store):
     assert row["ci_high"] < 0
     assert one(frame, "edit/strength", "dw_fro")["estimate"] == pytest.approx(-base_norms[:10].mean() / 20)
     assert one(frame, "edit/strength", "loss")["estimate"] == pytest.approx(0.0)
+    # ``metrics`` picks among them (the edits table's rows included), in a store that has an edits table.
+    picked = compare_arms(store, EXPERIMENT, "memit", metrics=(("edit/strength", "delta_norm"), ("nli", "accuracy_all")))
+    assert sorted(zip(picked["task"], picked["metric"])) == [("edit/strength", "delta_norm"), ("nli", "accuracy_all")]
 
 
 def test_complete_only_pairs_finished_trajectories_and_keeps_their_later_checkpoints(store):
