@@ -27,10 +27,17 @@ matmul throughput, in one run.
    within that repeat (median reported), so a change of the machine's load between the peak's
    measurement and the phase's does not enter the fraction.
 
-The dtypes' runs are **interleaved** (every phase in every dtype, then the next repeat), so a change
-in the machine's load falls on all alike; on a shared machine read the fractions and ratios, not the
-seconds. bfloat16 runs a bfloat16 copy of the model (``load_model(dtype=bfloat16)``); a phase that
-fails there is reported with its error (the editing code's bf16 correctness is another issue's).
+**Arms** (``--arms``): ``float32-unpacked`` runs every phase on PyTorch's own linear (MKL: the toolkit
+before ``workers/packed_linear.py``); ``float32`` as the toolkit runs it now — the target optimisation's
+upper layers and LM head packed on oneDNN (``LinearCompute()``), the scoring phases with the whole
+model packed once, as ``evaluate_checkpoint`` does per checkpoint; ``bfloat16`` a bfloat16 copy of the
+model (``load_model(dtype=bfloat16)``), packed the same way. The naive step is the same plain loop in
+every arm. The peak of a dtype is the best of both backends (``a @ b`` on MKL, the oneDNN product with
+the weight packed once) over the shapes, so before and after are fractions of the same roofline.
+
+The arms' runs are **interleaved** (every phase in every arm, then the next repeat), so a change in the
+machine's load falls on all alike; on a shared machine read the fractions and ratios, not the seconds.
+A phase that fails in an arm is reported with its error.
 
     python benchmarks/roofline.py --threads 1 --json benchmarks/results/roofline-smollm2.json
 """
@@ -38,6 +45,7 @@ fails there is reported with its error (the editing code's bf16 correctness is a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -61,6 +69,7 @@ from workers.evaluation.reference import ReferenceCache  # noqa: E402
 from workers.evaluation.tasks import window_nlls  # noqa: E402
 from workers.generation import greedy_continuations  # noqa: E402
 from workers.models import arch_spec, context_length, load_model  # noqa: E402
+from workers.packed_linear import LinearCompute, _pack, _product, linear_names  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from edit_latency import naive_step_seconds  # noqa: E402
@@ -72,19 +81,36 @@ def matmul_shapes(config, rows: tuple[int, ...]) -> list[tuple[int, int, int]]:
     return [(m, k, n) for m in rows for k, n in ((hidden, hidden), (hidden, width), (width, hidden), (hidden, vocab))]
 
 
-def time_matmul(m: int, k: int, n: int, dtype: torch.dtype, repeats: int) -> float:
-    """GFLOP/s of ``(m, k) @ (k, n)`` (the median of ``repeats`` timings, each ≥ 50 ms of work)."""
+# An arm: the model's dtype, how the target optimisation computes its linear layers, whether the
+# scoring phases run with the whole model packed (as evaluate_checkpoint runs a checkpoint).
+ARMS = {"float32-unpacked": (torch.float32, LinearCompute(packed=False), False),
+        "float32": (torch.float32, LinearCompute(), True),
+        "bfloat16": (torch.bfloat16, LinearCompute(), True)}
+BACKENDS = ("mkl", "onednn")
+
+
+def time_matmul(m: int, k: int, n: int, dtype: torch.dtype, repeats: int, backend: str = "mkl") -> float:
+    """GFLOP/s of ``(m, k) @ (k, n)`` (the median of ``repeats`` timings, each ≥ 50 ms of work): ``mkl``
+    is PyTorch's ``a @ b``; ``onednn`` the packed product the toolkit's passes use (weight packed once)."""
     a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
-    a @ b  # warm-up
+    if backend == "onednn":
+        packed = _pack(b.t().contiguous(), m)
+
+        def product():
+            return _product(a, packed, None)
+    else:
+        def product():
+            return a @ b
+    product()  # warm-up
     start, calls = time.perf_counter(), 0
     while time.perf_counter() - start < 0.05:
-        a @ b
+        product()
         calls += 1
     timings = []
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(calls):
-            a @ b
+            product()
         timings.append((time.perf_counter() - start) / calls)
     return 2 * m * k * n / statistics.median(timings) / 1e9
 
@@ -95,7 +121,7 @@ def counted_flops(function) -> int:
     return counter.get_total_flops()
 
 
-def target_step(model, tokenizer, method: str, request, *, naive: bool = False):
+def target_step(model, tokenizer, method: str, request, *, naive: bool = False, compute=LinearCompute()):
     """One optimisation step of ``method``'s target vector for ``request`` (loss + backward), as a
     function; ``naive``: the naive loop's step on the same batch instead."""
     hparams = load_hparams(method, model)
@@ -107,7 +133,8 @@ def target_step(model, tokenizer, method: str, request, *, naive: bool = False):
     else:
         layer, init_from = list(hparams.layers)[-1], "residual"
         injected = arch_spec(model).layer_name(layer)
-    problem = TargetProblem(model, tokenizer, request, layer, templates, init_from=init_from, config=config)
+    problem = TargetProblem(model, tokenizer, request, layer, templates, init_from=init_from, config=config,
+                            compute=compute)
     if naive:
         return lambda: naive_step_seconds(model, problem, injected, repeats=1)
     delta = torch.zeros_like(problem.v_init, requires_grad=True)
@@ -118,27 +145,36 @@ def target_step(model, tokenizer, method: str, request, *, naive: bool = False):
     return step
 
 
-def phases(model, tokenizer, requests, windows, max_new_tokens: int) -> dict:
-    """name -> a function running that phase once."""
+def phases(model, tokenizer, requests, windows, max_new_tokens: int, compute: LinearCompute = LinearCompute(),
+           pack_scoring: bool = True) -> dict:
+    """name -> a function running that phase once, in an arm (``ARMS``)."""
     edit_requests = requests[1:]
     reference = unedited_locality_argmax(model, tokenizer, edit_requests, ReferenceCache(), "roofline")
     prompts = [r.prompt for r in edit_requests]
+    packed = compute.pack(model, linear_names(model, [""]), gradients=False) if pack_scoring else None
+
+    def scoring(function):
+        """``function`` with the whole model packed (packed once, as per checkpoint) where the arm packs."""
+        def run():
+            with packed.swapped() if packed is not None else contextlib.nullcontext():
+                return function()
+        return run
     return {
-        "rome_step": target_step(model, tokenizer, "rome", requests[0]),
-        "memit_step": target_step(model, tokenizer, "memit", requests[0]),
+        "rome_step": target_step(model, tokenizer, "rome", requests[0], compute=compute),
+        "memit_step": target_step(model, tokenizer, "memit", requests[0], compute=compute),
         "naive_step": target_step(model, tokenizer, "rome", requests[0], naive=True),
-        "edit_scoring": lambda: edit_metric_rows(model, tokenizer, edit_requests, families=("toolkit",),
-                                                 locality_reference=reference),
-        "perplexity": lambda: window_nlls(model, tokenizer, windows),
-        "generation": lambda: greedy_continuations(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                                   sort_by_length=True),
+        "edit_scoring": scoring(lambda: edit_metric_rows(model, tokenizer, edit_requests, families=("toolkit",),
+                                                         locality_reference=reference)),
+        "perplexity": scoring(lambda: window_nlls(model, tokenizer, windows)),
+        "generation": scoring(lambda: greedy_continuations(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                                           sort_by_length=True)),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--arms", default="float32-unpacked,float32,bfloat16", help=f"of {list(ARMS)}")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the actors use one per CPU)")
     parser.add_argument("--requests", type=int, default=16, help="requests per scoring / generation batch")
     parser.add_argument("--windows", type=int, default=2, help="WikiText windows of 512 tokens")
@@ -147,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
+    arms = {name: ARMS[name] for name in args.arms.split(",")}
+    dtypes = list(dict.fromkeys(dtype for dtype, _, _ in arms.values()))
 
     requests = load_counterfact("edit")[: args.requests + 1]
     models = {dtype: load_model(args.model, dtype=dtype) for dtype in dtypes}
@@ -158,25 +195,49 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model}, {args.threads} thread(s), {os.cpu_count()} CPUs, load average before {load_before[0]:.1f}",
           flush=True)
 
-    # Peak: every shape in every dtype, interleaved shape by shape.
+    # Peak: every shape in every dtype on both backends, interleaved shape by shape.
     shapes = matmul_shapes(model.config, (16, 64, 512))
-    matmul = {str(dtype).removeprefix("torch."): {} for dtype in dtypes}
+    matmul = {f"{str(dtype).removeprefix('torch.')}/{backend}": {} for dtype in dtypes for backend in BACKENDS}
     for m, k, n in shapes:
         for dtype in dtypes:
-            matmul[str(dtype).removeprefix("torch.")][f"{m}x{k}x{n}"] = time_matmul(m, k, n, dtype, args.repeats)
-    peak = {name: max(values.values()) for name, values in matmul.items()}
+            for backend in BACKENDS:
+                matmul[f"{str(dtype).removeprefix('torch.')}/{backend}"][f"{m}x{k}x{n}"] = time_matmul(
+                    m, k, n, dtype, args.repeats, backend)
     for name, values in matmul.items():
-        print(f"matmul {name}: peak {peak[name]:.1f} GFLOP/s; "
+        print(f"matmul {name}: best {max(values.values()):.1f} GFLOP/s; "
               + ", ".join(f"{shape} {value:.0f}" for shape, value in values.items()), flush=True)
+    # A dtype's peak: its best (backend, shape), whichever arm runs it.
+    best: dict[torch.dtype, tuple[str, tuple[int, int, int]]] = {}
+    for dtype in dtypes:
+        name = str(dtype).removeprefix("torch.")
+        backend, shape = max(((b, shape) for b in BACKENDS for shape in matmul[f"{name}/{b}"]),
+                             key=lambda bs: matmul[f"{name}/{bs[0]}"][bs[1]])
+        best[dtype] = (backend, tuple(map(int, shape.split("x"))))
+    peak = {str(d).removeprefix("torch."): matmul[f"{str(d).removeprefix('torch.')}/{b}"]["x".join(map(str, s))]
+            for d, (b, s) in best.items()}
+    print("peak: " + ", ".join(f"{name} {value:.1f} GFLOP/s ({best_of})" for (name, value), best_of
+                               in zip(peak.items(), (f"{b} {'x'.join(map(str, s))}" for b, s in best.values()))))
 
+    # FLOPs per phase, counted on the plain layers (FlopCounterMode does not see oneDNN's packed product;
+    # packing changes how the same products run, not how many there are).
+    counted: dict[torch.dtype, dict[str, int]] = {}
+    for dtype in dtypes:
+        m, t = models[dtype]
+        counted[dtype] = {}
+        for phase, run in phases(m, t, requests, windows, args.max_new_tokens, LinearCompute(packed=False),
+                                 False).items():
+            try:
+                run()  # warm-up
+                counted[dtype][phase] = counted_flops(run)
+            except Exception:  # noqa: BLE001 - the arm's own run reports it below
+                pass
     runs: dict[str, dict] = {}
     flops: dict[str, dict] = {}
     errors: dict[str, dict] = {}
-    for dtype in dtypes:
-        name = str(dtype).removeprefix("torch.")
+    for name, (dtype, compute, pack_scoring) in arms.items():
         m, t = models[dtype]
         try:
-            runs[name] = phases(m, t, requests, windows, args.max_new_tokens)
+            runs[name] = phases(m, t, requests, windows, args.max_new_tokens, compute, pack_scoring)
         except Exception as exc:  # noqa: BLE001 - reported, not hidden
             errors[name] = {"setup": f"{type(exc).__name__}: {exc}"}
             runs[name] = {}
@@ -185,22 +246,20 @@ def main(argv: list[str] | None = None) -> int:
         for phase, run in list(runs[name].items()):
             try:
                 run()  # warm-up
-                flops[name][phase] = counted_flops(run)
+                flops[name][phase] = counted[dtype][phase]
             except Exception as exc:  # noqa: BLE001
                 errors[name][phase] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                 del runs[name][phase]
-    # Each phase timed right after its dtype's best matmul shape, every repeat: the fraction of peak is
-    # taken within the repeat (the machine's load then is the same for both), its median reported.
-    best = {name: max(values, key=values.get) for name, values in matmul.items()}
+    # Each phase timed right after its dtype's best matmul, every repeat: the fraction of peak is taken
+    # within the repeat (the machine's load then is the same for both), its median reported.
     seconds: dict[str, dict[str, list[float]]] = {name: {phase: [] for phase in runs[name]} for name in runs}
     local_peak: dict[str, dict[str, list[float]]] = {name: {phase: [] for phase in runs[name]} for name in runs}
     for _ in range(args.repeats):
-        for phase in runs[str(dtypes[0]).removeprefix("torch.")]:
-            for dtype in dtypes:
-                name = str(dtype).removeprefix("torch.")
+        for phase in runs[next(iter(arms))]:
+            for name, (dtype, _, _) in arms.items():
                 if phase in runs.get(name, {}):
-                    m, k, n = map(int, best[name].split("x"))
-                    local_peak[name][phase].append(time_matmul(m, k, n, dtype, 3))
+                    backend, (m, k, n) = best[dtype]
+                    local_peak[name][phase].append(time_matmul(m, k, n, dtype, 3, backend))
                     start = time.perf_counter()
                     runs[name][phase]()
                     seconds[name][phase].append(time.perf_counter() - start)
@@ -214,20 +273,20 @@ def main(argv: list[str] | None = None) -> int:
             fractions = [gflop / t / p for t, p in zip(timings, local_peak[name][phase])]
             fraction = statistics.median(fractions)
             phase_peak = statistics.median(local_peak[name][phase])
-            rows.append({"dtype": name, "phase": phase, "seconds": median, "seconds_all": timings, "gflop": gflop,
+            rows.append({"arm": name, "phase": phase, "seconds": median, "seconds_all": timings, "gflop": gflop,
                          "gflop_per_s": rate, "peak_gflop_per_s": phase_peak, "peak_all": local_peak[name][phase],
                          "fraction_of_peak": fraction, "gap_seconds": median - gflop / phase_peak})
         for phase, error in errors.get(name, {}).items():
-            rows.append({"dtype": name, "phase": phase, "error": error})
-    print(f"\n{'dtype':9s} {'phase':13s} {'seconds':>8s} {'GFLOP':>8s} {'GFLOP/s':>8s} {'peak':>8s} {'of peak':>8s} "
+            rows.append({"arm": name, "phase": phase, "error": error})
+    print(f"\n{'arm':16s} {'phase':13s} {'seconds':>8s} {'GFLOP':>8s} {'GFLOP/s':>8s} {'peak':>8s} {'of peak':>8s} "
           f"{'gap s':>8s}")
     for row in rows:
         if "error" in row:
-            print(f"{row['dtype']:9s} {row['phase']:13s} failed: {row['error']}")
+            print(f"{row['arm']:16s} {row['phase']:13s} failed: {row['error']}")
             continue
-        print(f"{row['dtype']:9s} {row['phase']:13s} {row['seconds']:8.3f} {row['gflop']:8.2f} {row['gflop_per_s']:8.1f} "
+        print(f"{row['arm']:16s} {row['phase']:13s} {row['seconds']:8.3f} {row['gflop']:8.2f} {row['gflop_per_s']:8.1f} "
               f"{row['peak_gflop_per_s']:8.1f} {row['fraction_of_peak']:8.2f} {row['gap_seconds']:8.3f}")
-    first = str(dtypes[0]).removeprefix("torch.")
+    first = next(iter(arms))
     for name in runs:
         if name == first:
             continue
