@@ -710,6 +710,13 @@ def tradeoff_figure(frames: Frames, out: Path) -> Section:
     keys = ["trajectory_id", "n_edits"]
     y = (evaluations[(evaluations["task"] == reliability[0]) & (evaluations["metric"] == reliability[1])]
          [keys + ["model", "dataset", "variant", "method", "seed", "value"]].rename(columns={"value": "y"}))
+    # The arms are compared on the same fact samples: per model and data set, only the seeds every arm
+    # has (a seed one arm finished and another has not would move one line and not the other).
+    shared = {setting: set.intersection(*(set(group["seed"]) for _, group in part.groupby("variant")))
+              for setting, part in y.groupby(["model", "dataset"])}
+    left_out = sorted({(v, int(s)) for m, d, v, s in zip(y["model"], y["dataset"], y["variant"], y["seed"])
+                       if s not in shared[(m, d)]})
+    y = y[[s in shared[(m, d)] for m, d, s in zip(y["model"], y["dataset"], y["seed"])]]
     plt = _pyplot()
     settings = sorted(set(zip(y["model"], y["dataset"])))
     fig, grid = plt.subplots(len(settings), len(axes_x), figsize=(5.2 * len(axes_x), 4.2 * len(settings)),
@@ -768,8 +775,9 @@ def tradeoff_figure(frames: Frames, out: Path) -> Section:
             "last point); the unedited model is at retention 1 (dotted line) and drift 0, where every line starts. "
             "Mean over seeds; with several seeds, bars span the seeds' range. Up and towards the unedited model is "
             "better on both axes: a constraint that moves the frontier lies beyond its base method's line, one that "
-            "only makes edits weaker slides along it. At each arm's last checkpoint:\n\n"
-            + _markdown_table(pd.DataFrame(rows), ".3f"))
+            "only makes edits weaker slides along it. Only the seeds every arm has are drawn"
+            + (" (left out: " + ", ".join(f"{v} seed {s}" for v, s in left_out) + ")" if left_out else "")
+            + ". At each arm's last checkpoint:\n\n" + _markdown_table(pd.DataFrame(rows), ".3f"))
     return Section(title, body, path)
 
 

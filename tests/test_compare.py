@@ -257,3 +257,24 @@ def test_a_constrained_variant_pairs_with_the_base_that_has_its_other_overrides(
     assert constraint_pairs(trajectories) == [
         ("memit", "memit-eac-paper"), ("memit", "memit-prune-eval"), ("rome", "rome-eac"),
         ("rome-mean-key", "rome-mean-key-eac")]
+
+
+def test_the_tradeoff_figure_draws_only_the_seeds_every_arm_has(store, tmp_path):
+    # The base finished seeds 0 and 1, the arm only seed 0: a mean over the base's two samples against
+    # the arm's one would compare different facts. The figure's table holds seed 0's values only.
+    from experiments.figures import build_report
+
+    for tid, method, seed, reliable, kept in (("b0", "rome", 0, 0.9, 0.5), ("b1", "rome", 1, 0.3, 0.1),
+                                              ("a0", "rome-eac", 0, 0.7, 0.8)):
+        trajectory(store, tid, method, seed)
+        for n in (0, 10):
+            rows = [{"task": "wikitext", "metric": "retention/perplexity", "value": 1.0 if n == 0 else kept,
+                     "n_examples": 4}]
+            if n:
+                rows.append({"task": "edit/toolkit", "metric": "reliability", "value": reliable, "n_examples": 40})
+            store.put_evaluations(EXPERIMENT, tid, n, rows)
+    text = build_report(store.root, tmp_path / "report").read_text()
+    section = text.split("## Trade-off")[1] if "## Trade-off" in text else text.split("Trade-off")[1]
+    assert "left out: rome seed 1" in section
+    table_rows = [line for line in section.splitlines() if line.startswith("| m | counterfact | rome |")]
+    assert table_rows and "0.900" in table_rows[0] and "0.500" in table_rows[0]  # seed 0's, not the mean 0.6/0.3
