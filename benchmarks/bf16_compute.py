@@ -90,8 +90,7 @@ def outcome(arm: dict, requests, tokenizer) -> dict:
 def time_scoring(base, tokenizer, log, requests, repeats: int) -> dict:
     config = EvalConfig.from_dict({"tasks": {"wikitext": 2}, "drift_examples": 4, "progress": False})
     reference, key = ReferenceCache(), model_key(base, tokenizer)
-    paths = {"float32": LinearCompute(), "float32-unpacked": LinearCompute(packed=False),
-             "bf16": LinearCompute(dtype=torch.bfloat16)}
+    paths = ARMS  # the scoring paths are the editing arms' computes
 
     def score(compute):
         rows = evaluate_checkpoint(base, tokenizer, log, requests, config, reference=reference, base_key=key,

@@ -105,10 +105,9 @@ def pool_run(args, compute: LinearCompute, processes: int, checkpoints: int, log
     return max(end for _, end in spans) - min(start for start, _ in spans)
 
 
-def pool_main(args, log, tokenizer, base) -> int:
+def pool_main(args, log, tokenizer, base, requests) -> int:
     """``--pool N``: N checkpoints scored by one unpacked evaluator (before) or N packed ones (after)."""
     config = scaled_config(read_yaml_file(args.spec), args.scale)
-    requests = load_counterfact("edit")[: math.ceil(args.edits_so_far / args.scale)]
     with tempfile.TemporaryDirectory() as reference_dir:
         suite = TaskSuite.load(tokenizer, config, context_length=context_length(base))
         evaluate_checkpoint(base, tokenizer, log, requests, config, reference=ReferenceCache(reference_dir),
@@ -161,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     log = editor.apply(requests[: args.edits])
     del edited, editor
     if args.pool:
-        return pool_main(args, log, tokenizer, base)
+        return pool_main(args, log, tokenizer, base, requests)
     config = scaled_config(read_yaml_file(args.spec), args.scale)
     suite = TaskSuite.load(tokenizer, config, context_length=context_length(base))
     reference, key = ReferenceCache(), model_key(base, tokenizer)

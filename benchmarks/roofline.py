@@ -208,15 +208,13 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{shape} {value:.0f}" for shape, value in values.items()), flush=True)
     # A dtype's peak: its best (backend, shape), whichever arm runs it.
     best: dict[torch.dtype, tuple[str, tuple[int, int, int]]] = {}
+    peak: dict[str, float] = {}
     for dtype in dtypes:
         name = str(dtype).removeprefix("torch.")
-        backend, shape = max(((b, shape) for b in BACKENDS for shape in matmul[f"{name}/{b}"]),
-                             key=lambda bs: matmul[f"{name}/{bs[0]}"][bs[1]])
-        best[dtype] = (backend, tuple(map(int, shape.split("x"))))
-    peak = {str(d).removeprefix("torch."): matmul[f"{str(d).removeprefix('torch.')}/{b}"]["x".join(map(str, s))]
-            for d, (b, s) in best.items()}
-    print("peak: " + ", ".join(f"{name} {value:.1f} GFLOP/s ({best_of})" for (name, value), best_of
-                               in zip(peak.items(), (f"{b} {'x'.join(map(str, s))}" for b, s in best.values()))))
+        value, backend, shape = max((rate, b, shape) for b in BACKENDS
+                                    for shape, rate in matmul[f"{name}/{b}"].items())
+        best[dtype], peak[name] = (backend, tuple(map(int, shape.split("x")))), value
+        print(f"peak {name}: {value:.1f} GFLOP/s ({backend} {shape})")
 
     # FLOPs per phase, counted on the plain layers (FlopCounterMode does not see oneDNN's packed product;
     # packing changes how the same products run, not how many there are).

@@ -291,12 +291,9 @@ def constraint_pairs(trajectories: pd.DataFrame) -> list[tuple[str, str]]:
     return sorted(pairs)
 
 
-def _overrides(config) -> dict:
+def _overrides(config: str) -> dict:
     """A trajectory's hyper-parameter overrides as written in its spec (its ``config`` JSON)."""
-    try:
-        return dict(json.loads(config).get("hparams") or {})
-    except (TypeError, ValueError, AttributeError):
-        return {}
+    return dict(json.loads(config).get("hparams") or {})
 
 
 def decided(row) -> bool | None:

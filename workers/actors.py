@@ -151,7 +151,7 @@ class TrajectoryRunner:
                 self._save(step + 1, done, delta_steps)
                 fault_point("checkpoint-event", trajectory_id=task.trajectory_id, step=step)
                 yield CheckpointEvent(done, step + 1, task.log_path)
-            elif task.save_every and (step + 1) % task.save_every == 0 and step + 1 < task.n_steps:
+            elif task.save_every and (step + 1) % task.save_every == 0:  # the last step is a checkpoint
                 self._save(step + 1, done, delta_steps)
                 yield SaveEvent(step + 1)
 

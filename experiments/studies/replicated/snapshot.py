@@ -22,17 +22,17 @@ COMMITTED = Path(__file__).resolve().parents[3] / "experiments" / "results" / "r
 
 
 def main() -> None:
-    source = Path(sys.argv[1])
+    source = Store(Path(sys.argv[1]))
     target = Path(sys.argv[2]) if len(sys.argv) > 2 else COMMITTED
-    trajectories = Store(source).frame("trajectories", EXPERIMENT)
+    trajectories = source.frame("trajectories", EXPERIMENT)
     complete = set(trajectories.loc[trajectories["status"] == Status.COMPLETED, "trajectory_id"])
     copied = 0
     for table in TABLES:
-        for path in sorted((source / table / EXPERIMENT).glob("*.parquet")):
-            if path.name.split("-")[0].split(".")[0] in complete:
-                destination = target / table / EXPERIMENT / path.name
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, destination)
+        destination = target / table / EXPERIMENT
+        destination.mkdir(parents=True, exist_ok=True)
+        for trajectory_id in sorted(complete):
+            for path in source.files(table, EXPERIMENT, trajectory_id):
+                shutil.copy2(path, destination / Path(path).name)
                 copied += 1
     print(f"{len(complete)} complete trajectories, {copied} table files -> {target}")
 
