@@ -173,18 +173,21 @@ def test_save_every_resumes_between_checkpoints_and_keeps_the_trajectory_ids(uni
     assert load_spec(spec).save_every == 3
     killed, saves = [], []
 
-    def kill_rome_at_its_last_step(kind, trajectory, event):
+    def kill_rome_after_its_save(kind, trajectory, event):
+        # Killed as soon as the save at 3 edits is stored: the actor may still edit step 3 and save the
+        # log at 4 before the kill lands, but the driver stores no row past 3 (killing at the edit event
+        # of step 3 instead raced with the final checkpoint's rows).
         if kind == "save":
             saves.append(event.steps_done)
-        if kind == "edit" and trajectory.spec.method == "rome" and event.step == 3 and not killed:
-            killed.append(trajectory.trajectory_id)
-            ray.kill(trajectory.actor)
+            if trajectory.spec.method == "rome" and not killed:
+                killed.append(trajectory.trajectory_id)
+                ray.kill(trajectory.actor)
 
-    first = run(spec, tmp_path / "store", observer=kill_rome_at_its_last_step)
+    first = run(spec, tmp_path / "store", observer=kill_rome_after_its_save)
     assert killed and first.exit_code == 1 and 3 in saves
     store = Store(tmp_path / "store")
     assert store.edit_steps_done("mini-demo", killed[0]) == 3  # the rows up to the save were stored
-    assert saved_log_steps(store.log_path("mini-demo", killed[0])) == 3
+    assert saved_log_steps(store.log_path("mini-demo", killed[0])) >= 3
 
     resumed = []
     second = run(spec, tmp_path / "store",
