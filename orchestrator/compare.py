@@ -18,7 +18,8 @@ marginal intervals overlap. For every arm against a base arm, at each checkpoint
   b against Binomial(b + c, 1/2) (McNemar 1947; the exact form, which small counts need);
 - with **several seeds** (fact samples) in both arms, a **cluster bootstrap**: each replicate draws
   seeds with replacement, then examples within each drawn seed, and pools them; the between-seed
-  spread (standard deviation of the per-seed differences) is reported beside it. Seeds pair by seed
+  spread (standard deviation of the per-seed differences) and each seed's own paired estimate
+  (``per_seed``: whether the samples agree in direction) are reported beside it. Seeds pair by seed
   value (the same seed draws the same facts).
 
 **Edit strength** is paired the same way, from the ``edits`` table: at a checkpoint of n edits, the
@@ -56,8 +57,8 @@ HEADLINE_METRICS = (("edit/counterfact", "efficacy"), ("edit/toolkit", "reliabil
                     ("edit/toolkit", "locality"), ("edit/counterfact", "neighbourhood"), PERPLEXITY,
                     ("drift", "kl_mean"), (STRENGTH_TASK, "delta_norm"), (STRENGTH_TASK, "loss"))
 COLUMNS = ["model", "dataset", "base", "arm", "n_edits", "task", "metric", "statistic", "seeds", "n_examples",
-           "base_value", "arm_value", "estimate", "ci_low", "ci_high", "seed_sd", "mcnemar_b", "mcnemar_c",
-           "mcnemar_p", "marginal_overlap", "note"]
+           "base_value", "arm_value", "estimate", "ci_low", "ci_high", "seed_sd", "per_seed", "mcnemar_b",
+           "mcnemar_c", "mcnemar_p", "marginal_overlap", "note"]
 
 
 class CompareError(ValueError):
@@ -142,11 +143,15 @@ def compare_metric(seeds: dict[int, tuple[pd.DataFrame, pd.DataFrame]], task: st
     estimate = (arm_sum - base_sum) / weight
     low, high = percentiles(cluster_bootstrap(paired, resamples=resamples))
     per_seed = [(p.arm.sum() - p.base.sum()) / p.weight.sum() for p in paired]
+    ratio = (task, metric) == PERPLEXITY
     row = {"seeds": len(paired), "n_examples": int(sum(len(p.weight) for p in paired)),
            "base_value": base_sum / weight, "arm_value": arm_sum / weight,
            "statistic": "mean difference", "estimate": estimate, "ci_low": low, "ci_high": high,
-           "seed_sd": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else math.nan, "note": ""}
-    if (task, metric) == PERPLEXITY:
+           "seed_sd": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else math.nan,
+           "per_seed": " ".join(f"{s}:{'×' if ratio else ''}{math.exp(d) if ratio else d:{'' if ratio else '+'}.3g}"
+                                for s, d in zip(sorted(seeds), per_seed)),
+           "note": ""}
+    if ratio:
         # Reported as the ratio ppl_arm / ppl_base = exp(paired log ratio); the values as perplexities.
         row.update(statistic="perplexity ratio", estimate=math.exp(estimate), ci_low=math.exp(low),
                    ci_high=math.exp(high), base_value=math.exp(row["base_value"]),
@@ -309,7 +314,7 @@ def format_table(frame: pd.DataFrame) -> str:
     if not len(frame):
         return "no pairs to compare"
     lines = [f"{'arm vs base':28s} {'edits':>5s} {'metric':32s} {'base':>8s} {'arm':>8s} {'paired Δ [95%]':>27s} "
-             f"{'McNemar b/c p':>18s} {'seeds':>5s} {'marg.':>5s}"]
+             f"{'McNemar b/c p':>18s} {'seeds':>5s} {'marg.':>5s}  per seed"]
     for record in frame.to_dict("records"):
         row = pd.Series(record)
         name = f"{row.arm} vs {row.base}"
@@ -326,9 +331,10 @@ def format_table(frame: pd.DataFrame) -> str:
             "overl" if row.marginal_overlap else "apart")
         star = "*" if decided(record) else " "
         lines.append(f"{name:28s} {int(row.n_edits):>5d} {row.task + ' ' + row.metric:32s} {row.base_value:8.4f} "
-                     f"{row.arm_value:8.4f} {shown:>26s}{star} {mc:>18s} {int(row.seeds):>5d} {overlap:>5s}")
+                     f"{row.arm_value:8.4f} {shown:>26s}{star} {mc:>18s} {int(row.seeds):>5d} {overlap:>5s}"
+                     + (f"  {row.per_seed}" if row.seeds > 1 else ""))
     lines.append("* the paired 95% interval excludes no change; marg.: whether the arms' marginal 95% intervals "
-                 "overlap (overl) or not (apart)")
+                 "overlap (overl) or not (apart); per seed: each fact sample's own paired estimate (seed:value)")
     return "\n".join(lines)
 
 

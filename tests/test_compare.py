@@ -110,6 +110,10 @@ def test_the_cluster_bootstrap_widens_when_seeds_disagree(tmp_path):
     assert agree["estimate"] == pytest.approx(disagree["estimate"], abs=0.01)
     assert disagree["ci_high"] - disagree["ci_low"] > 5 * (agree["ci_high"] - agree["ci_low"])
     assert disagree["seed_sd"] == pytest.approx(0.3, abs=0.01) and agree["seed_sd"] < 0.01
+    # Each sample's own estimate, labelled by its seed, shows that they disagree in direction.
+    per_seed = dict(item.split(":") for item in disagree["per_seed"].split())
+    assert sorted(per_seed) == ["0", "1", "2"]
+    assert [float(per_seed[s]) for s in "012"] == pytest.approx([-0.2, 0.1, 0.4], abs=0.01)
 
 
 def test_arms_scored_on_different_examples_are_not_paired(store):
@@ -135,6 +139,7 @@ def test_perplexity_is_compared_as_the_paired_per_window_ratio(store):
     row = one(compare_arms(store, EXPERIMENT, "rome"), "wikitext", "perplexity")
     assert row["statistic"] == "perplexity ratio"
     assert row["estimate"] == pytest.approx(math.exp((965 - 900) / 250))
+    assert row["per_seed"] == f"0:×{math.exp((965 - 900) / 250):.3g}"
     assert row["base_value"] == pytest.approx(math.exp(900 / 250))
     assert 1 < row["ci_low"] <= row["estimate"] <= row["ci_high"]
 
