@@ -697,7 +697,10 @@ def tradeoff_figure(frames: Frames, out: Path) -> Section:
     """Reliability of the edits so far (y) against general-ability retention (x: perplexity retention, and
     drift) at each checkpoint: a line per arm through its checkpoints (mean over seeds; with several seeds,
     bars spanning the seeds' range on both axes). A constraint that moves the frontier lies up and to the
-    right of (retention) / up and left of (drift) its base's line; one that only slides along it sits on it."""
+    right of (retention) / up and left of (drift) its base's line; one that only slides along it sits on it.
+    One row of panels per model, data set and base method (MEMIT's arms, AlphaEdit's...): the arms of a row
+    are drawn on the seeds they all have, so a base method whose arms are further along is not cut back to
+    the seeds of another's."""
     title = "Trade-off — reliability of the edits so far vs general-ability retention"
     evaluations = _main_variants(frames.evaluations) if len(frames.evaluations) else frames.evaluations
     if not len(evaluations):
@@ -710,26 +713,28 @@ def tradeoff_figure(frames: Frames, out: Path) -> Section:
     keys = ["trajectory_id", "n_edits"]
     y = (evaluations[(evaluations["task"] == reliability[0]) & (evaluations["metric"] == reliability[1])]
          [keys + ["model", "dataset", "variant", "method", "seed", "value"]].rename(columns={"value": "y"}))
-    # The arms are compared on the same fact samples: per model and data set, only the seeds every arm
-    # has (a seed one arm finished and another has not would move one line and not the other).
+    y["family"] = [base_method(m) for m in y["method"]]
+    # The arms of a row are compared on the same fact samples: only the seeds every arm of the row has (a
+    # seed one arm finished and another has not would move one line and not the other).
     shared = {setting: set.intersection(*(set(group["seed"]) for _, group in part.groupby("variant")))
-              for setting, part in y.groupby(["model", "dataset"])}
-    left_out = sorted({(v, int(s)) for m, d, v, s in zip(y["model"], y["dataset"], y["variant"], y["seed"])
-                       if s not in shared[(m, d)]})
-    y = y[[s in shared[(m, d)] for m, d, s in zip(y["model"], y["dataset"], y["seed"])]]
+              for setting, part in y.groupby(["model", "dataset", "family"])}
+    in_shared = [s in shared[(m, d, f)] for m, d, f, s in zip(y["model"], y["dataset"], y["family"], y["seed"])]
+    left_out = sorted({(v, int(s)) for v, s, kept in zip(y["variant"], y["seed"], in_shared) if not kept})
+    y = y[in_shared]
     plt = _pyplot()
-    settings = sorted(set(zip(y["model"], y["dataset"])))
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    settings = sorted(set(zip(y["model"], y["dataset"], y["family"])))
     fig, grid = plt.subplots(len(settings), len(axes_x), figsize=(5.2 * len(axes_x), 4.2 * len(settings)),
                              squeeze=False)
     styles = _styles(sorted(set(zip(y["variant"], y["method"]))))
     y_name = f"{reliability[0].removeprefix(EDIT_PREFIX)} {reliability[1]}"
     table: dict[tuple, dict] = {}
-    for r, (model, dataset) in enumerate(settings):
+    for r, (model, dataset, family) in enumerate(settings):
         for c, (task, metric, label) in enumerate(axes_x):
             ax = grid[r][c]
             x = (evaluations[(evaluations["task"] == task) & (evaluations["metric"] == metric)][keys + ["value"]]
                  .rename(columns={"value": "x"}))
-            points = y[(y["model"] == model) & (y["dataset"] == dataset)].merge(x, on=keys)
+            points = y[(y["model"] == model) & (y["dataset"] == dataset) & (y["family"] == family)].merge(x, on=keys)
             for variant, lines in points.groupby("variant", sort=True):
                 per_checkpoint = lines.groupby("n_edits").agg(x=("x", "mean"), y=("y", "mean"), x_lo=("x", "min"),
                                                              x_hi=("x", "max"), y_lo=("y", "min"), y_hi=("y", "max"),
@@ -753,9 +758,15 @@ def tradeoff_figure(frames: Frames, out: Path) -> Section:
                 ax.axvline(1.0, color="black", linestyle=":", linewidth=0.9)
             else:  # drift spans decades between arms (0.05 to 5 on the default model); 0 is off a log axis
                 ax.set_xscale("log")
+                # Plain numbers at 1-2-5 steps: within one decade the default minor labels (2×10⁻¹, 3×10⁻¹...)
+                # run into each other.
+                ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+                ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel(label + (" (log scale)" if ax.get_xscale() == "log" else ""), fontsize=8)
             ax.set_ylabel(f"{reliability[0].removeprefix(EDIT_PREFIX)} {reliability[1]} (edits so far)", fontsize=8)
-            ax.set_title(f"{model} · {dataset}", fontsize=9)
+            seeds = sorted(int(s) for s in shared[(model, dataset, family)])
+            ax.set_title(f"{model} · {dataset} · {family} arms · seeds {', '.join(map(str, seeds))}", fontsize=9)
             ax.grid(alpha=0.3)
     from matplotlib.lines import Line2D
 
@@ -775,7 +786,8 @@ def tradeoff_figure(frames: Frames, out: Path) -> Section:
             "last point); the unedited model is at retention 1 (dotted line) and drift 0, where every line starts. "
             "Mean over seeds; with several seeds, bars span the seeds' range. Up and towards the unedited model is "
             "better on both axes: a constraint that moves the frontier lies beyond its base method's line, one that "
-            "only makes edits weaker slides along it. Only the seeds every arm has are drawn"
+            "only makes edits weaker slides along it. One row per base method; a row draws only the seeds every arm "
+            "in it has"
             + (" (left out: " + ", ".join(f"{v} seed {s}" for v, s in left_out) + ")" if left_out else "")
             + ". At each arm's last checkpoint:\n\n" + _markdown_table(pd.DataFrame(rows), ".3f"))
     return Section(title, body, path)
