@@ -9,7 +9,7 @@ Three tables:
 1. **Coverage**: per arm, the seeds whose trajectory is complete, and those still running or failed —
    a comparison below pools only the seeds both of its arms completed.
 2. **Marginals per arm and checkpoint**: the mean over the arm's complete seeds, with the seeds' range,
-   of reliability (toolkit, CounterFact efficacy, generative), WikiText perplexity retention, next-token
+   of reliability (toolkit, CounterFact efficacy, generative), WikiText perplexity and its retention, next-token
    drift, known-fact recall; and the edit strength of the edits so far (mean ‖δ‖ of the optimised target,
    median final target loss) and the edited matrices' ‖W‖₁ growth at the checkpoint (Fig. 2).
 3. **Paired comparisons** (`orchestrator.compare.compare_arms`): the pairs the study's design makes —
@@ -42,7 +42,8 @@ PAIRS = [("memit", "memit-eac"), ("memit", "memit-eac-paper"), ("memit", "memit-
 PAIRED_METRICS = HEADLINE_METRICS + (("known", "recall"),)
 MARGINALS = {  # column -> (task, metric)
     "reliability": ("edit/toolkit", "reliability"), "cf_efficacy": ("edit/counterfact", "efficacy"),
-    "gen_reliability": ("edit/generative", "reliability"), "ppl_retention": ("wikitext", "retention/perplexity"),
+    "gen_reliability": ("edit/generative", "reliability"), "perplexity": ("wikitext", "perplexity"),
+    "ppl_retention": ("wikitext", "retention/perplexity"),
     "drift_kl": ("drift", "kl_mean"), "known_recall": ("known", "recall")}
 
 
