@@ -27,6 +27,7 @@ from workers.editing.errors import EditFailure
 from workers.editing.methods import BASES, CONSTRAINTS, split_method
 from workers.editing.record import EditRecord
 from workers.fields import identity
+from workers.memory import bound_heap_growth
 from workers.models import arch_spec, edited_weight
 from workers.packed_linear import LinearCompute
 
@@ -43,6 +44,7 @@ class Editor:
         if constraint is not None and settings is None:
             raise ValueError(f"method {method} needs hyper-parameters with a '{constraint_name}' section "
                              f"(load_hparams({method!r}, model))")
+        bound_heap_growth()  # a long sequence of edits must not grow the heap (workers/memory.py)
         self.model, self.tokenizer, self.method, self.hparams = model, tokenizer, method, hparams
         self.on_error = on_error
         self._base_method = base
