@@ -36,7 +36,7 @@ from workers.editing import EditLog, Editor
 from workers.editing.delta import check_binding, check_requests, log_binding, log_prefix
 from workers.faults import fault_point
 from workers.fields import identity
-from workers.memory import bound_heap_growth
+from workers.memory import release_free_heap
 from workers.models import load_model, weights_fingerprint
 from workers.placement import EvaluationGroupPlan
 
@@ -109,7 +109,6 @@ def load_replica(replica: Replica, role: str = "trajectory"):
     """The model on CPU, or on the actor's accelerators: one, or several for one replica (layers spread
     over them); ``workers.placement`` decides from what the process sees and what ``role`` may use."""
     torch.set_num_threads(max(1, replica.num_threads))
-    bound_heap_growth()  # a long-lived actor's heap must not grow with the edits it runs or scores
     model, tokenizer = load_model(replica.model, dtype=getattr(torch, replica.dtype))
     if replica.use_accelerator:
         from workers.placement import place_model, plan_for_actor
@@ -222,6 +221,7 @@ class CheckpointEvaluator:
         rows = evaluate_checkpoint(base, tokenizer, log, list(requests), config, reference=self.reference,
                                    tasks=self._suites[digest], base_key=base_key, data_root=self.data_root,
                                    scorer=scorer)
+        release_free_heap()  # a long-lived evaluator's resident set must not grow checkpoint by checkpoint
         # Each aggregate row with its per-example values (``Store.put_checkpoint`` splits them).
         return [{**row.as_dict(), "examples": [example.as_dict() for example in row.examples]} for row in rows]
 

@@ -27,7 +27,7 @@ from workers.editing.errors import EditFailure
 from workers.editing.methods import BASES, CONSTRAINTS, split_method
 from workers.editing.record import EditRecord
 from workers.fields import identity
-from workers.memory import bound_heap_growth
+from workers.memory import release_free_heap
 from workers.models import arch_spec, edited_weight
 from workers.packed_linear import LinearCompute
 
@@ -44,7 +44,6 @@ class Editor:
         if constraint is not None and settings is None:
             raise ValueError(f"method {method} needs hyper-parameters with a '{constraint_name}' section "
                              f"(load_hparams({method!r}, model))")
-        bound_heap_growth()  # a long sequence of edits must not grow the heap (workers/memory.py)
         self.model, self.tokenizer, self.method, self.hparams = model, tokenizer, method, hparams
         self.on_error = on_error
         self._base_method = base
@@ -85,6 +84,15 @@ class Editor:
         return self.log
 
     def edit_step(self, requests: list[EditRequest]) -> EditRecord:
+        """One all-or-nothing step (applied, or recorded as skipped with the model as it was)."""
+        try:
+            return self._edit_step(requests)
+        finally:
+            # After the step's tensors are gone: its free heap pages go back to the system, so a long
+            # sequence does not grow the process (workers/memory.py: AlphaEdit's actor reached 14.8 GB).
+            release_free_heap()
+
+    def _edit_step(self, requests: list[EditRequest]) -> EditRecord:
         who = {"edit_index": len(self.records), "case_ids": [r.case_id for r in requests], "method": self.method}
         snapshot = WeightSnapshot(self.model, self.modules)
         state = self.ctx.edit_state()
