@@ -267,19 +267,8 @@ def test_a_constrained_variant_pairs_with_the_base_that_has_its_other_overrides(
 def test_the_tradeoff_figure_draws_only_the_seeds_every_arm_has(store, tmp_path):
     # The base finished seeds 0 and 1, the arm only seed 0: a mean over the base's two samples against
     # the arm's one would compare different facts. The figure's table holds seed 0's values only.
-    from experiments.figures import build_report
-
-    for tid, method, seed, reliable, kept in (("b0", "rome", 0, 0.9, 0.5), ("b1", "rome", 1, 0.3, 0.1),
-                                              ("a0", "rome-eac", 0, 0.7, 0.8)):
-        trajectory(store, tid, method, seed)
-        for n in (0, 10):
-            rows = [{"task": "wikitext", "metric": "retention/perplexity", "value": 1.0 if n == 0 else kept,
-                     "n_examples": 4}]
-            if n:
-                rows.append({"task": "edit/toolkit", "metric": "reliability", "value": reliable, "n_examples": 40})
-            store.put_evaluations(EXPERIMENT, tid, n, rows)
-    text = build_report(store.root, tmp_path / "report").read_text()
-    section = text.split("## Trade-off")[1] if "## Trade-off" in text else text.split("Trade-off")[1]
+    section = tradeoff_section(store, tmp_path, [("b0", "rome", 0, 0.9, 0.5), ("b1", "rome", 1, 0.3, 0.1),
+                                                 ("a0", "rome-eac", 0, 0.7, 0.8)])
     assert "left out: rome seed 1" in section
     table_rows = [line for line in section.splitlines() if line.startswith("| m | counterfact | rome |")]
     assert table_rows and "0.900" in table_rows[0] and "0.500" in table_rows[0]  # seed 0's, not the mean 0.6/0.3
@@ -288,21 +277,28 @@ def test_the_tradeoff_figure_draws_only_the_seeds_every_arm_has(store, tmp_path)
 def test_the_tradeoff_figure_draws_each_base_methods_arms_on_their_own_shared_seeds(store, tmp_path):
     # ROME's arms both finished seeds 0 and 1; MEMIT's arm only seed 0. ROME's row is not cut back to
     # MEMIT's seeds: its table row is the mean over seeds 0 and 1.
-    from experiments.figures import build_report
-
-    for tid, method, seed, reliable in (("r0", "rome", 0, 0.9), ("r1", "rome", 1, 0.5), ("e0", "rome-eac", 0, 0.7),
-                                        ("e1", "rome-eac", 1, 0.3), ("m0", "memit", 0, 0.8)):
-        trajectory(store, tid, method, seed)
-        for n in (0, 10):
-            rows = [{"task": "wikitext", "metric": "retention/perplexity", "value": 1.0 if n == 0 else 0.5,
-                     "n_examples": 4}]
-            if n:
-                rows.append({"task": "edit/toolkit", "metric": "reliability", "value": reliable, "n_examples": 40})
-            store.put_evaluations(EXPERIMENT, tid, n, rows)
-    text = build_report(store.root, tmp_path / "report").read_text()
-    section = text.split("## Trade-off")[1] if "## Trade-off" in text else text.split("Trade-off")[1]
+    section = tradeoff_section(store, tmp_path, [("r0", "rome", 0, 0.9, 0.5), ("r1", "rome", 1, 0.5, 0.5),
+                                                 ("e0", "rome-eac", 0, 0.7, 0.5), ("e1", "rome-eac", 1, 0.3, 0.5),
+                                                 ("m0", "memit", 0, 0.8, 0.5)])
     assert "left out" not in section.split("\n\n")[0]
     (rome,) = [line for line in section.splitlines() if line.startswith("| m | counterfact | rome |")]
     assert "0.700" in rome  # the mean of seeds 0 and 1 (0.9, 0.5)
     (memit,) = [line for line in section.splitlines() if line.startswith("| m | counterfact | memit |")]
     assert "0.800" in memit
+
+
+def tradeoff_section(store, tmp_path, runs) -> str:
+    """The report's trade-off section for trajectories (id, method, seed, reliability, perplexity retention),
+    each scored at 0 and 10 edits."""
+    from experiments.figures import build_report
+
+    for tid, method, seed, reliable, kept in runs:
+        trajectory(store, tid, method, seed)
+        for n in (0, 10):
+            rows = [{"task": "wikitext", "metric": "retention/perplexity", "value": 1.0 if n == 0 else kept,
+                     "n_examples": 4}]
+            if n:
+                rows.append({"task": "edit/toolkit", "metric": "reliability", "value": reliable, "n_examples": 40})
+            store.put_evaluations(EXPERIMENT, tid, n, rows)
+    text = build_report(store.root, tmp_path / "report").read_text()
+    return text.split("## Trade-off")[1] if "## Trade-off" in text else text.split("Trade-off")[1]
