@@ -15,7 +15,7 @@ The remedy is glibc's ``malloc_trim(0)`` after each edit step and each scored ch
 free pages inside the heap back to the system, so the resident set is what is alive plus one step's
 working set. Measured with ``benchmarks/heap_bound.py`` (16 AlphaEdit edits, paired per edit, under
 load): resident growth +15.8 MiB per edit with glibc's default, +0.7 with the trim, at 1.03× the CPU per
-edit; fixing the mmap threshold instead (4 or 16 MiB) also stops the growth but costs 1.06-1.08× (every
+edit; fixing the mmap threshold instead (4 or 16 MiB) also stops the growth but costs 1.06-1.09× (every
 large activation, the LM head's logits among them, becomes a fresh mapping at every optimisation step).
 """
 
