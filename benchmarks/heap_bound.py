@@ -34,6 +34,7 @@ torch.set_num_threads(1)
 from workers.data import load_counterfact
 from workers.editing import Editor, load_hparams
 import workers.editing.editor as editor_module
+from workers.memory import resident_mib
 from workers.models import load_model
 arm, method, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if arm != "trim":
@@ -43,14 +44,12 @@ if arm.endswith("MiB"):  # M_MMAP_THRESHOLD = -3 (glibc's malloc.h)
 model, tokenizer = load_model("smollm2-135m")
 editor = Editor(model, tokenizer, method, load_hparams(method, model))
 requests = load_counterfact("edit")[:n]
-def rss_mib():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
-print(json.dumps({"ready": rss_mib()}), flush=True)
+print(json.dumps({"ready": resident_mib()}), flush=True)
 for line in sys.stdin:
     i = int(line)
     start = time.process_time()
     record = editor.edit_step([requests[i]])
-    print(json.dumps({"cpu_s": time.process_time() - start, "rss_mib": rss_mib(), "dw_fro": record.dw_fro,
+    print(json.dumps({"cpu_s": time.process_time() - start, "rss_mib": resident_mib(), "dw_fro": record.dw_fro,
                       "dw_l1": record.dw_l1}), flush=True)
 """
 
@@ -59,9 +58,7 @@ def slope(values: list[float]) -> float:
     """Least-squares growth per step (NaN with fewer than two values)."""
     if len(values) < 2:
         return float("nan")
-    xs = range(len(values))
-    mx, my = statistics.fmean(xs), statistics.fmean(values)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, values)) / sum((x - mx) ** 2 for x in xs)
+    return statistics.linear_regression(range(len(values)), values).slope
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ weights to exactly the edited weights (bit for bit).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -26,16 +25,11 @@ import torch
 from workers.data import load_counterfact
 from workers.editing import Editor, load_hparams
 from workers.editing.delta import EditLog, edited_weight
+from workers.memory import resident_mib
 from workers.models import DEFAULT_MODEL, load_model
 
 CHECKPOINT_EVERY = 50
 FLAT = 0.10  # last 10% within 10% of the first 10%
-
-
-def resident_mib() -> float:
-    """The process's resident set size now (not its peak), from /proc (Linux)."""
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
 def within(first: float, last: float) -> bool:

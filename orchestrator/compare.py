@@ -148,7 +148,7 @@ def compare_metric(seeds: dict[int, tuple[pd.DataFrame, pd.DataFrame]], task: st
            "base_value": base_sum / weight, "arm_value": arm_sum / weight,
            "statistic": "mean difference", "estimate": estimate, "ci_low": low, "ci_high": high,
            "seed_sd": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else math.nan,
-           "per_seed": " ".join(f"{s}:{'×' if ratio else ''}{math.exp(d) if ratio else d:{'' if ratio else '+'}.3g}"
+           "per_seed": " ".join(f"{s}:×{math.exp(d):.3g}" if ratio else f"{s}:{d:+.3g}"
                                 for s, d in zip(sorted(seeds), per_seed)),
            "note": ""}
     if ratio:

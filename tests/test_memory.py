@@ -20,6 +20,8 @@ PATTERN = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
 
+    # Not workers.memory.resident_mib: the control imports nothing of the toolkit, whose imports would
+    # change the heap's layout the pattern is measured on.
     def rss_mib():
         return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
 

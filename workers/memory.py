@@ -24,6 +24,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
+from pathlib import Path
 
 
 @functools.cache
@@ -46,3 +48,9 @@ def release_free_heap() -> bool:
         return False
     trim(0)
     return True
+
+
+def resident_mib() -> float:
+    """The process's resident set size now (not its peak), from /proc (Linux)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
